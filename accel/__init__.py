@@ -1,0 +1,41 @@
+"""accel: training-free acceleration for diffusion transformers and ViTs.
+
+    import accel
+    patch = accel.patch(pipe, "delta-dit")     # or config objects, composed in one call
+    images = pipe(class_labels=[3]).images
+    print(patch.report()); patch.remove()       # the model is exactly as before
+
+Importing accel never imports triton or gradio and never touches CUDA.
+"""
+
+from __future__ import annotations
+
+from accel.adapters.base import BlockInfo, ModelAdapter, TokenLayout
+from accel.api import Patch, PatchContext, PatchReport, active_patch, patch, unpatch
+from accel.config import MethodConfig
+from accel.errors import (
+    AccelError,
+    AlreadyPatchedError,
+    ArtifactMismatchError,
+    IncompatibleMethodsError,
+    UnknownMethodError,
+    UnsupportedModelError,
+)
+from accel.registry import (
+    Stage,
+    find_adapter,
+    method_names,
+    register_adapter,
+    register_method,
+    supported_model_classes,
+)
+from accel.steps import StepState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccelError", "AlreadyPatchedError", "ArtifactMismatchError", "BlockInfo", "IncompatibleMethodsError",
+    "MethodConfig", "ModelAdapter", "Patch", "PatchContext", "PatchReport", "Stage", "StepState", "TokenLayout",
+    "UnknownMethodError", "UnsupportedModelError", "active_patch", "find_adapter", "method_names", "patch",
+    "register_adapter", "register_method", "supported_model_classes", "unpatch",
+]

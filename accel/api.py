@@ -1,0 +1,341 @@
+"""``accel.patch``: attach methods to a pipeline or model in one call, and remove them exactly."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from accel.adapters.base import ModelAdapter
+from accel.config import MethodConfig
+from accel.errors import AlreadyPatchedError, IncompatibleMethodsError, UnsupportedModelError
+from accel.hooks import CallbackHook, HookSet, invalidate_registry_caches
+from accel.registry import MethodSpec, Stage, find_adapter, get_method, resolve_method
+from accel.steps import StepTracker, timestep_value
+
+logger = logging.getLogger(__name__)
+
+_PATCH_ATTR = "_accel_patch"
+_DENOISER_ATTRS = ("transformer", "unet")
+
+
+class AppliedMethod(Protocol):
+    """What a method's apply function returns: something that reports and (optionally) cleans up."""
+
+    def report(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class PatchContext:
+    """Everything a method's apply function may use. ``hooks`` belongs to that method alone."""
+
+    target: Any
+    pipeline: Any | None
+    model: torch.nn.Module
+    adapter: ModelAdapter
+    tracker: StepTracker
+    hooks: HookSet
+    method: str
+    applied: list[tuple[MethodSpec, MethodConfig]] = field(default_factory=list)
+
+
+@dataclass
+class _Attached:
+    spec: MethodSpec
+    config: MethodConfig
+    hooks: HookSet
+    handle: Any
+
+
+def resolve_target(target: Any) -> tuple[Any | None, torch.nn.Module]:
+    """Split a target into ``(pipeline or None, denoiser/model)``; clear error for anything else."""
+    if isinstance(target, torch.nn.Module):
+        return None, target
+    for attr in _DENOISER_ATTRS:
+        model = getattr(target, attr, None)
+        if isinstance(model, torch.nn.Module):
+            return target, model
+    raise UnsupportedModelError(
+        f"accel.patch needs a diffusers pipeline (with a .transformer or .unet), a diffusers model or a "
+        f"timm model; got {type(target).__name__}. Load one with accel.pipelines.load(...) or "
+        "diffusers.DiffusionPipeline.from_pretrained(...)."
+    )
+
+
+def _order_and_check(
+    items: list[tuple[MethodSpec, MethodConfig]], adapter: ModelAdapter
+) -> list[tuple[MethodSpec, MethodConfig]]:
+    """Order methods by stage and refuse what cannot compose, before anything is attached."""
+    by_stage: dict[Stage, MethodSpec] = {}
+    for spec, _ in items:
+        if spec.stage in by_stage:
+            other = by_stage[spec.stage]
+            what = "twice" if other.name == spec.name else f"together with {other.name!r}"
+            raise IncompatibleMethodsError(
+                f"Method {spec.name!r} cannot be applied {what}: both are {spec.stage.name.lower()} methods "
+                f"and one patch takes at most one of each kind (prune, quantize, attention, cache). "
+                "Pick one, or pass one configured instance."
+            )
+        by_stage[spec.stage] = spec
+        if spec.needs_denoiser and not adapter.is_denoiser:
+            raise UnsupportedModelError(
+                f"Method {spec.name!r} cannot apply to {type(adapter.model).__name__}: it works across "
+                "denoising steps and this model has no denoising loop. Methods that apply to classifiers: "
+                "adaspa, vmoba, hierarchical-prune, quest."
+            )
+    return sorted(items, key=lambda item: item[0].stage)
+
+
+def _options_to_methods(options: dict[str, Any]) -> list[str | MethodConfig]:
+    """``delta_dit={"interval": 3}`` style keyword options: select and configure a method by name."""
+    methods: list[str | MethodConfig] = []
+    for key, settings in options.items():
+        spec = get_method(key.replace("_", "-"))
+        if isinstance(settings, MethodConfig):
+            methods.append(settings)
+        elif isinstance(settings, dict):
+            methods.append(spec.config_cls.from_settings(settings))
+        elif settings is True:
+            methods.append(spec.config_cls())
+        else:
+            raise TypeError(
+                f"accel.patch option {key}= takes a dict of settings, a {spec.config_cls.__name__} or True, "
+                f"got {type(settings).__name__}."
+            )
+    return methods
+
+
+def _default_methods(adapter: ModelAdapter) -> list[str | MethodConfig]:
+    recipe = getattr(adapter, "default_recipe", None)
+    methods = recipe() if callable(recipe) else []
+    if not methods:
+        raise UnsupportedModelError(
+            f"accel.patch was given no method and has no default recipe for {adapter.family} models "
+            f"({type(adapter.model).__name__}). Name one, e.g. accel.patch(model, 'quest')."
+        )
+    return methods
+
+
+class Patch:
+    """Methods attached to one target. Remove with :meth:`remove` or ``with accel.patch(...)``."""
+
+    def __init__(self, target: Any, pipeline: Any | None, model: torch.nn.Module, adapter: ModelAdapter) -> None:
+        self.target = target
+        self.pipeline = pipeline
+        self.model = model
+        self.adapter = adapter
+        self.tracker = StepTracker()
+        self._attached: list[_Attached] = []
+        self._own_hooks = HookSet("accel.patch")
+        self._removed = False
+
+    @property
+    def methods(self) -> tuple[MethodConfig, ...]:
+        return tuple(item.config for item in self._attached)
+
+    def _attach(self, spec: MethodSpec, config: MethodConfig) -> None:
+        hooks = HookSet(f"accel.{spec.name}")
+        ctx = PatchContext(
+            target=self.target, pipeline=self.pipeline, model=self.model, adapter=self.adapter,
+            tracker=self.tracker, hooks=hooks, method=spec.name,
+            applied=[(a.spec, a.config) for a in self._attached],
+        )
+        try:
+            handle = spec.apply(ctx, config)
+        except BaseException:
+            hooks.remove()
+            raise
+        self._attached.append(_Attached(spec, config, hooks, handle))
+        # Pruning may swap the model's block lists: later methods need a fresh view.
+        self.adapter = find_adapter(self.model)
+
+    def _install_step_tracking(self) -> None:
+        adapter = self.adapter
+
+        def before(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            layout = adapter.token_layout(args, kwargs) if adapter.is_denoiser else None
+            timestep = timestep_value(adapter.timestep(args, kwargs))
+            self.tracker.begin_forward(timestep, adapter.batch_size(args, kwargs), layout, _context_name(hook))
+            return None
+
+        hook = _TrackerHook(before)
+        self._own_hooks.add_hook(self.model, hook, "steps")
+        scheduler = getattr(self.pipeline, "scheduler", None)
+        if scheduler is not None and hasattr(scheduler, "set_timesteps"):
+            self._own_hooks.set_attr(scheduler, "set_timesteps", self._wrap_set_timesteps(scheduler))
+        self._own_hooks.set_attr(self.model, _PATCH_ATTR, self)
+
+    def _wrap_set_timesteps(self, scheduler: Any) -> Callable[..., Any]:
+        original = scheduler.set_timesteps
+
+        def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            timesteps = getattr(scheduler, "timesteps", None)
+            self.tracker.reset(num_steps=len(timesteps) if timesteps is not None else None)
+            return result
+
+        return set_timesteps
+
+    def reset(self, num_steps: int | None = None) -> None:
+        """Forget all step state and caches (e.g. before driving a bare model with a new schedule)."""
+        self.tracker.reset(num_steps)
+
+    def remove(self) -> None:
+        """Detach everything, newest first; the model is exactly as before ``patch``. Safe to call twice."""
+        if self._removed:
+            return
+        self._own_hooks.remove()
+        for item in reversed(self._attached):
+            item.hooks.remove()
+            undo = getattr(item.handle, "remove", None)
+            if callable(undo):
+                undo()
+        self._attached.clear()
+        invalidate_registry_caches(self.model)
+        self._removed = True
+
+    def report(self) -> PatchReport:
+        """What ran: per method, the facts it records (blocks skipped per step, density, bits...)."""
+        sections = {}
+        for item in self._attached:
+            handle_report = getattr(item.handle, "report", None)
+            sections[item.spec.name] = {
+                "settings": item.config.settings(),
+                **(handle_report() if callable(handle_report) else {}),
+            }
+        state = self.tracker.state
+        return PatchReport(
+            model=type(self.model).__name__,
+            family=self.adapter.family,
+            methods=sections,
+            steps_seen=state.step_index + 1,
+            forwards=self.tracker.forwards,
+        )
+
+    def __enter__(self) -> Patch:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        names = ", ".join(item.spec.name for item in self._attached) or "no methods"
+        state = "removed" if self._removed else "active"
+        return f"<accel.Patch {state} on {type(self.model).__name__}: {names}>"
+
+
+class _TrackerHook(CallbackHook):
+    """The step tracker's hook; stateful so diffusers' ``cache_context`` hands it the branch name."""
+
+    _is_stateful = True
+
+    def __init__(self, before: Callable[..., Any]) -> None:
+        super().__init__(before=before)
+        from diffusers.hooks.hooks import StateManager
+
+        self.context_state = StateManager(_NoState)
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+
+class _NoState:
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _context_name(hook: _TrackerHook) -> str | None:
+    context = hook.context_state._context
+    return None if context is None else context.name
+
+
+@dataclass(frozen=True)
+class PatchReport:
+    """A patch's report; ``str()`` renders it for people, ``to_dict()`` for JSON."""
+
+    model: str
+    family: str
+    methods: dict[str, dict[str, Any]]
+    steps_seen: int
+    forwards: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "family": self.family, "methods": self.methods,
+                "steps_seen": self.steps_seen, "forwards": self.forwards}
+
+    def __str__(self) -> str:
+        lines = [f"accel patch on {self.model} ({self.family}); last sequence: {self.steps_seen} steps, "
+                 f"{self.forwards} forwards in all"]
+        if not self.methods:
+            lines.append("  (no methods)")
+        for name, facts in self.methods.items():
+            lines.append(f"  {name}:")
+            for key, value in facts.items():
+                if key == "per_step" and isinstance(value, list):
+                    lines.append(f"    per step ({len(value)}):")
+                    lines.extend(f"      {row}" for row in value)
+                else:
+                    lines.append(f"    {key}: {value}")
+        return "\n".join(lines)
+
+
+def patch(target: Any, *methods: str | MethodConfig, **options: Any) -> Patch:
+    """Attach acceleration methods to a diffusers pipeline, a diffusers model or a timm model.
+
+    Methods are names (``"delta-dit"``, ``"delta-dit:interval=3"``) or config objects
+    (``accel.DeltaDiTConfig(interval=3)``); keyword options select and configure a method by name
+    (``delta_dit={"interval": 3}``). With no method, the family's measured default recipe is used.
+    Methods are applied in stage order (prune, quantize, attention, cache); if one fails, everything
+    attached so far is removed before the error propagates.
+
+    A target that is already patched is refused: compose all methods in one call, or remove the
+    first patch. (Composing two patches would make removal order-dependent.)
+
+    Example::
+
+        p = accel.patch(pipe, "delta-dit")
+        images = pipe(class_labels=[3], num_inference_steps=50).images
+        print(p.report()); p.remove()
+    """
+    pipeline, model = resolve_target(target)
+    existing = model.__dict__.get(_PATCH_ATTR)
+    if existing is not None:
+        raise AlreadyPatchedError(
+            f"{type(model).__name__} is already patched by accel ({existing!r}). Pass all methods in one "
+            "accel.patch(...) call, or call .remove() (or accel.unpatch(target)) first."
+        )
+    adapter = find_adapter(model)
+    requested = list(methods) + _options_to_methods(options)
+    if not requested:
+        requested = _default_methods(adapter)
+    items = _order_and_check([resolve_method(item) for item in requested], adapter)
+    result = Patch(target, pipeline, model, adapter)
+    try:
+        for spec, config in items:
+            result._attach(spec, config)
+        result._install_step_tracking()
+        invalidate_registry_caches(model)
+    except BaseException:
+        result.remove()
+        raise
+    logger.info("accel: patched %s with %s", type(model).__name__, [s.name for s, _ in items])
+    return result
+
+
+def unpatch(target: Any) -> bool:
+    """Remove the accel patch from ``target`` if it has one; returns whether one was removed."""
+    _, model = resolve_target(target)
+    existing = model.__dict__.get(_PATCH_ATTR)
+    if existing is None:
+        return False
+    existing.remove()
+    return True
+
+
+def active_patch(target: Any) -> Patch | None:
+    """The accel patch attached to ``target``, if any."""
+    _, model = resolve_target(target)
+    return model.__dict__.get(_PATCH_ATTR)

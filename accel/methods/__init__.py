@@ -1,0 +1,1 @@
+"""Built-in methods; each module registers itself at the bottom with ``@register_method``."""

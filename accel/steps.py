@@ -1,0 +1,109 @@
+"""Step tracking: the one place that knows the denoising step, the CFG branch and the token layout.
+
+The tracker is fed by a pre-forward hook on the denoiser. It needs no pipeline cooperation:
+- a new, lower timestep starts the next step; the same timestep again is another CFG branch
+  (pipelines such as Wan and Flux true-CFG run cond and uncond as separate forwards);
+- a higher timestep, a step past the known step count, or another input size starts a new sequence;
+- on a pipeline, ``scheduler.set_timesteps`` (called at the start of every pipeline call) resets it
+  and tells the step count.
+diffusers' ``cache_context`` is used when a pipeline sets it (its name becomes the branch name), but
+not required: DiT, PixArt and SD3 pipelines never set it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from accel.adapters.base import TokenLayout
+
+
+@dataclass(frozen=True)
+class StepState:
+    """Where the denoising loop is. ``step_index`` is -1 before the first forward of a sequence."""
+
+    step_index: int = -1
+    num_steps: int | None = None
+    timestep: float | None = None
+    branch: int = 0
+    branch_name: str | None = None
+    batch_size: int = 0
+    layout: TokenLayout | None = None
+    sequence: int = 0
+
+    @property
+    def is_last_step(self) -> bool:
+        return self.num_steps is not None and self.step_index == self.num_steps - 1
+
+
+class StepTracker:
+    """Owned by one Patch; methods read ``tracker.state`` and subscribe to resets."""
+
+    def __init__(self) -> None:
+        self.state = StepState()
+        self._reset_callbacks: list[Callable[[], None]] = []
+        self.forwards = 0
+
+    def on_reset(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever a new sequence starts (methods drop their caches there)."""
+        self._reset_callbacks.append(callback)
+
+    def reset(self, num_steps: int | None = None) -> None:
+        """Start a new sequence; ``num_steps`` is the step count when the caller knows it."""
+        self.state = StepState(num_steps=num_steps, sequence=self.state.sequence + 1)
+        for callback in self._reset_callbacks:
+            callback()
+
+    def begin_forward(
+        self, timestep: float | None, batch_size: int, layout: TokenLayout | None, branch_name: str | None = None
+    ) -> StepState:
+        """Advance the state for one denoiser forward and return it."""
+        self.forwards += 1
+        prev = self.state
+        started = prev.step_index >= 0
+        if started:
+            restart = self._restart_reason(prev, timestep, batch_size, layout)
+            if restart is not None:
+                # A schedule that ran to its known end and starts again keeps its step count;
+                # any other restart (higher timestep, new size) has an unknown count.
+                self.reset(prev.num_steps if restart == "finished" else None)
+                prev = self.state
+                started = False
+        if not started:
+            state = dataclasses.replace(prev, step_index=0, timestep=timestep, branch=0)
+        elif timestep is not None and timestep == prev.timestep:
+            state = dataclasses.replace(prev, branch=prev.branch + 1)
+        else:
+            state = dataclasses.replace(prev, step_index=prev.step_index + 1, timestep=timestep, branch=0)
+        self.state = dataclasses.replace(state, batch_size=batch_size, layout=layout, branch_name=branch_name)
+        return self.state
+
+    @staticmethod
+    def _restart_reason(
+        prev: StepState, timestep: float | None, batch_size: int, layout: TokenLayout | None
+    ) -> str | None:
+        same_step = timestep is not None and timestep == prev.timestep
+        if same_step:
+            return None
+        if timestep is not None and prev.timestep is not None and timestep > prev.timestep:
+            return "timestep-increased"
+        if prev.num_steps is not None and prev.step_index + 1 >= prev.num_steps:
+            return "finished"
+        if layout != prev.layout or batch_size != prev.batch_size:
+            return "new-shape"
+        return None
+
+
+def timestep_value(timestep: Any) -> float | None:
+    """A scalar timestep from what models receive: a number, a 0-d or batched tensor (first entry)."""
+    if timestep is None:
+        return None
+    if isinstance(timestep, torch.Tensor):
+        if timestep.numel() == 0:
+            return None
+        return float(timestep.detach().reshape(-1)[0].float().cpu())
+    return float(timestep)

@@ -1,0 +1,205 @@
+"""The patch spine: patch/remove/unpatch, composition checks, transactions, errors, lean import."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DiTTransformer2DModel
+
+import accel
+from accel.config import MethodConfig, check_float
+from accel.hooks import accel_hook_names
+from accel.registry import Stage, register_method, unregister_method
+
+
+def tiny_dit() -> DiTTransformer2DModel:
+    torch.manual_seed(0)
+    return DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1, num_layers=3,
+        sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+    ).eval()
+
+
+def loop(model: torch.nn.Module, steps: int = 4, batch: int = 2, size: int = 8) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 1, size, size, generator=gen)
+    labels = torch.arange(batch) % 10
+    with torch.no_grad():
+        for t in torch.linspace(900, 100, steps).round():
+            out = model(x, timestep=t.expand(batch), class_labels=labels).sample
+            x = x - 0.1 * out
+    return x
+
+
+def snapshot(model: torch.nn.Module) -> tuple[dict, dict]:
+    keys = {name: sorted(m.__dict__) for name, m in model.named_modules()}
+    return keys, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_identity_patch_is_exact_and_removal_restores_state(identity_method):
+    model = tiny_dit()
+    before_out = loop(model)
+    keys, state = snapshot(model)
+    p = accel.patch(model, "identity")
+    assert accel_hook_names(model)
+    assert torch.equal(loop(model), before_out)
+    p.remove()
+    assert torch.equal(loop(model), before_out)
+    after_keys, after_state = snapshot(model)
+    assert after_keys == keys
+    assert all(torch.equal(after_state[k], v) for k, v in state.items())
+    assert accel_hook_names(model) == []
+
+
+def test_context_manager_removes_on_error(identity_method):
+    model = tiny_dit()
+    keys, _ = snapshot(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with accel.patch(model, identity_method()):
+            raise RuntimeError("boom")
+    assert snapshot(model)[0] == keys
+
+
+def test_unpatch_and_double_patch(identity_method):
+    model = tiny_dit()
+    p = accel.patch(model, "identity")
+    assert accel.active_patch(model) is p
+    with pytest.raises(accel.AlreadyPatchedError, match="already patched by accel"):
+        accel.patch(model, "identity")
+    assert accel.unpatch(model) is True
+    assert accel.unpatch(model) is False
+    accel.patch(model, "identity").remove()
+
+
+def test_steps_tracked_across_calls_with_other_counts_and_batches(identity_method):
+    model = tiny_dit()
+    p = accel.patch(model, "identity")
+    handle = p._attached[0].handle
+    loop(model, steps=4, batch=2)
+    loop(model, steps=3, batch=3, size=6)
+    loop(model, steps=3, batch=3, size=6)
+    assert handle.steps == [(i, 0) for i in range(4)] + [(i, 0) for i in range(3)] * 2
+    p.remove()
+
+
+def test_pipeline_scheduler_resets_steps(identity_method):
+    class Pipe:
+        def __init__(self) -> None:
+            self.transformer = tiny_dit()
+            self.scheduler = DDIMScheduler(num_train_timesteps=1000)
+
+        def __call__(self, steps: int) -> None:
+            self.scheduler.set_timesteps(steps)
+            x = torch.randn(1, 1, 8, 8)
+            for t in self.scheduler.timesteps:
+                self.transformer(x, timestep=t.expand(1), class_labels=torch.tensor([1]))
+
+    pipe = Pipe()
+    p = accel.patch(pipe, "identity")
+    pipe(5)
+    assert p.tracker.state.num_steps == 5 and p.tracker.state.step_index == 4
+    pipe(2)
+    handle = p._attached[0].handle
+    assert handle.steps == [(i, 0) for i in range(5)] + [(0, 0), (1, 0)]
+    p.remove()
+    assert "set_timesteps" not in pipe.scheduler.__dict__
+
+
+def test_separate_cfg_forwards_are_branches(identity_method):
+    model = tiny_dit()
+    p = accel.patch(model, "identity")
+    x = torch.randn(1, 1, 8, 8)
+    with torch.no_grad():
+        for t in (900.0, 500.0):
+            for label in (3, 10):
+                model(x, timestep=torch.tensor([t]), class_labels=torch.tensor([label]))
+    assert p._attached[0].handle.steps == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    p.remove()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FailingConfig(MethodConfig):
+    rate: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_float("FailingConfig.rate", self.rate, low=0.0, high=1.0, high_open=True)
+
+
+def test_failed_method_rolls_back_everything(identity_method):
+    def explode(ctx, config):
+        ctx.hooks.add_hook(ctx.model, accel.hooks.CallbackHook(), "half-done")
+        raise RuntimeError("cannot apply")
+
+    register_method(FailingConfig, name="failing", stage=Stage.ATTENTION)(explode)
+    try:
+        model = tiny_dit()
+        keys, _ = snapshot(model)
+        with pytest.raises(RuntimeError, match="cannot apply"):
+            accel.patch(model, "identity", "failing")
+        assert snapshot(model)[0] == keys
+        assert accel.active_patch(model) is None
+    finally:
+        unregister_method("failing")
+
+
+def test_unknown_method_has_did_you_mean(identity_method):
+    with pytest.raises(accel.UnknownMethodError, match=r"Unknown method 'identiy'\. Did you mean 'identity'\?"):
+        accel.patch(tiny_dit(), "identiy")
+
+
+def test_bad_settings_are_clear(identity_method):
+    with pytest.raises(ValueError, match=r"IdentityConfig has no setting 'speed'\. Accepted: level"):
+        accel.patch(tiny_dit(), "identity:speed=3")
+    with pytest.raises(ValueError, match=r"IdentityConfig.level must be an int in \[0, 3\], got 7"):
+        accel.patch(tiny_dit(), "identity:level=7")
+    with pytest.raises(ValueError, match=r"IdentityConfig.level must be an int, got 'x'"):
+        accel.patch(tiny_dit(), "identity:level=x")
+    with pytest.raises(ValueError, match=r"settings are written key=value"):
+        accel.patch(tiny_dit(), "identity:level")
+
+
+def test_conflicting_methods_refused(identity_method):
+    with pytest.raises(accel.IncompatibleMethodsError, match="cannot be applied twice"):
+        accel.patch(tiny_dit(), "identity", "identity:level=2")
+
+
+def test_non_model_target_refused():
+    with pytest.raises(accel.UnsupportedModelError, match=r"needs a diffusers pipeline .* got str"):
+        accel.patch("not a model", "identity")
+
+
+def test_unsupported_class_lists_supported():
+    with pytest.raises(accel.UnsupportedModelError, match=r"No accel adapter for Linear\. Supported: .*DiTTransformer2DModel"):
+        accel.patch(torch.nn.Linear(2, 2), "identity")
+
+
+def test_no_methods_and_no_recipe_is_clear(identity_method):
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(accel.UnsupportedModelError):
+        accel.patch(model)
+
+
+def test_config_round_trip_and_options(identity_method):
+    config = identity_method(level=2)
+    assert identity_method.from_dict(config.to_dict()) == config
+    assert config.to_dict() == {"_type": "IdentityConfig", "_version": 1, "_data": {"level": 2}}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.level = 3  # type: ignore[misc]
+    p = accel.patch(tiny_dit(), identity={"level": 3})
+    assert p.methods == (identity_method(level=3),)
+    assert "identity" in str(p.report())
+    p.remove()
+
+
+def test_import_is_lean():
+    code = (
+        "import sys, accel, accel.kernels, accel.pipelines; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('triton', 'gradio')]; "
+        "import torch; assert not torch.cuda.is_initialized(); print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
