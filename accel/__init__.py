@@ -30,11 +30,14 @@ from accel.registry import (
     supported_model_classes,
 )
 from accel.steps import StepState
+from accel import methods
+from accel.methods.bac import BACConfig
+from accel.methods.delta_dit import DeltaDiTConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AccelError", "AlreadyPatchedError", "ArtifactMismatchError", "BlockInfo", "IncompatibleMethodsError",
+    "AccelError", "BACConfig", "DeltaDiTConfig", "methods", "AlreadyPatchedError", "ArtifactMismatchError", "BlockInfo", "IncompatibleMethodsError",
     "MethodConfig", "ModelAdapter", "Patch", "PatchContext", "PatchReport", "Stage", "StepState", "TokenLayout",
     "UnknownMethodError", "UnsupportedModelError", "active_patch", "find_adapter", "method_names", "patch",
     "register_adapter", "register_method", "supported_model_classes", "unpatch",

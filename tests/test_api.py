@@ -8,31 +8,13 @@ import sys
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DiTTransformer2DModel
+from diffusers import DDIMScheduler
 
 import accel
 from accel.config import MethodConfig, check_float
 from accel.hooks import accel_hook_names
 from accel.registry import Stage, register_method, unregister_method
-
-
-def tiny_dit() -> DiTTransformer2DModel:
-    torch.manual_seed(0)
-    return DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1, num_layers=3,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=10,
-    ).eval()
-
-
-def loop(model: torch.nn.Module, steps: int = 4, batch: int = 2, size: int = 8) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 1, size, size, generator=gen)
-    labels = torch.arange(batch) % 10
-    with torch.no_grad():
-        for t in torch.linspace(900, 100, steps).round():
-            out = model(x, timestep=t.expand(batch), class_labels=labels).sample
-            x = x - 0.1 * out
-    return x
+from tiny import loop, tiny_dit
 
 
 def snapshot(model: torch.nn.Module) -> tuple[dict, dict]:

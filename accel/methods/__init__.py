@@ -1,1 +1,4 @@
 """Built-in methods; each module registers itself at the bottom with ``@register_method``."""
+
+from accel.methods import delta_dit  # noqa: F401,E402
+from accel.methods import bac  # noqa: F401,E402

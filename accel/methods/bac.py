@@ -1,0 +1,279 @@
+"""BAC, block-wise adaptive caching: each residual branch (self-attention, cross-attention, FFN) of
+each block gets its own update steps, chosen by a DP over calibrated feature similarity; the
+Bubbling Union refreshes the most volatile branches whenever a downstream FFN updates.
+
+Paper: Ji et al., "Block-wise Adaptive Caching for Accelerating Diffusion Policy" (BAC).
+
+What is cached: the branch module's output (attention / FFN, before the block applies its gate and
+adds it to the residual). The block still computes its current adaLN gate and adds the reused output
+to the *current* residual stream; for adaLN models the gate is timestep-dependent and cheap, so
+reusing the pre-gate output keeps the gate exact, which is never worse than caching it gated.
+
+Calibration is one uncached run per step count (``calibrate``), or happens online: with
+``calibrate_online=True`` the first call at a new step count runs in full, records, and later calls
+at that step count use the schedule. A schedule is never applied to another step count.
+
+Example::
+
+    schedule = accel.methods.bac.calibrate(pipe, num_inference_steps=50)
+    schedule.save("bac-50.json")
+    patch = accel.patch(pipe, accel.BACConfig(updates=15, schedule="bac-50.json"))
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from accel.config import MethodConfig, check_choice, check_int
+from accel.errors import ArtifactMismatchError
+from accel.hooks import SkipHook
+from accel.methods._runlog import RunLog
+from accel.methods.bac_schedule import (
+    BACSchedule,
+    Metric,
+    bubbling_union,
+    model_fingerprint,
+    schedule_updates,
+    similarity_matrix,
+    volatility,
+)
+from accel.registry import Stage, register_method
+
+
+@dataclass(frozen=True, kw_only=True)
+class BACConfig(MethodConfig):
+    """BAC settings.
+
+    Args:
+        updates: K, update steps per branch (step 0 always one); clamped to the step count.
+        metric: similarity used by the scheduler: ``"cosine"`` (default), ``"l1"``, ``"l2"``.
+        bubbling: n, the most volatile branches that take the update steps of downstream FFNs (0: off).
+        schedule: path of a saved :class:`BACSchedule` (JSON); ``None`` calibrates online.
+        calibrate_online: a call at a step count with no schedule runs in full and calibrates.
+        max_features: output elements sampled per branch and step for the similarity (bounds memory).
+    """
+
+    updates: int = 20
+    metric: Metric = Metric.COSINE
+    bubbling: int = 3
+    schedule: str | None = None
+    calibrate_online: bool = True
+    max_features: int = 4096
+
+    def __post_init__(self) -> None:
+        check_int("BACConfig.updates", self.updates, low=1)
+        object.__setattr__(self, "metric", check_choice("BACConfig.metric", self.metric, Metric))
+        check_int("BACConfig.bubbling", self.bubbling, low=0)
+        check_int("BACConfig.max_features", self.max_features, low=16)
+
+
+@dataclass(frozen=True)
+class _Branch:
+    key: str
+    module: torch.nn.Module
+    layer: int
+    kind: str
+    cost: float
+
+
+class BAC:
+    """Runtime of one BAC patch: the schedule in force, cached branch outputs, calibration records."""
+
+    def __init__(self, config: BACConfig, branches: list[_Branch], tracker: Any, schedule: BACSchedule) -> None:
+        self.config = config
+        self.branches = branches
+        self.tracker = tracker
+        self.schedule = schedule
+        self.log = RunLog(units=len(branches), cost={b.key: b.cost for b in branches})
+        self.cache: dict[tuple[int, str], Any] = {}
+        self.active: dict[str, frozenset[int]] | None = None
+        self.recording = False
+        self.force_record = False
+        self._sequence = -1
+        self._records: dict[int, list[dict[str, dict[int, np.ndarray]]]] = defaultdict(list)
+
+    # -- sequence handling -------------------------------------------------------------------
+    def on_reset(self) -> None:
+        if not self.force_record:  # ``calibrate`` gathers several calls before building
+            self.finish_recording()
+        self.cache.clear()
+        self.log.reset()
+
+    def _begin_sequence(self) -> None:
+        state = self.tracker.state
+        self._sequence = state.sequence
+        self.cache.clear()
+        num_steps = state.num_steps
+        plan = self.schedule.for_steps(num_steps) if num_steps is not None else self._single_schedule()
+        if self.force_record or (plan is None and self.config.calibrate_online and num_steps is not None):
+            self.recording = True
+            self.active = None
+            self._records[num_steps].append({b.key: {} for b in self.branches})
+            return
+        if plan is None:
+            calibrated = sorted(self.schedule.steps) or "none"
+            raise ArtifactMismatchError(
+                f"BAC has no schedule for {num_steps if num_steps is not None else 'an unknown number of'} steps "
+                f"(calibrated: {calibrated}). Calibrate with accel.methods.bac.calibrate(pipe, "
+                f"num_inference_steps={num_steps or 'N'}), or set calibrate_online=True."
+            )
+        self.recording = False
+        self.active = {key: frozenset(steps) for key, steps in plan.items()}
+
+    def _single_schedule(self) -> dict[str, list[int]] | None:
+        # A bare model loop has no step count; a schedule with exactly one step count is unambiguous.
+        return next(iter(self.schedule.steps.values())) if len(self.schedule.steps) == 1 else None
+
+    # -- hooks ------------------------------------------------------------------------------
+    def decide(self, branch: _Branch) -> Any:
+        state = self.tracker.state
+        if state.sequence != self._sequence:
+            self._begin_sequence()
+        step = state.step_index
+        if self.recording or self.active is None:
+            self.log.record(step, state.branch, branch.key, ran=True)
+            return None
+        steps = self.active.get(branch.key)
+        cached = self.cache.get((state.branch, branch.key))
+        if steps is None or step in steps or cached is None:
+            self.log.record(step, state.branch, branch.key, ran=True)
+            return None
+        self.log.record(step, state.branch, branch.key, ran=False)
+        return cached
+
+    def after(self, branch: _Branch, output: Any) -> Any:
+        state = self.tracker.state
+        if self.recording:
+            self._record(branch, state.step_index, output)
+        elif self.active is not None:
+            self.cache[(state.branch, branch.key)] = output
+        return output
+
+    def _record(self, branch: _Branch, step: int, output: Any) -> None:
+        flat = _flatten(output)
+        generator = torch.Generator().manual_seed(zlib.crc32(branch.key.encode()))
+        count = min(self.config.max_features, flat.numel())
+        index = torch.randperm(flat.numel(), generator=generator)[:count]
+        record = self._records[self.tracker.state.num_steps][-1][branch.key]
+        sample = flat[index].float().cpu().numpy()
+        record[step] = np.concatenate([record[step], sample]) if step in record else sample
+
+    # -- calibration ------------------------------------------------------------------------
+    def finish_recording(self) -> None:
+        """Turn complete recorded sequences into schedules (called at each reset and by ``calibrate``)."""
+        if not self.recording:
+            return
+        self.recording = False
+        for num_steps, runs in list(self._records.items()):
+            complete = [run for run in runs if all(len(run[b.key]) == num_steps for b in self.branches)]
+            if num_steps is None or not complete:
+                continue
+            self._build(num_steps, complete)
+        self._records.clear()
+
+    def _build(self, num_steps: int, runs: list[dict[str, dict[int, np.ndarray]]]) -> None:
+        schedules, volatilities = {}, {}
+        for branch in self.branches:
+            features = np.stack(
+                [np.concatenate([run[branch.key][t] for run in runs]) for t in range(num_steps)]
+            )  # (T, F * runs)
+            sim = similarity_matrix(features, self.config.metric)
+            schedules[branch.key] = schedule_updates(sim, self.config.updates)
+            volatilities[branch.key] = volatility(features)
+        layer_of = {b.key: b.layer for b in self.branches}
+        ffns = {b.key for b in self.branches if b.kind in ("ffn", "context_ffn")}
+        self.schedule.steps[num_steps] = bubbling_union(
+            schedules, volatilities, self.config.bubbling, layer_of, ffns
+        )
+        self.schedule.volatility[num_steps] = volatilities
+
+    def report(self) -> dict[str, Any]:
+        calibrated = sorted(self.schedule.steps)
+        summary = {}
+        for num_steps in calibrated:
+            counts = [len(steps) for steps in self.schedule.steps[num_steps].values()]
+            summary[num_steps] = f"{min(counts)}-{max(counts)} updates per branch over {len(counts)} branches"
+        return {"schedules": summary or "none yet (calibrates on the first call)", **self.log.report()}
+
+
+def _flatten(output: Any) -> torch.Tensor:
+    tensors = output if isinstance(output, (tuple, list)) else (output,)
+    return torch.cat([t.detach().reshape(-1) for t in tensors if isinstance(t, torch.Tensor)])
+
+
+def _branches(adapter: Any) -> list[_Branch]:
+    result = []
+    for block in adapter.blocks():
+        for kind, module in block.branches().items():
+            cost = float(sum(p.numel() for p in module.parameters())) or 1.0
+            result.append(_Branch(f"{block.name}.{kind}", module, block.index, kind, cost))
+    return result
+
+
+@register_method(BACConfig, name="bac", stage=Stage.CACHE, needs_denoiser=True,
+                 summary="BAC: per-branch update schedules from a similarity DP, with the Bubbling Union")
+def _apply(ctx: Any, config: BACConfig) -> BAC:
+    fingerprint = model_fingerprint(ctx.model)
+    if config.schedule is not None:
+        schedule = BACSchedule.load(config.schedule)
+        schedule.check_model(ctx.model)
+    else:
+        schedule = BACSchedule(model=fingerprint, metric=config.metric.value, updates=config.updates,
+                               bubbling=config.bubbling)
+    runtime = BAC(config, _branches(ctx.adapter), ctx.tracker, schedule)
+    ctx.tracker.on_reset(runtime.on_reset)
+    for branch in runtime.branches:
+        hook = SkipHook(
+            decide=lambda m, a, k, b=branch: runtime.decide(b),
+            after=lambda m, a, k, out, b=branch: runtime.after(b, out),
+        )
+        ctx.hooks.add_hook(branch.module, hook, f"branch.{branch.key}")
+    return runtime
+
+
+def default_calls(pipe: Any, seeds: Sequence[int] = (101, 102)) -> list[dict[str, Any]]:
+    """Calibration calls for class-conditional pipelines: every class, a few seeds unlike the benchmark's."""
+    return [
+        {"class_labels": list(range(10)), "generator": torch.Generator().manual_seed(seed)} for seed in seeds
+    ]
+
+
+def calibrate(
+    pipe: Any,
+    *,
+    num_inference_steps: int | Sequence[int],
+    config: BACConfig | None = None,
+    calls: Sequence[dict[str, Any]] | None = None,
+    save_to: str | None = None,
+) -> BACSchedule:
+    """Run ``pipe`` uncached at each step count, recording every branch, and return the schedule.
+
+    ``calls``: keyword arguments of each calibration call (default: every class label, two seeds —
+    suits class-conditional pipelines such as ``digits-dit``; text pipelines pass their prompts).
+    """
+    import accel
+
+    config = (config or BACConfig()).replace(schedule=None, calibrate_online=True)
+    step_counts = [num_inference_steps] if isinstance(num_inference_steps, int) else list(num_inference_steps)
+    calls = list(calls) if calls is not None else default_calls(pipe)
+    with accel.patch(pipe, config) as patch:
+        runtime: BAC = patch._attached[-1].handle
+        runtime.force_record = True
+        with tqdm(total=len(step_counts) * len(calls), desc="BAC calibration") as bar:
+            for steps in step_counts:
+                for kwargs in calls:
+                    pipe(**kwargs, num_inference_steps=steps, output_type="np")
+                    bar.update()
+                runtime.finish_recording()
+        schedule = runtime.schedule
+    if save_to is not None:
+        schedule.save(save_to)
+    return schedule

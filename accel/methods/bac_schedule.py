@@ -1,0 +1,178 @@
+"""BAC's offline half: similarity matrices, the Adaptive Caching Scheduler (a DP) and the Bubbling Union.
+
+Paper: Ji et al., "Block-wise Adaptive Caching for Accelerating Diffusion Policy" (BAC). Pure
+functions over numpy arrays, so each can be checked against brute force on small inputs.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from accel.errors import ArtifactMismatchError
+
+SCHEDULE_FORMAT = "accel.bac.schedule"
+SCHEDULE_VERSION = 1
+
+
+class Metric(str, enum.Enum):
+    """How alike two steps' outputs are. Cosine is a similarity; L1/L2 are distances (minimised)."""
+
+    COSINE = "cosine"
+    L1 = "l1"
+    L2 = "l2"
+
+
+def similarity_matrix(features: np.ndarray, metric: Metric) -> np.ndarray:
+    """(T, F) per-step features -> (T, T) matrix where larger always means more alike.
+
+    Distances are negated so the scheduler maximises in every case (the reference code maximises
+    the L2 distance by mistake; minimising it is what caching wants).
+    """
+    x = features.astype(np.float64)
+    if metric is Metric.COSINE:
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        unit = x / np.maximum(norms, 1e-12)
+        return unit @ unit.T
+    if metric is Metric.L1:
+        return -np.abs(x[:, None, :] - x[None, :, :]).mean(axis=-1)
+    squared = (x * x).sum(1)
+    dist2 = np.maximum(squared[:, None] + squared[None, :] - 2 * x @ x.T, 0.0)
+    return -np.sqrt(dist2 / x.shape[1])
+
+
+def volatility(features: np.ndarray) -> float:
+    """Mean L1 change of a branch's output over all pairs of steps (the Bubbling Union's ranking)."""
+    x = features.astype(np.float64)
+    t = x.shape[0]
+    if t < 2:
+        return 0.0
+    pair_dist = np.abs(x[:, None, :] - x[None, :, :]).mean(axis=-1)
+    return float(pair_dist[np.triu_indices(t, k=1)].mean())
+
+
+def segment_gain(sim: np.ndarray) -> np.ndarray:
+    """gain[a, b] = Σ_{t=a..b} sim[a, t]: the similarity collected when step a's output serves a..b."""
+    t = sim.shape[0]
+    upper = np.triu(sim)
+    gain = np.cumsum(upper, axis=1)
+    gain[np.tril_indices(t, k=-1)] = -np.inf
+    return gain
+
+
+def schedule_updates(sim: np.ndarray, updates: int) -> list[int]:
+    """The K update steps (step 0 first) maximising total similarity between each cached output
+    and the steps that reuse it; exact dynamic program, O(K·T²).
+
+    dp[k, i] = best total over steps 0..i using k updates, the last segment ending at i.
+    """
+    t = sim.shape[0]
+    k_max = max(1, min(updates, t))
+    gain = segment_gain(sim)
+    dp = np.full((k_max + 1, t), -np.inf)
+    back = np.zeros((k_max + 1, t), dtype=np.int64)
+    dp[1] = gain[0]
+    for k in range(2, k_max + 1):
+        for i in range(k - 1, t):
+            # previous segment ends at j (>= k-2); the new one starts at j+1 and ends at i
+            j = np.arange(k - 2, i)
+            candidates = dp[k - 1, j] + gain[j + 1, i]
+            best = int(np.argmax(candidates))
+            dp[k, i] = candidates[best]
+            back[k, i] = j[best]
+    starts = []
+    i = t - 1
+    for k in range(k_max, 1, -1):
+        j = int(back[k, i])
+        starts.append(j + 1)
+        i = j
+    starts.append(0)
+    return sorted(starts)
+
+
+def bubbling_union(
+    schedules: Mapping[str, Sequence[int]],
+    volatilities: Mapping[str, float],
+    count: int,
+    layer_of: Mapping[str, int],
+    ffn_branches: set[str],
+) -> dict[str, list[int]]:
+    """Give the ``count`` most volatile branches the update steps of every FFN at their layer or later,
+    so a branch with large caching error is refreshed before downstream FFNs amplify it."""
+    result = {name: sorted(steps) for name, steps in schedules.items()}
+    ranked = sorted(volatilities, key=lambda name: volatilities[name], reverse=True)[: max(count, 0)]
+    for name in ranked:
+        merged = set(schedules[name])
+        for other in ffn_branches:
+            if layer_of[other] >= layer_of[name]:
+                merged |= set(schedules[other])
+        result[name] = sorted(merged)
+    return result
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Identify a model by class, config and parameter shapes (not values: a schedule depends on the
+    architecture's behaviour, but refusing a re-saved identical checkpoint would only annoy)."""
+    config = getattr(model, "config", None)
+    config_items = sorted((k, repr(v)) for k, v in dict(config).items() if not k.startswith("_")) if config else []
+    shapes = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    payload = repr((type(model).__name__, config_items, shapes)).encode()
+    return f"{type(model).__name__}:{hashlib.sha256(payload).hexdigest()[:16]}"
+
+
+@dataclass
+class BACSchedule:
+    """Per-branch update steps for each calibrated step count, tied to one model."""
+
+    model: str
+    metric: str
+    updates: int
+    bubbling: int
+    steps: dict[int, dict[str, list[int]]] = field(default_factory=dict)
+    volatility: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    def for_steps(self, num_steps: int) -> dict[str, list[int]] | None:
+        return self.steps.get(num_steps)
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        found = model_fingerprint(model)
+        if found != self.model:
+            raise ArtifactMismatchError(
+                f"This BAC schedule belongs to model {self.model}, not {found}. Calibrate this model: "
+                "accel.methods.bac.calibrate(pipe, num_inference_steps=...)."
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": SCHEDULE_FORMAT, "version": SCHEDULE_VERSION, "model": self.model, "metric": self.metric,
+            "updates": self.updates, "bubbling": self.bubbling,
+            "steps": {str(k): v for k, v in self.steps.items()},
+            "volatility": {str(k): v for k, v in self.volatility.items()},
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json(), indent=1, sort_keys=True))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> BACSchedule:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"BAC schedule {str(path)!r} does not exist; write one with BACSchedule.save().")
+        data = json.loads(path.read_text())
+        if data.get("format") != SCHEDULE_FORMAT:
+            raise ArtifactMismatchError(f"{path} is not a BAC schedule (format {data.get('format')!r}).")
+        return cls(
+            model=data["model"], metric=data["metric"], updates=data["updates"], bubbling=data["bubbling"],
+            steps={int(k): v for k, v in data["steps"].items()},
+            volatility={int(k): v for k, v in data.get("volatility", {}).items()},
+        )

@@ -1,0 +1,166 @@
+"""Δ-DiT: cache the deviation (output − input) of a contiguous range of DiT blocks.
+
+Paper: Chen et al., "Δ-DiT: A Training-Free Acceleration Method Tailored for Diffusion Transformers"
+(arXiv:2406.01125). On a full step the range's Δ = F(x) − x is stored; on a cached step the range is
+skipped and its output is x_now + Δ, so the current input still flows through (DiT has no UNet skip
+connection that would carry it otherwise). Stage-adaptive: before the boundary step the *rear* blocks
+are cached (early steps shape the outline, which front blocks make), after it the *front* blocks.
+
+Example::
+
+    patch = accel.patch(pipe, accel.DeltaDiTConfig(cached_blocks=4, interval=2, boundary=0.5))
+    images = pipe(class_labels=[1, 2], num_inference_steps=50).images
+    print(patch.report())   # per step: blocks skipped, compute fraction
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from accel.config import MethodConfig, check_float, check_int
+from accel.errors import UnsupportedModelError
+from accel.hooks import SkipHook
+from accel.methods._runlog import RunLog
+from accel.registry import Stage, register_method
+
+Streams = dict[str, "torch.Tensor | None"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeltaDiTConfig(MethodConfig):
+    """Δ-DiT settings.
+
+    Args:
+        cached_blocks: N_c, blocks in the cached range; ``None`` caches all but one block.
+        boundary: b as a fraction of the step count: steps before ``round(b * steps)`` cache the rear
+            range, later steps the front range.
+        interval: N, a full recompute every N steps (1 disables caching).
+        warmup_steps: first steps always computed in full.
+    """
+
+    cached_blocks: int | None = None
+    boundary: float = 0.5
+    interval: int = 2
+    warmup_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.cached_blocks is not None:
+            check_int("DeltaDiTConfig.cached_blocks", self.cached_blocks, low=1)
+        check_float("DeltaDiTConfig.boundary", self.boundary, low=0.0, high=1.0)
+        check_int("DeltaDiTConfig.interval", self.interval, low=1, hint="use interval=1 to disable caching.")
+        check_int("DeltaDiTConfig.warmup_steps", self.warmup_steps, low=1,
+                  hint="step 0 must be computed in full to have a Δ to reuse.")
+
+
+@dataclass(frozen=True)
+class _Range:
+    name: str
+    start: int
+    stop: int  # exclusive
+
+    def __contains__(self, index: int) -> bool:
+        return self.start <= index < self.stop
+
+
+class DeltaDiT:
+    """Runtime state of one Δ-DiT patch: the Δ per CFG branch and range, and the run log."""
+
+    def __init__(self, config: DeltaDiTConfig, num_blocks: int, tracker: Any) -> None:
+        cached = config.cached_blocks if config.cached_blocks is not None else num_blocks - 1
+        if cached > num_blocks:
+            raise ValueError(
+                f"DeltaDiTConfig.cached_blocks must be <= the model's {num_blocks} blocks, got {cached}."
+            )
+        self.config = config
+        self.tracker = tracker
+        self.front = _Range("front", 0, cached)
+        self.rear = _Range("rear", num_blocks - cached, num_blocks)
+        self.inputs: dict[tuple[int, str], Streams] = {}
+        self.deltas: dict[tuple[int, str], Streams] = {}
+        self.log = RunLog(units=num_blocks)
+
+    def reset(self) -> None:
+        self.inputs.clear()
+        self.deltas.clear()
+        self.log.reset()
+
+    def is_full_step(self, step: int) -> bool:
+        return step < self.config.warmup_steps or step % self.config.interval == 0
+
+    def active_range(self, step: int) -> _Range:
+        num_steps = self.tracker.state.num_steps
+        if num_steps is None:
+            raise RuntimeError(
+                "delta-dit needs the step count to place its boundary. Run the model through a diffusers "
+                "pipeline, or call patch.reset(num_steps=N) before a hand-written denoising loop."
+            )
+        return self.rear if step < round(self.config.boundary * num_steps) else self.front
+
+    def decide(self, index: int, io: Any, name: str, args: tuple, kwargs: dict) -> Any:
+        state = self.tracker.state
+        step, branch = state.step_index, state.branch
+        if not self.is_full_step(step):
+            rng = self.active_range(step)
+            delta = self.deltas.get((branch, rng.name))
+            if index in rng and delta is not None:
+                self.log.record(step, branch, name, ran=False)
+                streams = io.read_inputs(args, kwargs)
+                if index == rng.start:
+                    streams = _add(streams, delta)
+                return io.make_output(streams)
+        else:
+            for rng in (self.front, self.rear):
+                if index == rng.start:
+                    self.inputs[(branch, rng.name)] = io.read_inputs(args, kwargs)
+        self.log.record(step, branch, name, ran=True)
+        return None
+
+    def after(self, index: int, io: Any, output: Any) -> Any:
+        state = self.tracker.state
+        if self.is_full_step(state.step_index):
+            for rng in (self.front, self.rear):
+                if index == rng.stop - 1:
+                    key = (state.branch, rng.name)
+                    self.deltas[key] = _subtract(io.read_outputs(output), self.inputs.pop(key, {}))
+        return output
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "ranges": {"front": [self.front.start, self.front.stop - 1], "rear": [self.rear.start, self.rear.stop - 1]},
+            **self.log.report(),
+        }
+
+
+def _add(streams: Streams, delta: Streams) -> Streams:
+    return {k: v + delta[k] if v is not None and delta.get(k) is not None else v for k, v in streams.items()}
+
+
+def _subtract(outputs: Streams, inputs: Streams) -> Streams:
+    return {
+        k: (v - inputs[k]) if v is not None and inputs.get(k) is not None and inputs[k].shape == v.shape else None
+        for k, v in outputs.items()
+    }
+
+
+@register_method(DeltaDiTConfig, name="delta-dit", stage=Stage.CACHE, needs_denoiser=True,
+                 summary="Δ-DiT: cache the output−input deviation of rear (early steps) / front (late steps) blocks")
+def _apply(ctx: Any, config: DeltaDiTConfig) -> DeltaDiT:
+    if not getattr(ctx.adapter, "sequential_blocks", True):
+        raise UnsupportedModelError(
+            f"delta-dit needs blocks that form one residual chain; {type(ctx.model).__name__} "
+            "(a UNet) does not. Use 'bac', which caches per branch."
+        )
+    blocks = ctx.adapter.blocks()
+    runtime = DeltaDiT(config, len(blocks), ctx.tracker)
+    ctx.tracker.on_reset(runtime.reset)
+    for block in blocks:  # every block, so the run log counts all block compute
+        hook = SkipHook(
+            decide=lambda m, a, k, b=block: runtime.decide(b.index, b.io, b.name, a, k),
+            after=lambda m, a, k, out, b=block: runtime.after(b.index, b.io, out),
+        )
+        ctx.hooks.add_hook(block.module, hook, f"block.{block.name}")
+    return runtime
+

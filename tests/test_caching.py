@@ -1,0 +1,174 @@
+"""Δ-DiT and BAC: compute really skipped, determinism, state reset, the scheduler and its artifacts."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import accel
+from accel.methods.bac import BACConfig, calibrate
+from accel.methods.bac_schedule import (
+    BACSchedule,
+    Metric,
+    bubbling_union,
+    schedule_updates,
+    similarity_matrix,
+)
+from accel.methods.delta_dit import DeltaDiTConfig
+from tiny import TinyPipe, loop, tiny_dit
+
+
+def count_calls(modules: list[torch.nn.Module]) -> list[int]:
+    counts = [0] * len(modules)
+    for i, module in enumerate(modules):
+        module.register_forward_pre_hook(lambda m, a, i=i: counts.__setitem__(i, counts[i] + 1))
+    return counts
+
+
+def brute_force(sim: np.ndarray, k: int) -> float:
+    t = sim.shape[0]
+    best = -np.inf
+    for rest in itertools.combinations(range(1, t), k - 1):
+        starts = (0, *rest)
+        total = sum(sim[max(s for s in starts if s <= i), i] for i in range(t))
+        best = max(best, total)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_scheduler_dp_equals_brute_force(seed, k):
+    rng = np.random.default_rng(seed)
+    sim = similarity_matrix(rng.normal(size=(8, 5)), Metric.COSINE)
+    starts = schedule_updates(sim, k)
+    assert starts[0] == 0 and len(starts) == k and starts == sorted(set(starts))
+    total = sum(sim[max(s for s in starts if s <= i), i] for i in range(8))
+    assert total == pytest.approx(brute_force(sim, k))
+
+
+def test_distances_are_minimised():
+    # steps 0-2 identical, 3-5 identical: with 2 updates the optimum splits exactly at 3, for every metric
+    features = np.array([[1.0, 0.0]] * 3 + [[0.0, 5.0]] * 3)
+    for metric in Metric:
+        assert schedule_updates(similarity_matrix(features, metric), 2) == [0, 3]
+
+
+def test_bubbling_union_hand_made():
+    schedules = {"0.attn": [0, 5], "0.ffn": [0, 2], "1.attn": [0, 3], "1.ffn": [0, 4], "2.ffn": [0, 6]}
+    layer_of = {"0.attn": 0, "0.ffn": 0, "1.attn": 1, "1.ffn": 1, "2.ffn": 2}
+    volatility = {"0.attn": 0.1, "0.ffn": 0.2, "1.attn": 0.9, "1.ffn": 0.05, "2.ffn": 0.01}
+    out = bubbling_union(schedules, volatility, 1, layer_of, {"0.ffn", "1.ffn", "2.ffn"})
+    assert out["1.attn"] == [0, 3, 4, 6]  # its own + FFNs at layers >= 1
+    assert {k: v for k, v in out.items() if k != "1.attn"} == {k: v for k, v in schedules.items() if k != "1.attn"}
+    assert bubbling_union(schedules, volatility, 0, layer_of, {"0.ffn"}) == schedules
+
+
+def test_delta_dit_skips_blocks_and_reports():
+    model = tiny_dit(layers=4)
+    attn_calls = count_calls([b.attn1 for b in model.transformer_blocks])
+    p = accel.patch(model, DeltaDiTConfig(cached_blocks=2, interval=2, boundary=0.5))
+    p.reset(num_steps=6)
+    loop(model, steps=6)
+    # full steps 0, 2, 4 run 4 blocks; cached steps 1 (rear: blocks 2-3) and 3, 5 (front: blocks 0-1)
+    assert attn_calls == [4, 4, 5, 5]
+    report = p.report().methods["delta-dit"]
+    assert report["compute_fraction"] == pytest.approx(18 / 24)
+    assert "skipped transformer_blocks.2, transformer_blocks.3" in report["per_step"][1]
+    p.remove()
+
+
+def test_delta_dit_needs_step_count_on_bare_loop():
+    model = tiny_dit()
+    with accel.patch(model, "delta-dit"):
+        with pytest.raises(RuntimeError, match=r"needs the step count .* patch.reset\(num_steps=N\)"):
+            loop(model, steps=4)
+
+
+def test_delta_dit_bad_settings():
+    with pytest.raises(ValueError, match=r"DeltaDiTConfig.interval must be an int >= 1, got 0"):
+        DeltaDiTConfig(interval=0)
+    with pytest.raises(ValueError, match=r"DeltaDiTConfig.boundary must be in \[0.0, 1.0\], got 1.5"):
+        DeltaDiTConfig(boundary=1.5)
+    with pytest.raises(ValueError, match=r"cached_blocks must be <= the model's 3 blocks, got 5"):
+        accel.patch(tiny_dit(), DeltaDiTConfig(cached_blocks=5))
+
+
+@pytest.mark.parametrize("method", ["delta-dit:cached_blocks=2", "bac:updates=3"])
+def test_cached_runs_deterministic_and_state_reset(method):
+    pipe = TinyPipe()
+    fresh_pipe = TinyPipe()
+    with accel.patch(pipe, method):
+        pipe([1, 2], num_inference_steps=8)  # warm: online calibration for bac
+        a = pipe([1, 2], num_inference_steps=8)
+        b = pipe([1, 2], num_inference_steps=8)
+        assert torch.equal(a, b)
+        pipe([4, 5, 6], num_inference_steps=5)  # other labels, batch and step count in between
+        pipe([4, 5, 6], num_inference_steps=5)
+        c = pipe([1, 2], num_inference_steps=8)
+    assert torch.equal(a, c)
+    with accel.patch(fresh_pipe, method):
+        fresh_pipe([1, 2], num_inference_steps=8)
+        d = fresh_pipe([1, 2], num_inference_steps=8)
+    assert torch.equal(a, d)
+
+
+def test_unpatch_is_bit_identical():
+    pipe = TinyPipe()
+    base = pipe([3], num_inference_steps=6)
+    for method in ("delta-dit", "bac:updates=2"):
+        p = accel.patch(pipe, method)
+        pipe([3], num_inference_steps=6)
+        pipe([3], num_inference_steps=6)
+        p.remove()
+        assert torch.equal(pipe([3], num_inference_steps=6), base)
+
+
+def test_bac_skips_branches_by_schedule(tmp_path):
+    pipe = TinyPipe()
+    schedule = calibrate(pipe, num_inference_steps=6, config=BACConfig(updates=2, bubbling=0),
+                         calls=[{"class_labels": [1, 2]}], save_to=str(tmp_path / "s.json"))
+    plan = schedule.steps[6]
+    assert all(len(steps) == 2 and steps[0] == 0 for steps in plan.values())
+    blocks = pipe.transformer.transformer_blocks
+    q_calls = count_calls([b.attn1.to_q for b in blocks])
+    ff_calls = count_calls([b.ff.net[0] for b in blocks])
+    with accel.patch(pipe, BACConfig(updates=2, bubbling=0, schedule=str(tmp_path / "s.json"))) as p:
+        pipe([1, 2], num_inference_steps=6)
+        report = p.report().methods["bac"]
+    assert q_calls == [len(plan[f"transformer_blocks.{i}.self_attn"]) for i in range(3)]
+    assert ff_calls == [len(plan[f"transformer_blocks.{i}.ffn"]) for i in range(3)]
+    assert report["compute_fraction"] == pytest.approx(2 / 6, abs=1e-3)
+
+
+def test_bac_schedule_round_trip_and_mismatches(tmp_path):
+    pipe = TinyPipe()
+    path = tmp_path / "s.json"
+    schedule = calibrate(pipe, num_inference_steps=5, config=BACConfig(updates=2), calls=[{"class_labels": [0]}])
+    schedule.save(path)
+    loaded = BACSchedule.load(path)
+    assert loaded.to_json() == schedule.to_json()
+    with accel.patch(pipe, BACConfig(schedule=str(path), calibrate_online=False)):
+        with pytest.raises(accel.ArtifactMismatchError, match=r"no schedule for 7 steps \(calibrated: \[5\]\)"):
+            pipe([0], num_inference_steps=7)
+    other = TinyPipe(layers=2)
+    with pytest.raises(accel.ArtifactMismatchError, match="belongs to model DiTTransformer2DModel:"):
+        accel.patch(other, BACConfig(schedule=str(path)))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        accel.patch(other, BACConfig(schedule=str(tmp_path / "missing.json")))
+
+
+def test_bac_bad_settings():
+    with pytest.raises(ValueError, match=r"BACConfig.metric must be one of 'cosine', 'l1', 'l2', got 'dot'"):
+        BACConfig(metric="dot")
+    with pytest.raises(ValueError, match=r"BACConfig.updates must be an int >= 1, got 0"):
+        accel.patch(TinyPipe(), "bac:updates=0")
+
+
+def test_caching_refused_on_classifier():
+    timm = pytest.importorskip("timm")
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
+    with pytest.raises(accel.UnsupportedModelError, match="'delta-dit' cannot apply to VisionTransformer"):
+        accel.patch(vit, "delta-dit")
