@@ -108,9 +108,16 @@ def _options_to_methods(options: dict[str, Any]) -> list[str | MethodConfig]:
     return methods
 
 
+# The recipe ``accel.patch(pipe)`` uses on a denoiser; see benchmarks/RESULTS.md for the measurement
+# behind it. Families may override it with an adapter ``default_recipe()``.
+DEFAULT_DENOISER_RECIPE: tuple[str, ...] = ("delta-dit",)
+
+
 def _default_methods(adapter: ModelAdapter) -> list[str | MethodConfig]:
     recipe = getattr(adapter, "default_recipe", None)
-    methods = recipe() if callable(recipe) else []
+    methods = list(recipe()) if callable(recipe) else []
+    if not methods and adapter.is_denoiser:
+        methods = list(DEFAULT_DENOISER_RECIPE)
     if not methods:
         raise UnsupportedModelError(
             f"accel.patch was given no method and has no default recipe for {adapter.family} models "

@@ -179,7 +179,7 @@ def test_config_round_trip_and_options(identity_method):
 
 def test_import_is_lean():
     code = (
-        "import sys, accel, accel.kernels, accel.pipelines; "
+        "import sys, accel, accel.kernels; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('triton', 'gradio')]; "
         "import torch; assert not torch.cuda.is_initialized(); print(bad)"
     )

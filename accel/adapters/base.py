@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -43,6 +43,36 @@ class TokenLayout:
         """Sequence length inside the self-attention (joint text included)."""
         joint_text = self.text_tokens if self.text_position in ("prefix", "suffix") else 0
         return self.prefix_tokens + self.visual_tokens + joint_text
+
+    def downsampled(self, factor: int) -> TokenLayout:
+        """The layout after ``factor``-fold spatial downsampling (UNet levels, Swin stages).
+
+        Sizes round up, as stride-2 convolutions with padding 1 and timm's padded patch merging do.
+        """
+        if factor < 1:
+            raise ValueError(f"TokenLayout.downsampled needs a factor >= 1, got {factor}.")
+        if factor == 1:
+            return self
+        return replace(self, height=-(-self.height // factor), width=-(-self.width // factor))
+
+    def layout_for_tokens(self, n: int) -> TokenLayout:
+        """The layout at the downsampling level whose attention sequence has ``n`` tokens.
+
+        ``self`` is the layout at the model's input resolution; factors 1, 2, 4, ... are tried, so an
+        attention hook inside a UNet level or a Swin stage can recover its grid from ``hidden.shape[1]``.
+        """
+        factor = 1
+        while True:
+            layout = self.downsampled(factor)
+            if layout.self_attention_tokens == n:
+                return layout
+            if layout.height == 1 and layout.width == 1:
+                break
+            factor *= 2
+        raise ValueError(
+            f"No downsampling level of {self} has {n} tokens (tried factors 1..{factor}); "
+            "the sequence does not come from this input."
+        )
 
 
 @dataclass(frozen=True)
@@ -135,6 +165,11 @@ class ModelAdapter:
     def token_layout(self, args: Sequence[Any], kwargs: dict[str, Any]) -> TokenLayout:
         raise NotImplementedError
 
+    def block_layout(self, block: BlockInfo, layout: TokenLayout) -> TokenLayout:
+        """The token layout inside ``block`` for a model input of ``layout`` (hierarchical models
+        record their level's downsampling factor in ``block.extra["downsample"]``)."""
+        return layout.downsampled(int(block.extra.get("downsample", 1)))
+
     def call_argument(self, name: str | None, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         """The value of the model's forward argument ``name`` in this call (``None`` if absent)."""
         if name is None:
@@ -166,6 +201,13 @@ class ModelAdapter:
         blocks = self.blocks()
         groups = sorted({b.group for b in blocks})
         return f"{self.family} ({type(self.model).__name__}): {len(blocks)} blocks in {', '.join(groups)}"
+
+
+def grid_from_positions(positions: torch.Tensor) -> tuple[int, ...]:
+    """The number of distinct values in each column of ``positions`` (S, k): the grid that position
+    ids such as Flux's ``img_ids`` (S, 3) describe. Reads the tensor, so call it outside compiled code."""
+    positions = positions.detach().reshape(-1, positions.shape[-1])
+    return tuple(int(torch.unique(positions[:, column]).numel()) for column in range(positions.shape[-1]))
 
 
 def blocks_from_lists(
