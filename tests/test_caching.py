@@ -172,3 +172,33 @@ def test_caching_refused_on_classifier():
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
     with pytest.raises(accel.UnsupportedModelError, match="'delta-dit' cannot apply to VisionTransformer"):
         accel.patch(vit, "delta-dit")
+
+
+def _denoiser_families():
+    from families import FAMILIES
+
+    return [name for name, family in FAMILIES.items() if family.is_denoiser]
+
+
+@pytest.mark.parametrize("family_name", _denoiser_families())
+@pytest.mark.parametrize("method", ["delta-dit:cached_blocks=1", "bac:updates=2"])
+def test_every_family_runs_cached(family_name, method):
+    from families import FAMILIES, run_loop
+
+    family = FAMILIES[family_name]
+    model = family.build()
+    base = run_loop(model, family, steps=4, cfg="separate")
+    if method.startswith("delta-dit") and family_name == "unet":
+        with pytest.raises(accel.UnsupportedModelError, match="one residual chain"):
+            accel.patch(model, method)
+        return
+    with accel.patch(model, method) as p:
+        p.reset(num_steps=4)
+        if method.startswith("bac"):
+            run_loop(model, family, steps=4, cfg="separate")  # online calibration at 4 steps
+            p.reset(num_steps=4)
+        out = run_loop(model, family, steps=4, cfg="separate")
+        fraction = p.report().methods[method.split(":")[0]]["compute_fraction"]
+    assert torch.isfinite(out).all() and out.shape == base.shape
+    assert fraction < 1.0
+    assert torch.equal(run_loop(model, family, steps=4, cfg="separate"), base)

@@ -151,6 +151,7 @@ class ModelAdapter:
 
     family: ClassVar[str] = "unknown"
     is_denoiser: ClassVar[bool] = True
+    sequential_blocks: ClassVar[bool] = True  # blocks form one residual chain (Δ-DiT needs it)
     timestep_arg: ClassVar[str | None] = "timestep"
     sample_arg: ClassVar[str] = "hidden_states"
     context_arg: ClassVar[str | None] = "encoder_hidden_states"

@@ -33,6 +33,7 @@ class UNetAdapter(ModelAdapter):
     ``mid_block``, so blocks are collected level by level in the order the forward runs them."""
 
     family = "unet"
+    sequential_blocks = False  # transformer blocks sit at several resolutions, between resnets
     sample_arg = "sample"
 
     def blocks(self) -> list[BlockInfo]:
