@@ -202,3 +202,21 @@ def test_every_family_runs_cached(family_name, method):
     assert torch.isfinite(out).all() and out.shape == base.shape
     assert fraction < 1.0
     assert torch.equal(run_loop(model, family, steps=4, cfg="separate"), base)
+
+
+def test_bac_block_granularity_reuses_block_deltas(tmp_path):
+    pipe = TinyPipe()
+    path = str(tmp_path / "blocks.json")
+    config = BACConfig(updates=2, bubbling=0, granularity="block")
+    schedule = calibrate(pipe, num_inference_steps=6, config=config, calls=[{"class_labels": [1, 2]}], save_to=path)
+    assert set(schedule.steps[6]) == {f"transformer_blocks.{i}" for i in range(3)}
+    norm_calls = count_calls([b.norm1 for b in pipe.transformer.transformer_blocks])
+    base = pipe([1, 2], num_inference_steps=6)
+    norm_calls[:] = [0, 0, 0]
+    with accel.patch(pipe, config.replace(schedule=path)) as p:
+        out = pipe([1, 2], num_inference_steps=6)
+        assert p.report().methods["bac"]["compute_fraction"] == pytest.approx(2 / 6, abs=1e-3)
+    assert norm_calls == [2, 2, 2]  # whole blocks skipped, modulation included
+    assert torch.isfinite(out).all() and not torch.equal(out, base)
+    with pytest.raises(accel.ArtifactMismatchError, match="names other cached units"):
+        accel.patch(pipe, BACConfig(schedule=path))  # a block schedule with branch granularity

@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import zlib
+import enum
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,6 +49,13 @@ from accel.methods.bac_schedule import (
 from accel.registry import Stage, register_method
 
 
+class Granularity(str, enum.Enum):
+    """What one cached unit is: a residual branch (the paper) or a whole block reused as a Δ."""
+
+    BRANCH = "branch"
+    BLOCK = "block"
+
+
 @dataclass(frozen=True, kw_only=True)
 class BACConfig(MethodConfig):
     """BAC settings.
@@ -59,6 +67,9 @@ class BACConfig(MethodConfig):
         schedule: path of a saved :class:`BACSchedule` (JSON); ``None`` calibrates online.
         calibrate_online: a call at a step count with no schedule runs in full and calibrates.
         max_features: output elements sampled per branch and step for the similarity (bounds memory).
+        granularity: ``"branch"`` caches each attention/FFN output (the paper); ``"block"`` gives each
+            whole block its own DP schedule and reuses its deviation Δ = output − input (Δ-DiT's cache)
+            on skipped steps, which also skips the block's norms and modulation.
     """
 
     updates: int = 20
@@ -67,12 +78,20 @@ class BACConfig(MethodConfig):
     schedule: str | None = None
     calibrate_online: bool = True
     max_features: int = 4096
+    granularity: Granularity = Granularity.BRANCH
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "granularity", check_choice("BACConfig.granularity", self.granularity, Granularity))
         check_int("BACConfig.updates", self.updates, low=1)
         object.__setattr__(self, "metric", check_choice("BACConfig.metric", self.metric, Metric))
         check_int("BACConfig.bubbling", self.bubbling, low=0)
         check_int("BACConfig.max_features", self.max_features, low=16)
+
+    @classmethod
+    def sweep_grid(cls, num_steps: int) -> list[dict[str, Any]]:
+        """Settings ``accel-bench --sweep`` tries: update budgets from 60% down to 16% of the steps."""
+        fractions = (0.6, 0.5, 0.4, 0.3, 0.24, 0.16)
+        return [{"updates": k} for k in dict.fromkeys(max(2, round(f * num_steps)) for f in fractions)]
 
 
 @dataclass(frozen=True)
@@ -82,6 +101,7 @@ class _Branch:
     layer: int
     kind: str
     cost: float
+    io: Any = None  # a block's BlockIO when the unit is a whole block (Δ reuse)
 
 
 class BAC:
@@ -98,6 +118,7 @@ class BAC:
         self.recording = False
         self.force_record = False
         self._sequence = -1
+        self._inputs: dict[tuple[int, str], dict[str, Any]] = {}
         self._records: dict[int, list[dict[str, dict[int, np.ndarray]]]] = defaultdict(list)
 
     # -- sequence handling -------------------------------------------------------------------
@@ -133,28 +154,36 @@ class BAC:
         return next(iter(self.schedule.steps.values())) if len(self.schedule.steps) == 1 else None
 
     # -- hooks ------------------------------------------------------------------------------
-    def decide(self, branch: _Branch) -> Any:
+    def decide(self, branch: _Branch, args: tuple, kwargs: dict) -> Any:
         state = self.tracker.state
         if state.sequence != self._sequence:
             self._begin_sequence()
         step = state.step_index
-        if self.recording or self.active is None:
-            self.log.record(step, state.branch, branch.key, ran=True)
-            return None
-        steps = self.active.get(branch.key)
+        steps = None if self.active is None else self.active.get(branch.key)
         cached = self.cache.get((state.branch, branch.key))
-        if steps is None or step in steps or cached is None:
+        if self.recording or steps is None or step in steps or cached is None:
             self.log.record(step, state.branch, branch.key, ran=True)
+            if branch.io is not None:
+                self._inputs[(state.branch, branch.key)] = branch.io.read_inputs(args, kwargs)
             return None
         self.log.record(step, state.branch, branch.key, ran=False)
-        return cached
+        if branch.io is None:
+            return cached
+        streams = branch.io.read_inputs(args, kwargs)
+        return branch.io.make_output({k: v + cached[k] if v is not None and cached.get(k) is not None else v
+                                      for k, v in streams.items()})
 
     def after(self, branch: _Branch, output: Any) -> Any:
         state = self.tracker.state
+        value = output
+        if branch.io is not None:  # whole block: what is cached and compared is its deviation Δ
+            inputs = self._inputs.pop((state.branch, branch.key), {})
+            value = {k: v - inputs[k] if v is not None and inputs.get(k) is not None and inputs[k].shape == v.shape
+                     else None for k, v in branch.io.read_outputs(output).items()}
         if self.recording:
-            self._record(branch, state.step_index, output)
+            self._record(branch, state.step_index, value)
         elif self.active is not None:
-            self.cache[(state.branch, branch.key)] = output
+            self.cache[(state.branch, branch.key)] = value
         return output
 
     def _record(self, branch: _Branch, step: int, output: Any) -> None:
@@ -205,13 +234,19 @@ class BAC:
 
 
 def _flatten(output: Any) -> torch.Tensor:
-    tensors = output if isinstance(output, (tuple, list)) else (output,)
+    tensors = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else (output,)
     return torch.cat([t.detach().reshape(-1) for t in tensors if isinstance(t, torch.Tensor)])
 
 
-def _branches(adapter: Any) -> list[_Branch]:
+def _units(adapter: Any, granularity: Granularity) -> list[_Branch]:
+    """The cached units: every residual branch of every block, or every whole block."""
     result = []
     for block in adapter.blocks():
+        if granularity is Granularity.BLOCK:
+            cost = float(sum(p.numel() for p in block.module.parameters())) or 1.0
+            # every block holds an FFN, so for the Bubbling Union each block counts as one
+            result.append(_Branch(block.name, block.module, block.index, "ffn", cost, block.io))
+            continue
         for kind, module in block.branches().items():
             cost = float(sum(p.numel() for p in module.parameters())) or 1.0
             result.append(_Branch(f"{block.name}.{kind}", module, block.index, kind, cost))
@@ -228,15 +263,28 @@ def _apply(ctx: Any, config: BACConfig) -> BAC:
     else:
         schedule = BACSchedule(model=fingerprint, metric=config.metric.value, updates=config.updates,
                                bubbling=config.bubbling)
-    runtime = BAC(config, _branches(ctx.adapter), ctx.tracker, schedule)
+    runtime = BAC(config, _units(ctx.adapter, config.granularity), ctx.tracker, schedule)
+    _check_units(schedule, runtime.branches, config)
     ctx.tracker.on_reset(runtime.on_reset)
     for branch in runtime.branches:
         hook = SkipHook(
-            decide=lambda m, a, k, b=branch: runtime.decide(b),
+            decide=lambda m, a, k, b=branch: runtime.decide(b, a, k),
             after=lambda m, a, k, out, b=branch: runtime.after(b, out),
         )
-        ctx.hooks.add_hook(branch.module, hook, f"branch.{branch.key}")
+        ctx.hooks.add_hook(branch.module, hook, f"unit.{branch.key}")
     return runtime
+
+
+def _check_units(schedule: BACSchedule, units: list[_Branch], config: BACConfig) -> None:
+    """A schedule must name exactly this model's units; otherwise steps would silently misalign."""
+    expected = {u.key for u in units}
+    for num_steps, plan in schedule.steps.items():
+        if set(plan) != expected:
+            raise ArtifactMismatchError(
+                f"The BAC schedule for {num_steps} steps names other cached units than this patch "
+                f"(granularity={config.granularity.value!r}): e.g. {sorted(set(plan) ^ expected)[:3]}. "
+                "Calibrate again with the same granularity."
+            )
 
 
 def default_calls(pipe: Any, seeds: Sequence[int] = (101, 102)) -> list[dict[str, Any]]:
