@@ -159,10 +159,18 @@ def test_unsupported_class_lists_supported():
         accel.patch(torch.nn.Linear(2, 2), "identity")
 
 
-def test_no_methods_and_no_recipe_is_clear(identity_method):
-    model = torch.nn.Linear(2, 2)
-    with pytest.raises(accel.UnsupportedModelError):
-        accel.patch(model)
+def test_no_methods_and_no_recipe_is_clear():
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
+    with pytest.raises(accel.UnsupportedModelError, match=r"no method and has no default recipe for timm_vit models"):
+        accel.patch(vit)
+
+
+def test_no_methods_uses_the_default_caching_recipe():
+    model = tiny_dit()
+    with accel.patch(model) as p:
+        assert [type(c).__name__ for c in p.methods] == ["DeltaDiTConfig"]
 
 
 def test_config_round_trip_and_options(identity_method):
