@@ -33,11 +33,12 @@ from accel.steps import StepState
 from accel import methods
 from accel.methods.bac import BACConfig
 from accel.methods.delta_dit import DeltaDiTConfig
+from accel.methods.hierarchical_prune import HierarchicalPruneConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AccelError", "BACConfig", "DeltaDiTConfig", "methods", "AlreadyPatchedError", "ArtifactMismatchError", "BlockInfo", "IncompatibleMethodsError",
+    "AccelError", "BACConfig", "DeltaDiTConfig", "HierarchicalPruneConfig", "methods", "AlreadyPatchedError", "ArtifactMismatchError", "BlockInfo", "IncompatibleMethodsError",
     "MethodConfig", "ModelAdapter", "Patch", "PatchContext", "PatchReport", "Stage", "StepState", "TokenLayout",
     "UnknownMethodError", "UnsupportedModelError", "active_patch", "find_adapter", "method_names", "patch",
     "register_adapter", "register_method", "supported_model_classes", "unpatch",

@@ -54,6 +54,14 @@ class DeltaDiTConfig(MethodConfig):
         check_int("DeltaDiTConfig.warmup_steps", self.warmup_steps, low=1,
                   hint="step 0 must be computed in full to have a Δ to reuse.")
 
+    @classmethod
+    def sweep_grid(cls, num_steps: int) -> list[dict[str, Any]]:
+        """Settings ``accel-bench --sweep`` tries, from accurate to fast."""
+        return [
+            {"cached_blocks": 2, "interval": 2}, {"cached_blocks": 4, "interval": 2},
+            {"cached_blocks": 4, "interval": 3}, {"interval": 2}, {"interval": 3}, {"interval": 4},
+        ]
+
 
 @dataclass(frozen=True)
 class _Range:

@@ -1,0 +1,323 @@
+"""Block analysis: how much quality drops when each block is removed alone (the sensitivity profile).
+
+Paper: "HierarchicalPrune" scores one-block removals by generating and scoring images; late blocks cost
+little, early blocks collapse the layout. Here a profile is measured with:
+
+- ``"quality"``: the real task metric. Class-conditional pipelines (digits-dit): judge accuracy of the
+  generated digits and PSNR against the unpruned images of the same seeds. Classifiers (timm ViT): top-1.
+- ``"output"``: a fast, data-free proxy for any model: the normalized error of the model's output on
+  recorded inputs (the teacher trajectory) with the block removed.
+
+Example::
+
+    profile = analyze_blocks(pipe)                       # digits-dit: judge accuracy + PSNR per block
+    print(profile.table()); profile.plot("sensitivity.png"); profile.save("sensitivity.json")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from accel.methods.bac_schedule import model_fingerprint
+from accel.prune.distill import InputPool, model_output
+from accel.prune.structure import PrunableBlock, pinned_blocks, prunable_blocks, swap_blocks
+from accel.registry import find_adapter
+
+PROFILE_FORMAT = "accel.hierarchical-prune.profile"
+#: Metrics where higher is better; a block's damage is the baseline minus the value without it.
+HIGHER_IS_BETTER = {"judge_accuracy": True, "psnr": True, "top1": True, "output_error": False}
+
+
+@dataclass
+class SensitivityProfile:
+    """Per-block quality without that block, the baseline, a combined score and measured time shares.
+
+    ``score[i]`` in [0, 1]: the mean over metrics of block ``i``'s damage, min-max normalised across blocks
+    (0: the least harmful removal, 1: the most). ``time_fraction[i]``: block ``i``'s share of one forward.
+    """
+
+    model: str
+    blocks: list[str]
+    metrics: dict[str, list[float]]
+    baseline: dict[str, float]
+    time_fraction: list[float] = field(default_factory=list)
+    pinned: list[int] = field(default_factory=list)
+    setting: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def score(self) -> list[float]:
+        n = len(self.blocks)
+        parts = []
+        for name, values in self.metrics.items():
+            higher = HIGHER_IS_BETTER.get(name, True)
+            finite = [v if math.isfinite(v) else (1e3 if v > 0 else -1e3) for v in values]
+            damage = [-v if higher else v for v in finite]  # larger = worse without the block
+            lo, hi = min(damage), max(damage)
+            parts.append([(d - lo) / (hi - lo) if hi > lo else 0.0 for d in damage])
+        return [sum(p[i] for p in parts) / len(parts) if parts else 0.0 for i in range(n)]
+
+    def table(self) -> str:
+        """A Markdown table: one row per block position."""
+        names = list(self.metrics)
+        head = "| block | name | " + " | ".join(f"{m} w/o block" for m in names) + " | score | time share |"
+        rule = "|" + "---|" * (len(names) + 4)
+        base = "| - | (unpruned) | " + " | ".join(_fmt(self.baseline.get(m, float("nan"))) for m in names) + " | | |"
+        rows = [head, rule, base]
+        score = self.score
+        for i, name in enumerate(self.blocks):
+            share = f"{self.time_fraction[i]:.3f}" if self.time_fraction else ""
+            pin = " (pinned)" if i in self.pinned else ""
+            cells = " | ".join(_fmt(self.metrics[m][i]) for m in names)
+            rows.append(f"| {i} | {name}{pin} | {cells} | {score[i]:.3f} | {share} |")
+        return "\n".join(rows)
+
+    def plot(self, path: str | Path) -> Path:
+        """A PNG: each metric without block i, by position, with the baseline as a dashed line."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = list(self.metrics) + ["score"]
+        fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.0), squeeze=False)
+        positions = list(range(len(self.blocks)))
+        for ax, name in zip(axes[0], names):
+            values = self.score if name == "score" else [v if math.isfinite(v) else float("nan")
+                                                           for v in self.metrics[name]]
+            ax.bar(positions, values, color="#4c72b0")
+            base = self.baseline.get(name)
+            if base is not None and math.isfinite(base):
+                ax.axhline(base, color="#c44e52", linestyle="--", label="unpruned")
+                ax.legend(fontsize=7)
+            ax.set_title(f"{name} without block" if name != "score" else "sensitivity score", fontsize=9)
+            ax.set_xlabel("block position")
+            ax.set_xticks(positions)
+        fig.suptitle(f"{self.model}: one block removed at a time", fontsize=10)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": PROFILE_FORMAT, "version": 1, "model": self.model, "blocks": self.blocks,
+                "metrics": {k: [_json_float(v) for v in vs] for k, vs in self.metrics.items()},
+                "baseline": {k: _json_float(v) for k, v in self.baseline.items()},
+                "time_fraction": self.time_fraction, "pinned": self.pinned, "setting": self.setting}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json(), indent=1))
+        return path
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SensitivityProfile:
+        if data.get("format") != PROFILE_FORMAT:
+            raise ValueError(f"Not a hierarchical-prune sensitivity profile (format {data.get('format')!r}).")
+        return cls(model=data["model"], blocks=list(data["blocks"]),
+                   metrics={k: [float(v) for v in vs] for k, vs in data["metrics"].items()},
+                   baseline={k: float(v) for k, v in data["baseline"].items()},
+                   time_fraction=list(data.get("time_fraction", [])), pinned=list(data.get("pinned", [])),
+                   setting=dict(data.get("setting", {})))
+
+    @classmethod
+    def load(cls, path: str | Path) -> SensitivityProfile:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Sensitivity profile {str(path)!r} does not exist; write one with "
+                                    "analyze_blocks(...).save(path).")
+        return cls.from_json(json.loads(path.read_text()))
+
+
+def _fmt(value: float) -> str:
+    return "inf" if value == math.inf else f"{value:.4g}"
+
+
+def _json_float(value: float) -> float | str:
+    return value if math.isfinite(value) else str(value)
+
+
+@contextmanager
+def without_block(model: torch.nn.Module, blocks: list[PrunableBlock], index: int):
+    """Temporarily remove one block (the container is swapped back on exit, also on error)."""
+    undo: list[tuple[Any, str, Any]] = []
+
+    def setter(obj: Any, name: str, value: Any) -> None:
+        undo.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
+    try:
+        swap_blocks(model, blocks, [index], setter=setter)
+        yield
+    finally:
+        for obj, name, old in reversed(undo):
+            setattr(obj, name, old)
+
+
+class _BlockTimer:
+    """Wall time spent in each block and in the whole model over the forwards it watches."""
+
+    def __init__(self, model: torch.nn.Module, blocks: list[PrunableBlock]) -> None:
+        self.total = 0.0
+        self.per_block = [0.0] * len(blocks)
+        self._handles = []
+        for i, block in enumerate(blocks):
+            self._watch(block.module, i)
+        self._watch(model, -1)
+
+    def _watch(self, module: torch.nn.Module, index: int) -> None:
+        start: list[float] = []
+
+        def pre(*_: Any) -> None:
+            start.append(time.perf_counter())
+
+        def post(*_: Any) -> None:
+            elapsed = time.perf_counter() - start.pop()
+            if index < 0:
+                self.total += elapsed
+            else:
+                self.per_block[index] += elapsed
+
+        self._handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    def fractions(self) -> list[float]:
+        return [t / self.total if self.total > 0 else 0.0 for t in self.per_block]
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _denoiser(target: Any) -> tuple[Any | None, torch.nn.Module]:
+    if isinstance(target, torch.nn.Module):
+        return None, target
+    for attr in ("transformer", "unet"):
+        model = getattr(target, attr, None)
+        if isinstance(model, torch.nn.Module):
+            return target, model
+    raise TypeError(f"analyze_blocks needs a pipeline or a model, got {type(target).__name__}.")
+
+
+def generation_evaluator(pipe: Any, labels: Sequence[int], seeds: Sequence[int], steps: int = 50,
+                         guidance_scale: float = 4.0) -> Callable[[], dict[str, Any]]:
+    """Judge accuracy and PSNR vs the first (unpruned) call, for class-conditional digit pipelines."""
+    from accel import metrics
+    from accel.pipelines.generation import generate
+
+    reference: dict[str, torch.Tensor] = {}
+
+    def evaluate() -> dict[str, float]:
+        images = generate(pipe, labels, seeds, steps=steps, guidance_scale=guidance_scale)
+        if "images" not in reference:
+            reference["images"] = images
+        return {"judge_accuracy": metrics.judge_accuracy(images, labels),
+                "psnr": metrics.psnr(reference["images"], images)}
+
+    return evaluate
+
+
+def classifier_evaluator(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
+                         ) -> Callable[[], dict[str, float]]:
+    """Top-1 accuracy of a classifier on ``images``."""
+    from accel import metrics
+
+    return lambda: {"top1": metrics.top1(model, images, labels)}
+
+
+def output_evaluator(model: torch.nn.Module, pool: InputPool, batch_size: int = 64
+                     ) -> Callable[[], dict[str, float]]:
+    """Normalized output error vs the first (unpruned) evaluation, over every input of ``pool``."""
+    reference: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        outputs = [model_output(model(**chunk)).float() for chunk in pool.chunks(batch_size)]
+        if not reference:
+            reference.extend(outputs)
+        err = sum(float((o - r).pow(2).sum()) for o, r in zip(outputs, reference))
+        scale = sum(float(r.pow(2).sum()) for r in reference) or 1.0
+        return {"output_error": err / scale}
+
+    return evaluate
+
+
+def analyze_blocks(
+    target: Any,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    *,
+    per_class: int = 4,
+    steps: int = 50,
+    guidance_scale: float = 4.0,
+    images: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    pool: InputPool | None = None,
+    progress: bool = True,
+) -> SensitivityProfile:
+    """Remove each block alone, evaluate, restore; returns the sensitivity profile.
+
+    Args:
+        target: a class-conditional digits pipeline, a timm classifier, or any adapter-supported model.
+        evaluate: ``() -> {metric: value}`` run on the current state of ``target``; chosen by target when None:
+            digit pipelines -> judge accuracy + PSNR (``per_class`` images per digit, ``steps``, CFG
+            ``guidance_scale``); classifiers -> top-1 on ``images``/``labels`` (the digits test split by
+            default); any model with ``pool`` -> normalized output error on the recorded inputs.
+        progress: show a progress bar over blocks.
+
+    The first evaluation is the unpruned baseline; it also times each block's share of a forward.
+    """
+    pipe, model = _denoiser(target)
+    adapter = find_adapter(model)
+    blocks = prunable_blocks(adapter)
+    if evaluate is None:
+        evaluate, setting = _default_evaluator(pipe, model, adapter, per_class, steps, guidance_scale,
+                                               images, labels, pool)
+    else:
+        setting = {"evaluator": getattr(evaluate, "__name__", "custom")}
+    timer = _BlockTimer(model, blocks)
+    try:
+        baseline = evaluate()
+    finally:
+        timer.close()
+    pinned = pinned_blocks(model, blocks)
+    results: dict[str, list[float]] = {k: [] for k in baseline}
+    for block in tqdm(blocks, desc=f"block analysis ({type(model).__name__})", disable=not progress):
+        with without_block(model, blocks, block.index):
+            values = evaluate()
+        for key in results:
+            results[key].append(float(values[key]))
+    return SensitivityProfile(model=model_fingerprint(model), blocks=[b.name for b in blocks], metrics=results,
+                              baseline={k: float(v) for k, v in baseline.items()},
+                              time_fraction=timer.fractions(), pinned=sorted(pinned), setting=setting)
+
+
+def _default_evaluator(pipe: Any, model: torch.nn.Module, adapter: Any, per_class: int, steps: int,
+                       guidance_scale: float, images: torch.Tensor | None, labels: torch.Tensor | None,
+                       pool: InputPool | None) -> tuple[Callable[[], dict[str, float]], dict[str, Any]]:
+    if pool is not None:
+        return output_evaluator(model, pool), {"evaluator": "output_error", "inputs": len(pool)}
+    if pipe is not None and type(pipe).__name__ == "DigitsDiTPipeline":
+        digit_labels = [c for c in range(10) for _ in range(per_class)]
+        seeds = list(range(1000, 1000 + len(digit_labels)))  # not the benchmark's seeds
+        return (generation_evaluator(pipe, digit_labels, seeds, steps, guidance_scale),
+                {"evaluator": "generation", "images": len(digit_labels), "steps": steps,
+                 "guidance_scale": guidance_scale})
+    if not adapter.is_denoiser:
+        if images is None or labels is None:
+            from accel.pipelines.data import load_digit_images
+
+            size = int(model.patch_embed.img_size[0]) if hasattr(model, "patch_embed") else 16
+            images, labels = load_digit_images(size, "test")
+        return classifier_evaluator(model, images, labels), {"evaluator": "top1", "images": len(labels)}
+    raise ValueError(f"analyze_blocks has no default evaluation for {type(pipe or model).__name__}: pass "
+                     "evaluate=() -> {metric: value}, or pool=record_inputs(pipe, calls) for the output-error proxy.")
