@@ -1,22 +1,204 @@
-"""`accel-bench`: the benchmark command line (grows with each method)."""
+"""``accel-bench``: accel methods vs. the baselines users would pick, at matched quality.
+
+    accel-bench --model digits-dit --methods all
+    accel-bench --model digits-dit --methods none,delta-dit,bac,fbcache,taylorseer --sweep --min-psnr 30
+    accelerate launch --cpu --num_processes 2 -m accel.benchmarks --model digits-dit --methods none,bac
+
+Under ``accelerate launch`` the samples are sharded across processes and one report is gathered on
+the main process.
+"""
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from accel.benchmarks import report
+from accel.benchmarks.runner import Record, measure, score, select_fastest
+from accel.benchmarks.spec import BenchMethod, available_names, parse_methods
+from accel.benchmarks.workloads import Workload, build_workload
+from accel.registry import get_method, method_names
+
+DEFAULT_BATCH = {"image": 10, "video": 1, "classifier": 120}
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = []
+        for part in text.split(","):
+            lo, sep, hi = part.partition("-")
+            values.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+        return values
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like '0,1,2' or '0-9', got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="accel-bench", description="Benchmark accel methods against baselines.")
-    parser.add_argument("--model", action="append", default=None, help="embedded name, local folder or hub id")
-    parser.add_argument("--methods", default="none", help="comma list of methods")
-    return parser
+    p = argparse.ArgumentParser(prog="accel-bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--model", action="append", help="embedded name (digits-dit, digits-video-dit, digits-vit), "
+                   "local diffusers folder, hub id, or timm name; repeatable (default: digits-dit)")
+    p.add_argument("--methods", default="all", help="comma list: none, accel methods with settings "
+                   "(delta-dit:interval=3), compositions (a+b), baselines (fbcache:threshold=0.1); 'all'")
+    p.add_argument("--list-methods", action="store_true", help="print what this install offers and exit")
+    p.add_argument("--steps", type=_positive, default=50)
+    p.add_argument("--seeds", type=_int_list, default=[0])
+    p.add_argument("--labels", type=_int_list, default=list(range(10)))
+    p.add_argument("--batch", type=_positive, default=None, help="samples per call (default by model kind)")
+    p.add_argument("--guidance-scale", type=float, default=4.0)
+    p.add_argument("--repeats", type=_positive, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--out", default="bench-out", help="folder for results.json/.md, pareto.png, grids")
+    p.add_argument("--sweep", action="store_true", help="search each method's settings grid")
+    p.add_argument("--min-psnr", type=float, default=None, help="quality floor for --sweep (dB vs none)")
+    return p
+
+
+def expand_sweep(methods: list[BenchMethod], steps: int) -> list[BenchMethod]:
+    """Each method that was not given explicit settings becomes one entry per grid point."""
+    from accel.benchmarks.spec import parse_item
+
+    out: list[BenchMethod] = []
+    for method in methods:
+        if method.swept or method.kind == "none" or (method.kind == "accel" and len(method.configs) > 1):
+            out.append(method)
+        elif method.kind == "baseline":
+            from accel.benchmarks.baselines import BASELINES
+
+            grid = BASELINES[method.baseline].grid
+            out.extend(parse_item(_item(method.baseline, point)) for point in grid)
+        else:
+            config_cls = type(method.configs[0])
+            grid = config_cls.sweep_grid(steps) if hasattr(config_cls, "sweep_grid") else [{}]
+            out.extend(parse_item(_item(method.family, point)) for point in grid)
+    return out
+
+
+def _item(name: str, settings: dict[str, Any]) -> str:
+    return ":".join([name, *(f"{k}={v}" for k, v in settings.items())])
+
+
+def applicable_methods(workload: Workload) -> list[str]:
+    """Names ``all`` expands to for this workload: accel methods that fit it, then available baselines."""
+    names = [n for n in method_names() if workload.is_denoiser or not get_method(n).needs_denoiser]
+    names = [n for n in names if _fits(n, workload)]
+    baselines = [n for n, status in available_names().items()
+                 if status.startswith("available") and n not in names and n != "none"]
+    if not workload.is_denoiser:
+        baselines = [n for n in baselines if n.startswith("torchao")]
+    return names + baselines
+
+
+def _fits(name: str, workload: Workload) -> bool:
+    # sparse attention only pays off on long sequences; the image DiT has tens of tokens
+    return not (name in ("adaspa", "vmoba") and workload.kind == "image")
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    state = PartialState()
+    out = Path(args.out)
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    env = report.environment(argv)
+    env["processes"] = state.num_processes
+    records: list[Record] = []
+    interrupted = False
+    try:
+        for model_name in args.model or ["digits-dit"]:
+            workload = build_workload(model_name, args.steps, args.labels, args.seeds, 1, args.guidance_scale)
+            workload.batch = args.batch or DEFAULT_BATCH[workload.kind]
+            methods = parse_methods(args.methods, applicable_methods(workload))
+            if args.sweep:
+                methods = expand_sweep(methods, args.steps)
+            records.extend(_run_model(workload, methods, args, state, gather_object, out, env, records))
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: keeping the finished records", file=sys.stderr)
+    if state.is_main_process:
+        select_fastest(records, args.min_psnr if args.sweep else None)
+        _write(out, env, records)
+        print(report.table(records, selected_only=args.sweep))
+        print(f"\nwrote {out}/results.json, results.md, pareto.png")
+    return 130 if interrupted else (1 if records and all(r.error for r in records) else 0)
+
+
+def _run_model(workload, methods, args, state, gather_object, out, env, done) -> list[Record]:
+    batches = list(range(len(workload.batches())))
+    mine = batches[state.process_index :: state.num_processes]
+    shard = lambda items: [items[i] for i in mine]  # noqa: E731
+    records: list[Record] = []
+    reference: torch.Tensor | None = None
+    rows: dict[str, torch.Tensor] = {}
+    bar = tqdm(methods, desc=workload.name, disable=not state.is_main_process)
+    for method in bar:
+        bar.set_postfix_str(method.label[:40])
+        record, outputs = measure(workload, method, args.warmup, args.repeats, shard)
+        gathered = gather_object([(mine, outputs, record.latency_s)])
+        outputs = _reassemble(gathered, len(batches))
+        latencies = [lat for _, _, lat in gathered if lat is not None]
+        if latencies:
+            record.latency_s = statistics.median(latencies)
+        if method.kind == "none":
+            reference = outputs
+        score(record, workload, outputs, reference)
+        if reference is not None and record.latency_s and records and records[0].latency_s:
+            record.speedup = records[0].latency_s / record.latency_s
+        records.append(record)
+        if outputs is not None and (method.kind == "none" or not args.sweep):
+            rows[method.label] = outputs
+        if state.is_main_process:
+            _write(out, env, done + records)
+    if state.is_main_process and rows and workload.kind != "classifier":
+        report.write_grid(out / f"grid-{Path(workload.name).name}.png", rows)
+    return records
+
+
+def _reassemble(gathered: list[tuple[list[int], list[torch.Tensor] | None, Any]], count: int) -> torch.Tensor | None:
+    """Put every process's batch outputs back in sample order."""
+    pieces: dict[int, torch.Tensor] = {}
+    for indices, outputs, _ in gathered:
+        if outputs is None:
+            return None
+        pieces.update(zip(indices, outputs))
+    return torch.cat([pieces[i] for i in range(count)]) if len(pieces) == count else None
+
+
+def _write(out: Path, env: dict[str, Any], records: list[Record]) -> None:
+    report.write_json(out / "results.json", env, records)
+    report.write_markdown(out / "results.md", env, records)
+    report.write_pareto(out / "pareto.png", records)
 
 
 def main(argv: list[str] | None = None) -> int:
-    build_parser().parse_args(argv)
-    print("accel-bench: not implemented yet", file=sys.stderr)
-    return 2
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.list_methods:
+        for name, status in available_names().items():
+            print(f"{name:22s} {status}")
+        return 0
+    if args.min_psnr is not None and not args.sweep:
+        print("note: --min-psnr only selects points under --sweep", file=sys.stderr)
+    try:
+        return run(args, argv)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"accel-bench: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,134 @@
+"""Benchmark outputs: the stdout table, results.json, results.md, pareto.png and side-by-side grids."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from accel.benchmarks.runner import Record
+
+COLUMNS = (
+    ("model", "model", "{}"), ("method", "method", "{}"), ("settings", "settings", "{}"),
+    ("steps", "steps", "{}"), ("batch", "batch", "{}"), ("latency_s", "latency s", "{:.3f}"),
+    ("latency_spread_s", "spread s", "{:.3f}"), ("speedup", "speedup", "{:.2f}x"), ("psnr", "PSNR", "{:.2f}"),
+    ("ssim", "SSIM", "{:.4f}"), ("judge_acc", "judge", "{:.3f}"), ("top1", "top1", "{:.3f}"),
+    ("compute_fraction", "compute", "{:.3f}"), ("peak_mem_mb", "peak MB", "{:.0f}"),
+    ("params_bytes", "params MB", "{}"),
+)
+
+
+def environment(command: list[str]) -> dict[str, Any]:
+    """The command, versions and hardware, written once per results file."""
+    import diffusers
+    import timm
+
+    return {
+        "command": " ".join(["accel-bench", *command]),
+        "python": sys.version.split()[0], "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "timm": timm.__version__, "platform": platform.platform(), "processor": platform.processor(),
+        "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def _cell(record: Record, key: str, fmt: str) -> str:
+    value = getattr(record, key)
+    if key == "psnr" and value is None and record.method == "none" and record.error is None:
+        return "inf"
+    if value is None:
+        return "-"
+    if key == "params_bytes":
+        return f"{value / 2**20:.2f}"
+    return fmt.format(value)
+
+
+def table(records: list[Record], selected_only: bool = False) -> str:
+    """A fixed-width text table (markdown-compatible) of the records."""
+    rows = [r for r in records if r.selected or not selected_only]
+    used = [c for c in COLUMNS if any(getattr(r, c[0]) is not None for r in rows)]
+    header = [title for _, title, _ in used] + ["note"]
+    body = []
+    for r in rows:
+        note = r.error or "; ".join(r.notes)
+        body.append([_cell(r, key, fmt) for key, _, fmt in used] + [note])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
+
+
+def write_json(path: Path, env: dict[str, Any], records: list[Record]) -> None:
+    payload = {"environment": env, "fields": [c[0] for c in COLUMNS], "records": [r.to_dict() for r in records]}
+    path.write_text(json.dumps(payload, indent=1, allow_nan=False))
+
+
+def write_markdown(path: Path, env: dict[str, Any], records: list[Record]) -> None:
+    text = [
+        "# accel-bench results", "", f"Command: `{env['command']}`", "",
+        f"torch {env['torch']}, diffusers {env['diffusers']}, {env['platform']}, {env['cpu_threads']} threads"
+        + (f", {env['cuda']}" if env.get("cuda") else ""), "",
+        "Reported points (per method: the fastest setting meeting the quality floor when sweeping):", "",
+        table(records, selected_only=True), "",
+    ]
+    if any(not r.selected for r in records):
+        text += ["All measured points:", "", table(records), ""]
+    path.write_text("\n".join(text))
+
+
+def write_pareto(path: Path, records: list[Record]) -> None:
+    """Speedup vs PSNR, one series per method (the baseline's infinite PSNR is drawn at the top)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [r for r in records if r.error is None and r.speedup is not None]
+    finite = [r.psnr for r in points if r.psnr is not None]
+    top = (max(finite) if finite else 40.0) + 5
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for family in dict.fromkeys(r.method for r in points):
+        series = sorted((r for r in points if r.method == family), key=lambda r: r.speedup)
+        ys = [r.psnr if r.psnr is not None else top for r in series]
+        ax.plot([r.speedup for r in series], ys, marker="o", label=family)
+    ax.set_xlabel("speedup vs none (same run)")
+    ax.set_ylabel("PSNR vs none (dB)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_grid(path: Path, rows: dict[str, torch.Tensor], max_samples: int = 10) -> None:
+    """Side-by-side outputs: one row per method; video becomes a strip of frames per sample."""
+    from PIL import Image, ImageDraw
+
+    tiles = []
+    for name, outputs in rows.items():
+        outputs = outputs[:max_samples].float().clamp(0, 1)
+        if outputs.dim() == 4 and outputs.shape[1] == 1:  # (N, 1, H, W) images
+            strip = torch.cat(list(outputs[:, 0]), dim=1)
+        elif outputs.dim() == 4:  # (N, F, H, W) videos: frames of the first samples, side by side
+            strip = torch.cat([torch.cat(list(video), dim=1) for video in outputs[:2]], dim=1)
+        else:
+            continue
+        tiles.append((name, strip))
+    if not tiles:
+        return
+    scale, label_w = 4, 150
+    width = max(t.shape[1] for _, t in tiles) * scale + label_w
+    height = sum(t.shape[0] for _, t in tiles) * scale
+    canvas = Image.new("L", (width, height), 255)
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for name, strip in tiles:
+        img = Image.fromarray((strip.numpy() * 255).astype("uint8")).resize(
+            (strip.shape[1] * scale, strip.shape[0] * scale), Image.NEAREST)
+        canvas.paste(img, (label_w, y))
+        draw.text((4, y + 4), name[:24], fill=0)
+        y += strip.shape[0] * scale
+    canvas.save(path)

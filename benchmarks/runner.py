@@ -1,0 +1,220 @@
+"""Measure one (model, method) pair: quality against the baseline, then timed repeats.
+
+Speed is a ratio to ``none`` measured in the same run (the machine is noisy); quality is PSNR/SSIM
+against the baseline output of the same seeds plus the task metric. Timed calls come after warm-up
+and report the median and spread of ``repeats`` calls of one batch.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+import accel
+from accel.benchmarks.spec import BenchMethod
+from accel.benchmarks.workloads import Workload
+
+RECORD_FIELDS = (
+    "model", "method", "settings", "steps", "batch", "latency_s", "latency_spread_s", "speedup", "psnr", "ssim",
+    "judge_acc", "top1", "compute_fraction", "peak_mem_mb", "params_bytes",
+)
+
+
+@dataclass
+class Record:
+    """One measured (model, method, settings) point. ``selected`` marks a sweep's reported point."""
+
+    model: str
+    method: str
+    settings: str
+    steps: int
+    batch: int
+    latency_s: float | None = None
+    latency_spread_s: float | None = None
+    speedup: float | None = None
+    psnr: float | None = None
+    ssim: float | None = None
+    judge_acc: float | None = None
+    top1: float | None = None
+    compute_fraction: float | None = None
+    peak_mem_mb: float | None = None
+    params_bytes: int | None = None
+    repeats: int = 0
+    label: str = ""
+    selected: bool = True
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Applied:
+    """An attached method with the hooks the runner calls around each pipeline call."""
+
+    remove: Callable[[], None]
+    report: Callable[[], dict[str, Any]]
+    before_call: Callable[[], None] = lambda: None
+    after_call: Callable[[], None] = lambda: None
+
+
+def apply_method(method: BenchMethod, workload: Workload, calibration: Callable[[Any], None] | None) -> Applied:
+    """Attach ``method`` to the workload's target (nothing for ``none``)."""
+    if method.kind == "none":
+        return Applied(remove=lambda: None, report=dict)
+    if method.kind == "baseline":
+        from accel.benchmarks.baselines import BASELINES
+
+        handle = BASELINES[method.baseline].apply(workload.target, dict(method.settings), workload.steps)
+        return Applied(handle.remove, handle.report, handle.before_call, handle.after_call)
+    configs = [prepare_config(config, workload) for config in method.configs]
+    patch = accel.patch(workload.target, *configs)
+    return Applied(patch.remove, lambda: _compute_fraction(patch))
+
+
+def prepare_config(config: Any, workload: Workload) -> Any:
+    """Offline steps a method needs before timing, done on seeds the evaluation does not use."""
+    if isinstance(config, accel.BACConfig) and config.schedule is None and workload.is_denoiser:
+        import tempfile
+
+        from accel.methods.bac import calibrate
+
+        calls = [{"class_labels": list(range(10)), "generator": [torch.Generator().manual_seed(10_000 + i)
+                                                                  for i in range(10)]}]
+        path = tempfile.NamedTemporaryFile(suffix=".bac.json", delete=False).name
+        calibrate(workload.target, num_inference_steps=workload.steps, config=config, calls=calls, save_to=path)
+        return config.replace(schedule=path, calibrate_online=False)
+    return config
+
+
+def _compute_fraction(patch: accel.Patch) -> dict[str, Any]:
+    fractions = [facts["compute_fraction"] for facts in patch.report().methods.values() if "compute_fraction" in facts]
+    return {"compute_fraction": min(fractions)} if fractions else {}
+
+
+@contextmanager
+def peak_rss_mb() -> Iterator[list[float]]:
+    """Sample the process's resident memory while the block runs; yields a one-item list with the peak."""
+    import psutil
+
+    process = psutil.Process()
+    peak = [process.memory_info().rss / 2**20]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.01):
+            peak[0] = max(peak[0], process.memory_info().rss / 2**20)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        thread.join()
+
+
+def params_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers as stored (packed low-bit weights count at their real size)."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _call(workload: Workload, applied: Applied, batch: list[tuple[int, int]]) -> torch.Tensor:
+    applied.before_call()
+    try:
+        return workload.run_batch(batch)
+    finally:
+        applied.after_call()
+
+
+def measure(
+    workload: Workload,
+    method: BenchMethod,
+    warmup: int,
+    repeats: int,
+    shard: Callable[[list[Any]], list[Any]] = lambda items: items,
+) -> tuple[Record, list[torch.Tensor] | None]:
+    """Outputs for this process's share of the samples, then ``repeats`` timed calls of one batch.
+
+    Quality is scored afterwards by :func:`score`, once every process's outputs are gathered.
+    """
+    record = Record(model=workload.name, method=method.family, settings=method.settings_text(),
+                    steps=workload.steps, batch=workload.batch, label=method.label)
+    try:
+        applied = apply_method(method, workload, None)
+    except Exception as exc:  # a method that cannot apply is a finding for the table, not a crash
+        record.error = f"{type(exc).__name__}: {exc}"
+        return record, None
+    try:
+        batches = workload.batches()
+        first = batches[0]
+        for _ in range(warmup):
+            _call(workload, applied, first)
+        outputs = [_call(workload, applied, batch) for batch in shard(batches)]
+        times = []
+        with peak_rss_mb() as peak:
+            for _ in range(repeats):
+                start = time.perf_counter()
+                _call(workload, applied, first)
+                times.append(time.perf_counter() - start)
+        record.latency_s = statistics.median(times)
+        record.latency_spread_s = max(times) - min(times)
+        record.repeats = repeats
+        record.peak_mem_mb = round(peak[0], 1)
+        record.params_bytes = params_bytes(workload.model)
+        record.compute_fraction = applied.report().get("compute_fraction")
+    except Exception as exc:
+        record.error = f"{type(exc).__name__}: {exc}"
+        return record, None
+    finally:
+        applied.remove()
+    return record, outputs
+
+
+def score(record: Record, workload: Workload, outputs: torch.Tensor | None, reference: torch.Tensor | None) -> None:
+    """Fill the quality fields from all outputs (gathered from every process) against the baseline's.
+
+    The baseline itself is scored against its own outputs (PSNR infinite, stored as null in JSON).
+    """
+    if outputs is None:
+        return
+    for key, value in workload.quality(outputs, reference if reference is not None else outputs).items():
+        if hasattr(record, key):
+            setattr(record, key, None if isinstance(value, float) and value == float("inf") else value)
+
+
+def select_fastest(records: list[Record], min_psnr: float | None) -> list[Record]:
+    """Per method family, mark the fastest record meeting the quality floor as ``selected``.
+
+    A family with no point over the floor keeps its most accurate point, with a note saying so.
+    """
+    families: dict[str, list[Record]] = {}
+    for record in records:
+        families.setdefault(record.method, []).append(record)
+    for family, group in families.items():
+        valid = [r for r in group if r.error is None and r.latency_s is not None]
+        for r in group:
+            r.selected = False
+        if not valid:
+            continue
+        meets = [r for r in valid if min_psnr is None or r.psnr is None or r.psnr >= min_psnr]
+        if meets:
+            best = min(meets, key=lambda r: r.latency_s)
+        else:
+            best = max(valid, key=lambda r: r.psnr if r.psnr is not None else float("-inf"))
+            best.notes.append(f"no setting reached PSNR >= {min_psnr}; the most accurate is shown")
+        best.selected = True
+    return records

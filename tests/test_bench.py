@@ -1,0 +1,110 @@
+"""accel-bench: parsing and its errors, a tiny end-to-end run, sweep selection, accelerate gathering."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from accel.benchmarks.cli import main
+from accel.benchmarks.runner import RECORD_FIELDS, Record, select_fastest
+from accel.benchmarks.spec import parse_item, parse_methods
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random-init DigitsDiTPipeline saved as a local diffusers folder (loads like a real checkpoint)."""
+    from diffusers import DDIMScheduler, DiTTransformer2DModel
+
+    from accel.pipelines.digits_dit import DigitsDiTPipeline
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1, num_layers=4,
+        sample_size=16, patch_size=4, num_embeds_ada_norm=10, norm_num_groups=1,
+    )
+    folder = tmp_path_factory.mktemp("tiny-dit")
+    DigitsDiTPipeline(transformer, DDIMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
+    return folder
+
+
+def test_unknown_method_did_you_mean():
+    with pytest.raises(ValueError, match=r"Unknown method 'delta_dit'\. Did you mean 'delta-dit'\?"):
+        parse_item("delta_dit")
+
+
+def test_bad_setting_key_and_value():
+    with pytest.raises(ValueError, match=r"DeltaDiTConfig has no setting 'speed'"):
+        parse_item("delta-dit:speed=2")
+    with pytest.raises(ValueError, match=r"DeltaDiTConfig.interval must be an int, got 'fast'"):
+        parse_item("delta-dit:interval=fast")
+    with pytest.raises(ValueError, match=r"settings are written key=value"):
+        parse_item("delta-dit:interval")
+
+
+def test_all_expands_and_none_comes_first():
+    methods = parse_methods("bac,all", ["delta-dit", "bac"])
+    assert [m.label for m in methods] == ["none", "bac", "delta-dit"]
+    composed = parse_item("delta-dit:interval=3+bac")
+    assert composed.family == "delta-dit+bac" and composed.swept
+
+
+def test_missing_model_path_is_clear(capsys, tmp_path):
+    code = main(["--model", str(tmp_path / "nope"), "--methods", "none", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_sweep_picks_fastest_meeting_floor():
+    def rec(method, latency, psnr):
+        return Record(model="m", method=method, settings=f"{latency}", steps=1, batch=1, latency_s=latency, psnr=psnr)
+
+    records = [rec("none", 1.0, None), rec("a", 0.5, 25.0), rec("a", 0.6, 31.0), rec("a", 0.8, 40.0),
+               rec("b", 0.4, 20.0), rec("b", 0.3, 10.0)]
+    select_fastest(records, 30.0)
+    chosen = {(r.method, r.latency_s) for r in records if r.selected}
+    assert chosen == {("none", 1.0), ("a", 0.6), ("b", 0.4)}
+    assert any("no setting reached PSNR >= 30.0" in note for r in records for note in r.notes)
+
+
+def test_end_to_end_writes_every_field(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["--model", str(tiny_model_dir), "--methods", "none,delta-dit,bac:updates=2", "--steps", "4",
+                 "--labels", "0,1,2", "--batch", "2", "--repeats", "2", "--warmup", "1", "--out", str(out)])
+    assert code == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["environment"]["command"].startswith("accel-bench")
+    records = data["records"]
+    assert [r["method"] for r in records] == ["none", "delta-dit", "bac"]
+    for r in records:
+        assert set(RECORD_FIELDS) <= set(r) and r["error"] is None
+        assert r["latency_s"] > 0 and r["speedup"] > 0 and r["params_bytes"] > 0
+        assert 0.0 <= r["judge_acc"] <= 1.0
+    assert records[0]["psnr"] is None and records[0]["speedup"] == 1.0
+    assert records[1]["psnr"] > 0 and records[1]["compute_fraction"] < 1.0
+    assert (out / "pareto.png").stat().st_size > 0 and (out / "results.md").exists()
+    assert "delta-dit" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_accelerate_two_processes_gather_same_records(tiny_model_dir, tmp_path):
+    args = ["--model", str(tiny_model_dir), "--methods", "none,delta-dit", "--steps", "3", "--labels", "0-3",
+            "--batch", "1", "--repeats", "1"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "accel.benchmarks", *args,
+         "--out", str(tmp_path / "two")],
+        check=True, env=env, timeout=600, capture_output=True,
+    )
+    one = json.loads((tmp_path / "one/results.json").read_text())
+    two = json.loads((tmp_path / "two/results.json").read_text())
+    assert two["environment"]["processes"] == 2
+    keys = ("model", "method", "settings", "psnr", "ssim", "judge_acc", "compute_fraction")
+    assert [{k: r[k] for k in keys} for r in one["records"]] == [{k: r[k] for k in keys} for r in two["records"]]
