@@ -1,0 +1,264 @@
+"""What AdaSpa and VMoBA share: hooking self-attention modules, dense fallbacks, running the selected
+mask on a backend (with a token permutation when the method asks for one) and reporting density.
+
+A method subclasses :class:`SparseAttentionRuntime` and implements :meth:`select`, which gets an
+:class:`AttentionCall` (layer, step, q/k/v, token geometry) and returns a :class:`Plan` (a (B, H, Qb, Kb)
+bool block table over the possibly permuted sequence) or ``None`` (or a reason string) for dense attention. The runtime
+forces the rows and columns of special tokens (joint text, class tokens) on, so they are never dropped.
+Cross-attention modules are never hooked; a self-attention call whose queries and keys differ in length
+runs dense.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from accel.adapters.base import TokenLayout
+from accel.attention.backends import sparse_attention
+from accel.attention.format import BlockSparseMask
+from accel.attention.intercept import SparseAttentionHook, original_sdpa
+from accel.attention.tokens import SequenceGeometry, inverse_permutation
+from accel.hooks import CallbackHook
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One hooked self-attention module: its position in execution order and its block's name."""
+
+    index: int
+    name: str
+
+
+@dataclass
+class AttentionCall:
+    """One self-attention call as the method sees it; tensors are (B, H, S, D)."""
+
+    layer: LayerInfo
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: float
+    geometry: SequenceGeometry
+    step: int
+    num_steps: int | None
+    branch: int
+    key_mask: torch.Tensor | None
+    block_size: int
+
+    @property
+    def num_blocks(self) -> int:
+        return math.ceil(self.q.shape[2] / self.block_size)
+
+
+@dataclass
+class Plan:
+    """A method's decision: attend ``table`` (B, H, Qb, Kb) over the sequence reordered by ``perm``."""
+
+    table: torch.Tensor
+    perm: torch.Tensor | None = None
+    note: str = ""
+
+
+@dataclass
+class _Record:
+    step: int
+    branch: int
+    layer: str
+    density: float
+    backend: str
+
+
+@dataclass
+class _Stats:
+    records: list[_Record] = field(default_factory=list)
+    backends: Counter = field(default_factory=Counter)
+    work: float = 0.0  # attended token pairs
+    total: float = 0.0  # token pairs of dense attention
+
+
+class SparseAttentionRuntime:
+    """Hooks every self-attention module the adapter exposes and routes its SDPA call through
+    :meth:`select` and a backend."""
+
+    method = "sparse-attention"
+
+    def __init__(self, ctx: Any, block_size: int, backend: str) -> None:
+        self.tracker = ctx.tracker
+        self.adapter = ctx.adapter
+        self.block_size = block_size
+        self.backend = backend
+        self.stats = _Stats()
+        self.last_masks: dict[tuple[str, int], BlockSparseMask] = {}
+        self._layout: TokenLayout | None = None
+        self._warned: set[str] = set()
+        self.layers: list[LayerInfo] = []
+        self._attach(ctx)
+        ctx.tracker.on_reset(self.reset)
+
+    # -- attaching -------------------------------------------------------------------------------------
+    def _attach(self, ctx: Any) -> None:
+        modules = []
+        for block in ctx.adapter.blocks():
+            for role, module in (("self_attn", block.self_attn), ("self_attn2", block.extra.get("self_attn2"))):
+                if module is not None:
+                    modules.append((f"{block.name}.{role}" if role != "self_attn" else block.name, module))
+        if not modules:
+            raise ValueError(f"{self.method}: {type(ctx.model).__name__} exposes no self-attention modules.")
+        for index, (name, module) in enumerate(modules):
+            info = LayerInfo(index, name)
+            self.layers.append(info)
+            if "fused_attn" in module.__dict__:  # timm: the fused path is the one that calls SDPA
+                ctx.hooks.set_attr(module, "fused_attn", True)
+            handler = functools.partial(self._handle, info)
+            ctx.hooks.add_hook(module, SparseAttentionHook(handler), f"attn.{name}")
+        if not ctx.adapter.is_denoiser:  # the step tracker only reads layouts of denoisers
+            def before(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+                self._layout = ctx.adapter.token_layout(args, kwargs)
+
+            ctx.hooks.add_hook(ctx.model, CallbackHook(before=before), "layout")
+
+    def reset(self) -> None:
+        """A new sequence: drop per-sequence logs and masks (subclasses drop their caches too)."""
+        self.stats.records.clear()
+        self.last_masks.clear()
+
+    # -- one call --------------------------------------------------------------------------------------
+    def _dense(self, call_args: tuple, call_kwargs: dict, record: tuple[LayerInfo, int, int] | None,
+               reason: str) -> torch.Tensor:
+        if record is not None:
+            info, step, branch = record
+            self._log(step, branch, info.name, 1.0, f"dense ({reason})", call_args[0], call_args[1])
+        return original_sdpa()(*call_args, **call_kwargs)
+
+    def _handle(self, info: LayerInfo, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+                scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+        args = (query, key, value)
+        kwargs = {"attn_mask": attn_mask, "dropout_p": dropout_p, "is_causal": is_causal, "scale": scale,
+                  "enable_gqa": enable_gqa}
+        if query.shape[2] != key.shape[2] or query.shape[1] != key.shape[1] or query.dim() != 4:
+            return self._dense(args, kwargs, None, "not self-attention")  # cross-attention stays dense
+        state = self.tracker.state
+        record = (info, state.step_index, state.branch)
+        if is_causal or (dropout_p > 0 and torch.is_grad_enabled()):
+            return self._dense(args, kwargs, record, "causal or dropout")
+        ok, key_mask = _key_padding(attn_mask, query.shape[0], key.shape[2])
+        if not ok:
+            return self._dense(args, kwargs, record, "attention mask")
+        S = query.shape[2]
+        if S <= self.block_size:
+            return self._dense(args, kwargs, record, "one block")
+        layout = state.layout if self.adapter.is_denoiser else self._layout
+        num_steps = state.num_steps
+        if self.adapter.is_denoiser and num_steps is None:
+            raise RuntimeError(
+                f"{self.method} needs the step count to place its dense warm-up and searches. Run the model "
+                "through a diffusers pipeline, or call patch.reset(num_steps=N) before a hand-written loop."
+            )
+        scale_value = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+        call = AttentionCall(info, query, key, value, scale_value, SequenceGeometry.from_layout(layout, S),
+                             state.step_index, num_steps, state.branch, key_mask, self.block_size)
+        plan = self.select(call)
+        if plan is None or isinstance(plan, str):
+            return self._dense(args, kwargs, record, plan or "dense step")
+        return self._run(call, plan)
+
+    def _run(self, call: AttentionCall, plan: Plan) -> torch.Tensor:
+        q, k, v, key_mask = call.q, call.k, call.v, call.key_mask
+        if plan.perm is not None:
+            perm = plan.perm.to(q.device)
+            q, k, v = (t.index_select(2, perm) for t in (q, k, v))
+            key_mask = None if key_mask is None else key_mask.index_select(1, perm)
+        table = plan.table.to(q.device).clone()
+        special = _permuted_special_blocks(call.geometry, plan.perm, self.block_size, q.device)
+        if bool(special.any()):
+            table[:, :, :, special] = True  # everyone attends text / class tokens
+            table[:, :, special, :] = True  # and they attend everything
+        mask = BlockSparseMask.from_dense(table, self.block_size, q.shape[2], k.shape[2])
+        self.last_masks[(call.layer.name, call.branch)] = mask
+        out, used = sparse_attention(q, k, v, mask, scale=call.scale, key_mask=key_mask, backend=self.backend)
+        if plan.perm is not None:
+            out = out.index_select(2, inverse_permutation(plan.perm).to(out.device))
+        self._log(call.step, call.branch, call.layer.name, mask.density(), used, call.q, call.k)
+        return out
+
+    def select(self, call: AttentionCall) -> Plan | str | None:  # pragma: no cover - abstract
+        """A :class:`Plan`, or ``None`` / a short reason (``"search"``) to run this call dense."""
+        raise NotImplementedError
+
+    # -- reporting -------------------------------------------------------------------------------------
+    def _log(self, step: int, branch: int, layer: str, density: float, backend: str,
+             q: torch.Tensor, k: torch.Tensor) -> None:
+        pairs = float(q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2])
+        self.stats.records.append(_Record(step, branch, layer, density, backend))
+        self.stats.backends[backend.split(" ")[0]] += 1
+        self.stats.work += density * pairs
+        self.stats.total += pairs
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
+
+    def report(self) -> dict[str, Any]:
+        """Density (attended fraction of token pairs) overall, per step and per layer, and backends used."""
+        per_step: dict[tuple[int, int], list[_Record]] = defaultdict(list)
+        per_layer: dict[str, float] = {}
+        for rec in self.stats.records:
+            per_step[(rec.step, rec.branch)].append(rec)
+            per_layer[rec.layer] = round(rec.density, 4)
+        rows = []
+        for (step, branch), recs in sorted(per_step.items()):
+            label = f"step {step:>3}" + (f" branch {branch}" if branch else "")
+            backends = ", ".join(sorted({r.backend for r in recs}))
+            mean = sum(r.density for r in recs) / len(recs)
+            dens = " ".join(f"{r.density:.2f}" for r in recs)
+            rows.append(f"{label}: density {mean:.3f} over {len(recs)} layers [{dens}] ({backends})")
+        return {
+            "density": round(self.stats.work / self.stats.total, 4) if self.stats.total else 1.0,
+            "backend": dict(self.stats.backends),
+            "per_step": rows,
+            "per_layer": per_layer,
+        }
+
+    def records(self) -> list[_Record]:
+        return list(self.stats.records)
+
+
+def _permuted_special_blocks(geometry: SequenceGeometry, perm: torch.Tensor | None, block_size: int,
+                             device: torch.device) -> torch.Tensor:
+    special = geometry.special_mask(device)
+    if perm is not None:
+        special = special.index_select(0, perm.to(device))
+    nb = math.ceil(geometry.length / block_size)
+    special = torch.nn.functional.pad(special, (0, nb * block_size - geometry.length))
+    return special.reshape(nb, block_size).any(-1)
+
+
+def _key_padding(attn_mask: torch.Tensor | None, batch: int, kv_len: int) -> tuple[bool, torch.Tensor | None]:
+    """``(supported, key_mask (B, Sk) bool or None)`` for an SDPA ``attn_mask``: only key-padding masks
+    ((B, Sk) or (B|1, 1, 1, Sk), bool or 0/-inf additive) run sparse; others fall back to dense."""
+    if attn_mask is None:
+        return True, None
+    m = attn_mask
+    if m.dim() == 4 and m.shape[1] == 1 and m.shape[2] == 1:
+        m = m[:, 0, 0]
+    if m.dim() != 2 or m.shape[1] != kv_len or m.shape[0] not in (1, batch):
+        return False, None
+    if m.dtype != torch.bool:
+        zero, blocked = m == 0, m <= -1e4
+        if not bool((zero | blocked).all()):
+            return False, None
+        m = zero
+    m = m.expand(batch, kv_len)
+    return True, (None if bool(m.all()) else m.contiguous())

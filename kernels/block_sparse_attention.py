@@ -1,0 +1,153 @@
+"""Triton block-sparse flash-attention forward over per-query-block KV index lists.
+
+Paper context: AdaSpa (arXiv:2502.21079) and VMoBA (arXiv:2506.23858) select KV blocks per query block;
+this kernel computes attention over exactly those blocks (FlashAttention-2 online softmax, Triton
+tutorial 06). Layouts (see ``accel.kernels.reference``):
+
+- ``q, k, v``: (B, H, S, D) fp16/bf16/fp32, any strides; accumulation in fp32.
+- ``kv_counts`` (B, H, Qb) int32 and ``kv_indices`` (B, H, Qb, n) int32: FlexAttention ``BlockMask``
+  ``kv_num_blocks`` / ``kv_indices``.
+- returns ``out`` (B, H, Sq, D) in q's dtype and ``lse`` (B, H, Sq) fp32, natural log (-inf, and out 0,
+  for rows that attend nothing).
+
+Blocks of 64 or 128 tokens; any sequence length (tail rows and keys are masked, padded keys never enter
+the softmax); head dims 16..256 (non powers of two such as 72, 80, 96 are padded to the next power of
+two inside the kernel, with masked loads).
+
+Importing this module imports triton; ``accel`` itself never does (the attention backends import it
+only on CUDA).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from accel.kernels.reference import block_sparse_attention_reference, check_block_sparse_inputs
+
+__all__ = ["block_sparse_attention", "block_sparse_attention_reference"]
+
+_LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e)): exp2 is the fast instruction
+_LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _block_sparse_fwd(
+    Q, K, V, Out, Lse, Counts, Indices,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_lb, stride_lh, stride_ls,
+    stride_cb, stride_ch, stride_cq,
+    stride_ib, stride_ih, stride_iq, stride_in,
+    H, SEQ_Q, SEQ_K, HEAD_DIM, qk_scale,
+    BLOCK: tl.constexpr, D_PAD: tl.constexpr, UPCAST: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    tl.static_assert(BLOCK == 64 or BLOCK == 128)
+    tl.static_assert(D_PAD >= 16)
+    qblock = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+
+    rows = qblock * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK)
+    dims = tl.arange(0, D_PAD)
+    row_ok = rows < SEQ_Q
+    dim_ok = dims < HEAD_DIM
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + dims[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    if UPCAST:  # the interpreter's bf16/fp16 tl.dot is silently wrong: compute in fp32 there
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK, D_PAD], dtype=tl.float32)
+
+    count = tl.load(Counts + b * stride_cb + h * stride_ch + qblock * stride_cq)
+    idx_base = Indices + b * stride_ib + h * stride_ih + qblock * stride_iq
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    for i in range(count):
+        kv_block = tl.load(idx_base + i * stride_in)
+        keys = kv_block * BLOCK + cols
+        key_ok = keys < SEQ_K
+        k = tl.load(k_base + keys[None, :] * stride_ks + dims[:, None] * stride_kd,
+                    mask=key_ok[None, :] & dim_ok[:, None], other=0.0)  # (D_PAD, BLOCK)
+        v = tl.load(v_base + keys[:, None] * stride_vs + dims[None, :] * stride_vd,
+                    mask=key_ok[:, None] & dim_ok[None, :], other=0.0)  # (BLOCK, D_PAD)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if FP32_DOT:
+            qk = tl.dot(q, k, input_precision="ieee")
+        else:
+            qk = tl.dot(q, k)
+        qk = qk * qk_scale  # log2 domain
+        qk = tl.where(key_ok[None, :], qk, float("-inf"))
+        # A listed block always holds at least one valid key, so m_new is finite after it.
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if FP32_DOT:
+            acc += tl.dot(p, v, input_precision="ieee")
+        else:
+            acc += tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    o_ptrs = Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + dims[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(Lse + b * stride_lb + h * stride_lh + rows * stride_ls, lse, mask=row_ok)
+
+
+def interpreting() -> bool:
+    """Whether triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def block_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_counts: torch.Tensor, kv_indices: torch.Tensor,
+    block_size: int, scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each query block over its listed KV blocks: ``(out (B, H, Sq, D), lse (B, H, Sq))``.
+
+    Example::
+
+        counts, idx = mask.kv_counts, mask.kv_indices       # (B, H, Qb), (B, H, Qb, n) int32
+        out, lse = block_sparse_attention(q, k, v, counts, idx, block_size=64)
+    """
+    check_block_sparse_inputs(q, k, v, kv_counts, kv_indices, block_size, head_dims=(16, 256))
+    if q.device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"The Triton kernel runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), got {q.device}. "
+            "Use accel.attention.sparse_attention(...), which picks a CPU backend."
+        )
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, Sq, device=q.device, dtype=torch.float32)
+    d_pad = max(16, triton.next_power_of_2(D))
+    upcast = interpreting()
+    grid = (triton.cdiv(Sq, block_size), B * H)
+    num_warps = 4 if block_size == 64 else 8
+    _block_sparse_fwd[grid](
+        q, k, v, out, lse, kv_counts, kv_indices,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        *kv_counts.stride(), *kv_indices.stride(),
+        H, Sq, Sk, D, scale * _LOG2E,
+        BLOCK=block_size, D_PAD=d_pad, UPCAST=upcast, FP32_DOT=q.dtype == torch.float32,
+        num_warps=num_warps, num_stages=2,
+    )
+    return out, lse

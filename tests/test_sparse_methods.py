@@ -1,0 +1,244 @@
+"""AdaSpa and VMoBA: selection rules on hand-made scores, configs, every family patched, exact removal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ORIGINAL_SDPA = F.scaled_dot_product_attention
+
+from families import FAMILIES, run_loop
+
+import accel
+from accel.hooks import accel_hook_names
+from accel.methods import adaspa, vmoba  # noqa: F401  (registers the methods)
+from accel.methods.adaspa import AdaSpaConfig, head_sparsities, recall_at, select_blocks
+from accel.methods.vmoba import Selection, VMoBAConfig, select_chunks
+
+# Sizes that give self-attention sequences of several 64-token blocks.
+SIZES = {"dit": 24, "pixart": 24, "sd3": 24, "flux": 12, "wan": 16, "hunyuan_video": 8, "cogvideox": 16,
+         "cogvideox15": 16, "ltx": 8, "unet": 16, "timm_vit": 96, "timm_deit": 96, "timm_swin": 64}
+FAST = {"wan", "flux", "hunyuan_video", "timm_vit"}
+STEPS = 3
+
+
+def snapshot(model):
+    return {name: sorted(m.__dict__) for name, m in model.named_modules()}, {
+        k: v.clone() for k, v in model.state_dict().items()}
+
+
+def configs():
+    return [AdaSpaConfig(sparsity=0.6, warmup=0.0, search_steps=(0.0, 0.5)),
+            VMoBAConfig(chunk_tokens=32, top_k=1, warmup=0.0)]
+
+
+def run(model, family):
+    return run_loop(model, family, steps=STEPS, size=SIZES[family.name], frames=family.frames[1])
+
+
+# -- selection on hand-made scores ---------------------------------------------------------------------
+
+def test_select_blocks_per_head_top_k():
+    sums = torch.tensor([[[[9.0, 1, 0, 0], [0, 8, 7, 0], [0, 0, 1, 6], [5, 0, 0, 4]]]])  # (1, 1, 4, 4)
+    table = select_blocks(sums, torch.tensor([0.5]))  # keep 8 of 16
+    assert int(table.sum()) == 8
+    assert torch.all(table[sums >= 4])  # the six largest, plus two of the 1s
+    row = select_blocks(sums, torch.tensor([0.75]), row_wise=True)  # one block per row
+    assert row.sum(-1).tolist() == [[[1, 1, 1, 1]]]
+    assert row[0, 0].nonzero()[:, 1].tolist() == [0, 1, 3, 0]
+
+
+def test_select_blocks_keeps_every_row_and_counts_forced_inside_budget():
+    sums = torch.zeros(1, 1, 3, 3)
+    sums[0, 0, 0, 0] = 10.0
+    sums[0, 0, 1, 2] = 1.0  # row 2 has no positive score at all
+    table = select_blocks(sums, torch.tensor([0.9]))  # budget: max(Qb, 1) = 3 blocks
+    assert bool(table.any(-1).all())
+    forced = torch.zeros(1, 1, 3, 3, dtype=torch.bool)
+    forced[..., 1] = True  # a sink column counted inside the budget
+    with_sink = select_blocks(sums, torch.tensor([2 / 3]), forced)  # 3 blocks: all the sink column
+    assert torch.all(with_sink[..., 1]) and int(with_sink.sum()) == 3 + int((~forced & with_sink).sum())
+
+
+def test_head_adaptive_rule_keeps_the_average():
+    # Head 0 concentrated (high recall), head 1 uniform (low), heads 2 and 3 in between.
+    sums = torch.ones(1, 4, 4, 4)
+    sums[0, 0] = 0.001
+    sums[0, 0, :, 0] = 1.0
+    sums[0, 2, :, :2] = 3.0
+    sums[0, 3, :, :1] = 6.0
+    recall = recall_at(sums, 0.75)  # the top 4 of 16 blocks
+    assert recall[0, 0] > 0.99 and recall[0, 1] == pytest.approx(0.25)
+    assert recall[0, 2] == pytest.approx(12 / 32) and recall[0, 3] == pytest.approx(24 / 36)
+    # Base 0.5: only head 0 reaches recall 0.8 at (1+s)/2 = 0.75; the worst head (1) gets (3s-1)/2 = 0.25.
+    s = head_sparsities(sums, 0.5, threshold=0.8)
+    assert s.tolist() == pytest.approx([0.75, 0.25, 0.5, 0.5])
+    assert s.mean().item() == pytest.approx(0.5)
+    assert torch.equal(head_sparsities(torch.ones(1, 4, 4, 4), 0.5, 0.8), torch.full((4,), 0.5))  # none qualify
+
+
+def test_vmoba_selection_modes_on_hand_made_scores():
+    scores = torch.tensor([[[[5.0, 1, 4, 0], [0, 5, 3, 2]]]])  # (1, 1, Qb=2, C=4)
+    own = torch.tensor([[True, False, False, False], [False, True, False, False]])
+    topk = select_chunks(scores, own, Selection.TOPK, top_k=1, tau=0.25)
+    assert topk[0, 0].tolist() == [[True, False, True, False], [False, True, True, False]]
+    glob = select_chunks(scores, own, Selection.GLOBAL, top_k=1, tau=0.25)  # 2 pairs across the head
+    assert glob[0, 0].tolist() == [[True, False, True, False], [False, True, True, False]]
+    # Threshold: min-max normalised pairs 1, 1, .8, .6, .4, .2, 0, 0 (total 4). tau 0.25 needs 1: the two
+    # own pairs reach it, nothing more. tau 0.6 needs 2.4: the 0.8 pair (block 0, chunk 2) too.
+    thr = select_chunks(scores, own, Selection.THRESHOLD, top_k=0, tau=0.25)
+    assert torch.equal(thr[0, 0], own)
+    thr = select_chunks(scores, own, Selection.THRESHOLD, top_k=0, tau=0.6)
+    assert int((thr & ~own).sum()) == 1 and bool(thr[0, 0, 0, 2])
+    none = select_chunks(scores, own, Selection.TOPK, top_k=0, tau=0.25)
+    assert torch.equal(none[0, 0], own)
+
+
+# -- configs ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: AdaSpaConfig(sparsity=1.0), r"AdaSpaConfig.sparsity must be in \[0.0, 1.0\), got 1.0"),
+    (lambda: AdaSpaConfig(sparsity=-0.1), "AdaSpaConfig.sparsity"),
+    (lambda: AdaSpaConfig(block_size=48), r"AdaSpaConfig.block_size must be 64 or 128 .*got 48"),
+    (lambda: AdaSpaConfig(search_steps=(0.6, 0.2)), "search_steps must be increasing"),
+    (lambda: AdaSpaConfig(search_steps=()), "at least one search step"),
+    (lambda: AdaSpaConfig(backend="cuda"), "AdaSpaConfig.backend must be one of"),
+    (lambda: VMoBAConfig(block_size=48), r"VMoBAConfig.block_size must be 64 or 128 .*got 48"),
+    (lambda: VMoBAConfig(selection="best"), "VMoBAConfig.selection must be one of 'topk', 'global', 'threshold'"),
+    (lambda: VMoBAConfig(tau=0.0), r"VMoBAConfig.tau must be in \(0.0, 1.0\]"),
+    (lambda: VMoBAConfig(warmup=1.0), "VMoBAConfig.warmup"),
+])
+def test_bad_configs_raise_clear_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_configs_from_strings_and_round_trip():
+    config = accel.registry.parse_method("adaspa:sparsity=0.9:block_size=128:search_steps=0.2/0.5")
+    assert config == AdaSpaConfig(sparsity=0.9, block_size=128, search_steps=(0.2, 0.5))
+    vm = accel.registry.parse_method("vmoba:selection=threshold:tau=0.3")
+    assert vm.selection is Selection.THRESHOLD
+    for cfg in (config, vm, AdaSpaConfig(), VMoBAConfig()):
+        assert type(cfg).from_dict(cfg.to_dict()) == cfg
+
+
+# -- every family ---------------------------------------------------------------------------------------
+
+def _family_params():
+    for name in FAMILIES:
+        for cfg in configs():
+            marks = () if name in FAST else (pytest.mark.slow,)
+            yield pytest.param(name, cfg, id=f"{name}-{type(cfg).__name__}", marks=marks)
+
+
+@pytest.mark.parametrize("name,config", list(_family_params()))
+def test_family_patched_is_finite_and_removal_exact(name, config):
+    family = FAMILIES[name]
+    model = family.build()
+    keys, state = snapshot(model)
+    reference = run(model, family)
+    patch = accel.patch(model, config)
+    if family.is_denoiser:
+        patch.reset(num_steps=STEPS)
+    out = run(model, family)
+    runtime = patch._attached[0].handle
+    report = patch.report().methods[patch._attached[0].spec.name]
+    patch.remove()
+    assert torch.isfinite(out).all()
+    assert report["backend"] and "per_step" in report
+    assert F.scaled_dot_product_attention is ORIGINAL_SDPA  # the scoped override left nothing behind
+    assert accel_hook_names(model) == []
+    after_keys, after_state = snapshot(model)
+    assert after_keys == keys
+    assert all(torch.equal(after_state[k], v) for k, v in state.items())
+    assert torch.equal(run(model, family), reference)
+    if name not in ("timm_swin",):  # Swin windows are one block: always dense
+        assert any(not r.backend.startswith("dense") for r in runtime.records()), report
+
+
+@pytest.mark.parametrize("config", [AdaSpaConfig(sparsity=0.6, warmup=0.0, search_steps=(0.0,)), configs()[1]],
+                         ids=["adaspa", "vmoba"])
+def test_reported_density_matches_the_mask(config):
+    family = FAMILIES["wan"]
+    model = family.build()
+    patch = accel.patch(model, config)
+    patch.reset(num_steps=STEPS)
+    run(model, family)
+    runtime = patch._attached[0].handle
+    report = patch.report().methods[patch._attached[0].spec.name]
+    last_step = max(r.step for r in runtime.records())
+    sparse = [r for r in runtime.records() if r.step == last_step]
+    assert sparse and all(not r.backend.startswith("dense") for r in sparse)
+    for rec in sparse:
+        mask = runtime.last_masks[(rec.layer, 0)]
+        assert rec.density == pytest.approx(mask.density())
+        assert report["per_layer"][rec.layer] == pytest.approx(round(mask.density(), 4))
+        assert mask.density() < 1.0
+    assert 0 < report["density"] < 1
+    patch.remove()
+
+
+def test_joint_text_is_always_attended():
+    family = FAMILIES["flux"]  # text is a 5-token prefix: block 0 holds it
+    model = family.build()
+    patch = accel.patch(model, AdaSpaConfig(sparsity=0.9, warmup=0.0, search_steps=(0.0,), head_adaptive=False))
+    patch.reset(num_steps=STEPS)
+    run(model, family)
+    runtime = patch._attached[0].handle
+    assert runtime.last_masks
+    for mask in runtime.last_masks.values():
+        table = mask.to_dense()
+        assert torch.all(table[..., :, 0]) and torch.all(table[..., 0, :])
+    patch.remove()
+
+
+def test_cross_attention_is_not_hooked():
+    family = FAMILIES["pixart"]
+    model = family.build()
+    patch = accel.patch(model, VMoBAConfig())
+    names = accel_hook_names(model)
+    assert sorted(n for n in names if n.startswith("accel.vmoba")) == [
+        "accel.vmoba.attn.transformer_blocks.0", "accel.vmoba.attn.transformer_blocks.1"]
+    hooked = {id(m) for m in model.modules() if "_diffusers_hook" in m.__dict__}
+    assert all(id(block.attn2) not in hooked for block in model.transformer_blocks)
+    assert all(id(block.attn1) in hooked for block in model.transformer_blocks)
+    patch.remove()
+
+
+def test_adaspa_schedule_dense_search_reuse():
+    family = FAMILIES["wan"]
+    model = family.build()
+    patch = accel.patch(model, AdaSpaConfig(sparsity=0.5, warmup=0.2, search_steps=(0.2, 0.6)))
+    patch.reset(num_steps=5)
+    run_loop(model, family, steps=5, size=16, frames=3)
+    runtime = patch._attached[0].handle
+    kinds = {}
+    for rec in runtime.records():
+        kinds.setdefault(rec.step, set()).add(rec.backend)
+    # 5 steps: step 0 warm-up, 1 search (two-pass), 2 reuse, 3 search (one-pass, cached LSE), 4 reuse.
+    assert kinds[0] == {"dense (warm-up)"} and kinds[1] == {"dense (search)"} and kinds[3] == {"dense (search)"}
+    assert "dense" not in " ".join(kinds[2] | kinds[4])
+    layers = len(runtime.layers)
+    assert runtime.searches == {"two_pass": layers, "one_pass": layers}
+    patch.remove()
+
+
+def test_vmoba_dense_warmup_fraction():
+    family = FAMILIES["wan"]
+    model = family.build()
+    patch = accel.patch(model, VMoBAConfig(chunk_tokens=32))
+    patch.reset(num_steps=4)
+    run_loop(model, family, steps=4, size=16, frames=3)
+    steps = {r.step: r.backend for r in patch._attached[0].handle.records()}
+    assert steps[0] == "dense (warm-up)" and not steps[1].startswith("dense")
+    patch.remove()
+
+
+def test_needs_the_step_count_on_a_bare_loop():
+    family = FAMILIES["wan"]
+    model = family.build()
+    with accel.patch(model, AdaSpaConfig()), pytest.raises(
+            RuntimeError, match=r"needs the step count.*patch.reset\(num_steps=N\)"):
+        run(model, family)
+    assert accel_hook_names(model) == []
