@@ -220,3 +220,16 @@ def test_bac_block_granularity_reuses_block_deltas(tmp_path):
     assert torch.isfinite(out).all() and not torch.equal(out, base)
     with pytest.raises(accel.ArtifactMismatchError, match="names other cached units"):
         accel.patch(pipe, BACConfig(schedule=path))  # a block schedule with branch granularity
+
+
+def test_bac_first_order_extrapolates_between_updates():
+    from accel.methods.bac import _Cached
+
+    first = _Cached(torch.tensor([1.0, 2.0]), 2, None)
+    assert torch.equal(first.estimate(3, order=1), torch.tensor([1.0, 2.0]))  # one point: plain reuse
+    second = _Cached((torch.tensor([3.0, 2.0]), None), 4, _Cached((torch.tensor([1.0, 2.0]), None), 2, None))
+    value, missing = second.estimate(5, order=1)
+    assert torch.equal(value, torch.tensor([4.0, 2.0])) and missing is None
+    assert second.estimate(5, order=0)[0] is second.value[0]
+    with pytest.raises(ValueError, match=r"BACConfig.order must be an int in \[0, 1\], got 2"):
+        BACConfig(order=2)

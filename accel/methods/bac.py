@@ -70,6 +70,8 @@ class BACConfig(MethodConfig):
         granularity: ``"branch"`` caches each attention/FFN output (the paper); ``"block"`` gives each
             whole block its own DP schedule and reuses its deviation Δ = output − input (Δ-DiT's cache)
             on skipped steps, which also skips the block's norms and modulation.
+        order: 0 reuses a unit's last computed value (the paper); 1 extrapolates linearly from its
+            last two computed values (TaylorSeer-style), our extension for longer reuse spans.
     """
 
     updates: int = 20
@@ -79,8 +81,10 @@ class BACConfig(MethodConfig):
     calibrate_online: bool = True
     max_features: int = 4096
     granularity: Granularity = Granularity.BRANCH
+    order: int = 0
 
     def __post_init__(self) -> None:
+        check_int("BACConfig.order", self.order, low=0, high=1)
         object.__setattr__(self, "granularity", check_choice("BACConfig.granularity", self.granularity, Granularity))
         check_int("BACConfig.updates", self.updates, low=1)
         object.__setattr__(self, "metric", check_choice("BACConfig.metric", self.metric, Metric))
@@ -160,13 +164,14 @@ class BAC:
             self._begin_sequence()
         step = state.step_index
         steps = None if self.active is None else self.active.get(branch.key)
-        cached = self.cache.get((state.branch, branch.key))
-        if self.recording or steps is None or step in steps or cached is None:
+        entry = self.cache.get((state.branch, branch.key))
+        if self.recording or steps is None or step in steps or entry is None:
             self.log.record(step, state.branch, branch.key, ran=True)
             if branch.io is not None:
                 self._inputs[(state.branch, branch.key)] = branch.io.read_inputs(args, kwargs)
             return None
         self.log.record(step, state.branch, branch.key, ran=False)
+        cached = entry.estimate(step, self.config.order)
         if branch.io is None:
             return cached
         streams = branch.io.read_inputs(args, kwargs)
@@ -183,7 +188,8 @@ class BAC:
         if self.recording:
             self._record(branch, state.step_index, value)
         elif self.active is not None:
-            self.cache[(state.branch, branch.key)] = value
+            key = (state.branch, branch.key)
+            self.cache[key] = _Cached(value, state.step_index, self.cache.get(key))
         return output
 
     def _record(self, branch: _Branch, step: int, output: Any) -> None:
@@ -231,6 +237,35 @@ class BAC:
             counts = [len(steps) for steps in self.schedule.steps[num_steps].values()]
             summary[num_steps] = f"{min(counts)}-{max(counts)} updates per branch over {len(counts)} branches"
         return {"schedules": summary or "none yet (calibrates on the first call)", **self.log.report()}
+
+
+class _Cached:
+    """A unit's latest computed value and the one before, for zero- or first-order reuse."""
+
+    __slots__ = ("value", "step", "prev_value", "prev_step")
+
+    def __init__(self, value: Any, step: int, previous: _Cached | None) -> None:
+        self.value, self.step = value, step
+        self.prev_value = previous.value if previous is not None else None
+        self.prev_step = previous.step if previous is not None else None
+
+    def estimate(self, step: int, order: int) -> Any:
+        """order 0: reuse the value; order 1: extrapolate along the last two computed values (a
+        finite-difference Taylor step, as TaylorSeer does), which tracks features that drift steadily."""
+        if order == 0 or self.prev_value is None or self.prev_step == self.step:
+            return self.value
+        weight = (step - self.step) / (self.step - self.prev_step)
+        return _extrapolate(self.value, self.prev_value, weight)
+
+
+def _extrapolate(value: Any, previous: Any, weight: float) -> Any:
+    if isinstance(value, torch.Tensor) and isinstance(previous, torch.Tensor) and value.shape == previous.shape:
+        return value + weight * (value - previous)
+    if isinstance(value, dict):
+        return {k: _extrapolate(v, previous.get(k), weight) for k, v in value.items()}
+    if isinstance(value, (tuple, list)) and isinstance(previous, (tuple, list)) and len(value) == len(previous):
+        return type(value)(_extrapolate(v, p, weight) for v, p in zip(value, previous))
+    return value
 
 
 def _flatten(output: Any) -> torch.Tensor:
