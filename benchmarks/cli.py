@@ -2,10 +2,11 @@
 
     accel-bench --model digits-dit --methods all
     accel-bench --model digits-dit --methods none,delta-dit,bac,fbcache,taylorseer --sweep --min-psnr 30
-    accelerate launch --cpu --num_processes 2 -m accel.benchmarks --model digits-dit --methods none,bac
+    accelerate launch --multi_gpu --num_processes 2 -m accel.benchmarks --model digits-dit --methods none,bac
 
 Under ``accelerate launch`` the samples are sharded across processes and one report is gathered on
-the main process.
+the main process. On a machine without CUDA the processes use gloo on the CPU (accelerate's
+``--multi_gpu`` launcher is its torchrun-based one; ``--cpu`` alone starts a single process).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())
     out = Path(args.out)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -157,8 +158,9 @@ def _run_model(workload, methods, args, state, gather_object, out, env, done) ->
         if method.kind == "none":
             reference = outputs
         score(record, workload, outputs, reference)
-        if reference is not None and record.latency_s and records and records[0].latency_s:
-            record.speedup = records[0].latency_s / record.latency_s
+        base_latency = records[0].latency_s if records else record.latency_s
+        if base_latency and record.latency_s:
+            record.speedup = base_latency / record.latency_s
         records.append(record)
         if outputs is not None and (method.kind == "none" or not args.sweep):
             rows[method.label] = outputs

@@ -118,7 +118,6 @@ def parse_methods(text: str, applicable: list[str]) -> list[BenchMethod]:
     expanded: list[str] = []
     for item in items:
         expanded.extend([NONE, *applicable] if item == "all" else [item])
-    methods = [parse_item(item) for item in dict.fromkeys(expanded)]
-    if methods[0].kind != NONE:
-        methods.insert(0, BenchMethod(label=NONE, kind=NONE))  # speedup and quality are relative to it
-    return methods
+    # none always runs first: speedup and quality are relative to it
+    ordered = [NONE, *(item for item in dict.fromkeys(expanded) if item != NONE)]
+    return [parse_item(item) for item in ordered]

@@ -98,7 +98,7 @@ def test_accelerate_two_processes_gather_same_records(tiny_model_dir, tmp_path):
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "accel.benchmarks", *args,
          "--out", str(tmp_path / "two")],
         check=True, env=env, timeout=600, capture_output=True,

@@ -1,0 +1,485 @@
+"""The alternatives ``accel-bench`` compares accel's methods with: diffusers' caches and torchao int8.
+
+Each :class:`Baseline` attaches one method to a pipeline (or a bare model) and returns a
+:class:`BaselineHandle` that the runner calls around every pipeline call; ``remove()`` restores the
+model's object state exactly (every module's ``__dict__``, parameters, buffers and hooks).
+
+diffusers' cache hooks expect the pipeline to open ``transformer.cache_context("cond"/"uncond")``
+around each forward; accel's embedded pipelines (and DiT, PixArt, SD3) never do. The handle therefore
+owns the context: a pre-forward hook on the denoiser (``accel.baseline.context``) starts a new step when
+the timestep changes and names the forwards of one step ``cond``, ``uncond``, ``branch2``... (Wan-style
+pipelines run cond and uncond as separate forwards with the same timestep), so every branch keeps its own
+cache state. Hooks that keep a single ``state`` (PAB, FasterCache) get one state object per branch too.
+``before_call`` resets all state; a timestep that goes up also starts a new sequence.
+
+    handle = BASELINES["fbcache"].apply(pipe, {"threshold": 0.1}, num_inference_steps=50)
+    handle.before_call(); images = pipe(...); handle.after_call()
+    print(handle.report())  # {"compute_fraction": 0.41, ...}
+    handle.remove()
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Settings = dict[str, Any]
+_CONTEXT_HOOK = "accel.baseline.context"
+_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks", "layers")
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+class BaselineHandle:
+    """An attached baseline. This base class restores a snapshot and does nothing around calls."""
+
+    def __init__(self, snapshot: _Snapshot) -> None:
+        self._snapshot = snapshot
+
+    def before_call(self) -> None:
+        """Called right before each pipeline call."""
+
+    def after_call(self) -> None:
+        """Called right after each pipeline call (also when it raised)."""
+
+    def report(self) -> dict[str, Any]:
+        """Facts about what ran, e.g. ``{"compute_fraction": 0.4}``; ``{}`` when unknown."""
+        return {}
+
+    def remove(self) -> None:
+        """Detach everything; the model is exactly as before ``apply``. Safe to call twice."""
+        self._snapshot.restore()
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A named alternative with default settings and a ``--sweep`` grid (fast .. accurate)."""
+
+    name: str
+    summary: str
+    defaults: dict[str, Any]
+    grid: list[dict[str, Any]]
+    attach: Callable[[Any, Settings, int], BaselineHandle] = field(repr=False)
+    requirement: Callable[[], str | None] = field(default=lambda: None, repr=False)
+
+    def available(self) -> str | None:
+        """``None`` when usable on this install, else why not."""
+        return self.requirement()
+
+    def apply(self, pipe: Any, settings: dict[str, Any], num_inference_steps: int) -> BaselineHandle:
+        """Attach to ``pipe`` (a pipeline with ``transformer``/``unet``, or a bare model)."""
+        reason = self.available()
+        if reason:
+            raise RuntimeError(f"Baseline {self.name!r} is not available: {reason}.")
+        unknown = sorted(set(settings) - set(self.defaults))
+        if unknown:
+            raise ValueError(f"{self.name} has no setting(s) {unknown}; accepted: {_keys(self)}.")
+        return self.attach(pipe, {**self.defaults, **settings}, num_inference_steps)
+
+
+def parse_settings(baseline: Baseline, pairs: dict[str, str]) -> dict[str, Any]:
+    """Coerce command-line ``key=value`` strings to the type of each setting's default."""
+    parsed = {}
+    for key, text in pairs.items():
+        if key not in baseline.defaults:
+            raise ValueError(f"{baseline.name} has no setting {key!r}; accepted: {_keys(baseline)}.")
+        parsed[key] = _coerce(baseline.name, key, text, baseline.defaults[key])
+    return parsed
+
+
+def _keys(baseline: Baseline) -> str:
+    return ", ".join(sorted(baseline.defaults)) or "none (it takes no settings)"
+
+
+def _coerce(name: str, key: str, text: str, default: Any) -> Any:
+    kind = type(default)
+    try:
+        return _BOOLS[text.strip().lower()] if kind is bool else kind(text.strip())
+    except (KeyError, ValueError):
+        raise ValueError(f"{name}:{key}={text!r} is not a valid {kind.__name__}; "
+                         f"write e.g. {name}:{key}={default}.") from None
+
+
+def _require(ok: bool, name: str, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}:{key} must be {allowed}, got {value!r}.")
+
+
+class _Snapshot:
+    """Shallow copies of objects' ``__dict__`` and of the dicts/lists inside, put back in place on restore.
+
+    Covers what the baselines change: hook registries and instance ``forward`` (diffusers hooks), swapped
+    parameters and ``extra_repr`` (torchao), ``_compiled_call_impl`` (``Module.compile``), torch hooks.
+    """
+
+    def __init__(self, root: torch.nn.Module) -> None:
+        objects: list[Any] = list(root.modules())
+        objects += [m.__dict__["_diffusers_hook"] for m in root.modules() if "_diffusers_hook" in m.__dict__]
+        self._records = [(obj, dict(vars(obj)), {k: type(v)(v) for k, v in vars(obj).items()
+                                                 if type(v) in _CONTAINERS}) for obj in objects]
+
+    def restore(self) -> None:
+        for obj, saved, containers in reversed(self._records):
+            vars(obj).clear()
+            vars(obj).update(saved)
+            for key, content in containers.items():
+                box = saved[key]
+                if isinstance(box, list):
+                    box[:] = content
+                else:
+                    box.clear()
+                    box.update(content)
+
+
+_CONTAINERS = (dict, list, OrderedDict)  # exact types: diffusers' FrozenDict configs are never mutated
+
+
+def _denoiser(target: Any) -> torch.nn.Module:
+    for attr in ("transformer", "unet"):
+        if isinstance(getattr(target, attr, None), torch.nn.Module):
+            return getattr(target, attr)
+    if isinstance(target, torch.nn.Module):
+        return target
+    raise TypeError(f"Expected a pipeline with a transformer/unet or an nn.Module, got {type(target).__name__}.")
+
+
+def _block_lists(model: torch.nn.Module, name: str) -> list[str]:
+    found = [n for n, child in model.named_children() if n in _BLOCK_LISTS and isinstance(child, torch.nn.ModuleList)]
+    if not found:
+        raise ValueError(f"{name} needs a block list named one of {_BLOCK_LISTS} on {type(model).__name__}; "
+                         "none was found.")
+    return found
+
+
+def _check_block_layout(model: torch.nn.Module, name: str) -> None:
+    """Block-level caches need diffusers to know where hidden states sit in a block's output."""
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    for list_name in _block_lists(model, name):
+        block_cls = type(getattr(model, list_name)[0])
+        try:
+            TransformerBlockRegistry.get(block_cls)
+        except ValueError:
+            raise ValueError(f"{name} cannot run on {block_cls.__name__}: diffusers' TransformerBlockRegistry "
+                             "does not know its output layout.") from None
+
+
+class _MacCounter:
+    """Linear-layer multiply-accumulates per denoiser forward, to report the fraction actually computed.
+
+    Counts one call (after any MagCache calibration call) and then detaches, so timed calls carry no
+    counting overhead; the runner times that same batch. Attention score matmuls are not counted.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._handles = [m.register_forward_pre_hook(self._count) for m in model.modules()
+                         if isinstance(m, torch.nn.Linear)]
+        self.forwards: list[list[Any]] = []  # [branch, macs] per denoiser forward
+
+    def _count(self, module: torch.nn.Linear, args: tuple[Any, ...]) -> None:
+        if self.forwards:
+            self.forwards[-1][1] += args[0].numel() * module.out_features
+
+    def fraction(self) -> float:
+        full: dict[str, int] = {}
+        for branch, macs in self.forwards:  # the first forward of each branch is always computed in full
+            full.setdefault(branch, macs)
+        return sum(m for _, m in self.forwards) / max(1, sum(full[b] for b, _ in self.forwards))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+
+class _CacheHandle(BaselineHandle):
+    """Attaches diffusers cache hooks with ``attach(model, timestep_fn)`` and drives their context."""
+
+    def __init__(self, model: torch.nn.Module, attach: Callable[[torch.nn.Module, Callable[[], float]], None],
+                 num_inference_steps: int) -> None:
+        from diffusers.hooks import HookRegistry, ModelHook
+
+        super().__init__(_Snapshot(model))
+        self.model, self.num_inference_steps = model, num_inference_steps
+        self._step, self._branch, self._last_t, self._branch_name = -1, 0, None, "cond"
+        self._branch_states: dict[tuple[int, str], Any] = {}
+        self._fraction: float | None = None
+        handle = self
+
+        class ContextHook(ModelHook):
+            def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+                handle._on_forward(args, kwargs)
+                return args, kwargs
+
+        try:
+            attach(model, self._timestep)
+            # registered last, so it runs first (outermost), before FasterCache's denoiser hook
+            HookRegistry.check_if_exists_or_initialize(model).register_hook(ContextHook(), _CONTEXT_HOOK)
+            self._refresh_hooks()
+            self._counter = _MacCounter(model)
+        except Exception:
+            self._snapshot.restore()
+            raise
+
+    def _refresh_hooks(self) -> None:
+        """Find hooks keeping one ``state`` for all branches; re-run after (re)attaching hooks."""
+        from diffusers.hooks import HookRegistry
+        from diffusers.hooks.hooks import StateManager
+
+        registry = HookRegistry.check_if_exists_or_initialize(self.model)
+        registry.invalidate_child_registries_cache()
+        hooks = [h for r in (registry, *registry._get_child_registries()) for h in r.hooks.values()]
+        self._single_state_hooks = [h for h in hooks if h._is_stateful and hasattr(h, "state")
+                                    and not any(isinstance(v, StateManager) for v in vars(h).values())]
+
+    def _timestep(self) -> float:
+        # The first step of a branch always computes: FasterCache would otherwise read an empty cache.
+        return float("inf") if self._step <= 0 or self._last_t is None else self._last_t
+
+    @torch.compiler.disable
+    def _on_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t if t is not None else 0.0)
+        if self._last_t is not None and t > self._last_t:  # a new call that skipped before_call
+            self.before_call()
+        if self._last_t is not None and t == self._last_t:
+            self._branch += 1  # same timestep again: the next CFG branch of this step
+        else:
+            self._step, self._branch = self._step + 1, 0
+        self._last_t = t
+        name = ("cond", "uncond")[self._branch] if self._branch < 2 else f"branch{self._branch}"
+        self._branch_name = name
+        _set_cache_context(self.model, CacheContext(name, step_index=self._step,
+                                                    num_inference_steps=self.num_inference_steps, timestep=t))
+        for hook in self._single_state_hooks:
+            hook.state = self._branch_states.setdefault((id(hook), name), type(hook.state)())
+        if self._counter.active:
+            self._counter.forwards.append([name, 0])
+
+    def before_call(self) -> None:
+        from diffusers.hooks import HookRegistry
+
+        self._finish_call()
+        HookRegistry.check_if_exists_or_initialize(self.model).reset_stateful_hooks(recurse=True)
+        self._branch_states.clear()
+        self._step, self._branch, self._last_t = -1, 0, None
+
+    def after_call(self) -> None:
+        self._finish_call()
+
+    def _finish_call(self) -> None:
+        if self._counter.active and self._counter.forwards:
+            self._fraction = self._counter.fraction()
+            self._counter.detach()
+
+    def report(self) -> dict[str, Any]:
+        return {} if self._fraction is None else {"compute_fraction": round(self._fraction, 4)}
+
+    def remove(self) -> None:
+        self._counter.detach()  # torch hook handles hold the counter; the snapshot would drop them anyway
+        super().remove()
+
+
+class _MagCacheHandle(_CacheHandle):
+    """MagCache: the first call calibrates (computes everything, records magnitude ratios per step),
+    then the hooks are re-attached with those ratios (averaged over CFG branches) and later calls skip.
+
+    The ratios are captured as the tail block records them: diffusers pipelines reset hook state at the
+    end of every call (``maybe_free_model_hooks``) on models with ``CacheMixin`` (Wan), dropping them.
+    """
+
+    def __init__(self, model: torch.nn.Module, settings: Settings, num_inference_steps: int) -> None:
+        from diffusers.hooks import MagCacheConfig, apply_mag_cache
+        from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK
+
+        self._settings, self._ratios = settings, {}
+        self.mag_ratios: list[float] | None = None
+        # a step count never reached, so diffusers neither prints nor clears the ratios at the end
+        config = MagCacheConfig(calibrate=True, num_inference_steps=10**9)
+        super().__init__(model, lambda m, _: apply_mag_cache(m, config), num_inference_steps)
+        tail = next(h for m in model.modules() if "_diffusers_hook" in vars(m)
+                    for n, h in m._diffusers_hook.hooks.items() if n == _MAG_CACHE_BLOCK_HOOK and h.is_tail)
+        record = tail._perform_calibration_step
+
+        def capture(state: Any, residual: torch.Tensor) -> None:
+            record(state, residual)
+            self._ratios.setdefault(self._branch_name, []).append(state.calibration_ratios[-1])
+
+        tail._perform_calibration_step = capture
+
+    def _finish_call(self) -> None:
+        if self.mag_ratios is None:
+            if self._ratios:
+                series = list(self._ratios.values())
+                length = min(len(r) for r in series)
+                self._use_ratios([sum(r[i] for r in series) / len(series) for i in range(length)])
+                self._counter.forwards.clear()  # the calibration call skipped nothing
+            return
+        super()._finish_call()
+
+    def _use_ratios(self, ratios: list[float]) -> None:
+        from diffusers.hooks import MagCacheConfig, apply_mag_cache
+
+        s = self._settings
+        apply_mag_cache(self.model, MagCacheConfig(
+            threshold=s["threshold"], max_skip_steps=s["max_skip_steps"], retention_ratio=s["retention_ratio"],
+            num_inference_steps=self.num_inference_steps, mag_ratios=ratios))
+        self.mag_ratios = ratios
+        self._refresh_hooks()
+
+    def report(self) -> dict[str, Any]:
+        return {**super().report(), "calibrated": self.mag_ratios is not None}
+
+
+def _fbcache(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    _require(s["threshold"] >= 0, "fbcache", "threshold", s["threshold"], "a float >= 0")
+    model = _denoiser(pipe)
+    _check_block_layout(model, "fbcache")
+    config = FirstBlockCacheConfig(threshold=s["threshold"])
+    return _CacheHandle(model, lambda m, _: apply_first_block_cache(m, config), steps)
+
+
+def _taylorseer(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
+    from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
+
+    for key, low in (("interval", 1), ("warmup", 1), ("order", 0)):
+        _require(s[key] >= low, "taylorseer", key, s[key], f"an int >= {low}")
+    model = _denoiser(pipe)
+    # diffusers' default patterns (fullmatch '^transformer_blocks.*attn') match no DiT/Wan module
+    # ('attn1'), so name the attention and feed-forward modules of every block, as the paper caches them.
+    patterns = [rf"{name}\.\d+\.(attn\d*|ffn?)" for name in _block_lists(model, "taylorseer")]
+    config = TaylorSeerCacheConfig(cache_interval=s["interval"], disable_cache_before_step=s["warmup"],
+                                   max_order=s["order"], taylor_factors_dtype=torch.float32,
+                                   cache_identifiers=patterns)
+    return _CacheHandle(model, lambda m, _: apply_taylorseer_cache(m, config), steps)
+
+
+def _magcache(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
+    _require(s["threshold"] >= 0, "magcache", "threshold", s["threshold"], "a float >= 0")
+    _require(s["max_skip_steps"] >= 1, "magcache", "max_skip_steps", s["max_skip_steps"], "an int >= 1")
+    _require(0 <= s["retention_ratio"] <= 1, "magcache", "retention_ratio", s["retention_ratio"], "in [0, 1]")
+    model = _denoiser(pipe)
+    _check_block_layout(model, "magcache")
+    return _MagCacheHandle(model, s, steps)
+
+
+def _check_attention_skip(name: str, s: Settings, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        _require(s[key] >= 1, name, key, s[key], "an int >= 1 (1 computes every step)")
+    _require(s["t_min"] < s["t_max"], name, "t_max", s["t_max"], f"greater than t_min={s['t_min']}")
+
+
+def _pab(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
+    from diffusers.hooks import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+
+    _check_attention_skip("pab", s, ("spatial_skip", "cross_skip"))
+    window = (s["t_min"], s["t_max"])
+
+    def attach(model: torch.nn.Module, timestep: Callable[[], float]) -> None:
+        # Self-attention counts as "spatial" (DiT has no other attention; Wan's attn1 is joint
+        # space-time); cross-attention (Wan's attn2) is broadcast over a longer range, as in the paper.
+        apply_pyramid_attention_broadcast(model, PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=s["spatial_skip"], cross_attention_block_skip_range=s["cross_skip"],
+            spatial_attention_timestep_skip_range=window, cross_attention_timestep_skip_range=window,
+            current_timestep_callback=timestep))
+
+    return _CacheHandle(_denoiser(pipe), attach, steps)
+
+
+def _fastercache(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
+    from diffusers.hooks import FasterCacheConfig, apply_faster_cache
+
+    _check_attention_skip("fastercache", s, ("spatial_skip",))
+    weight = s["weight"]
+
+    def attach(model: torch.nn.Module, timestep: Callable[[], float]) -> None:
+        # CFG-Cache (skipping the unconditional half) is off (is_guidance_distilled=True): diffusers assumes
+        # one batch ordered [uncond, cond] with every conditioning input in its kwargs list; digits-dit
+        # batches [cond, uncond] with class_labels, digits-video-dit runs separate forwards. What remains is
+        # FasterCache's attention reuse with linear extrapolation, on self-attention.
+        apply_faster_cache(model, FasterCacheConfig(
+            spatial_attention_block_skip_range=s["spatial_skip"],
+            spatial_attention_timestep_skip_range=(s["t_min"], s["t_max"]),
+            attention_weight_callback=lambda _: weight, is_guidance_distilled=True,
+            current_timestep_callback=timestep))
+
+    return _CacheHandle(_denoiser(pipe), attach, steps)
+
+
+def _torchao_missing() -> str | None:
+    try:
+        import torchao.quantization  # noqa: F401
+    except Exception:  # noqa: BLE001 - an ImportError, or a torchao built for another torch fails otherwise
+        return "torchao is not installed (pip install torchao)"
+    return None
+
+
+class _QuantHandle(BaselineHandle):
+    def report(self) -> dict[str, Any]:
+        return {"bits": "w8a8-dynamic", "compute_fraction": 1.0}
+
+
+def _torchao_int8(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
+    """Quantize in place (also bare timm models, which cannot be swapped); the snapshot keeps the
+    original Parameter objects, so remove() puts back the very same weights."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    model = _denoiser(pipe)
+    handle = _QuantHandle(_Snapshot(model))
+    try:
+        quantize_(model, Int8DynamicActivationInt8WeightConfig())
+        if s["compile"]:
+            model.compile()
+    except Exception:
+        handle.remove()
+        raise
+    return handle
+
+
+def _flex_window(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
+    raise RuntimeError("flex-window needs accel's sparse attention (not landed yet).")
+
+
+_WINDOW = {"t_min": 100, "t_max": 800}
+
+BASELINES: dict[str, Baseline] = {b.name: b for b in [
+    Baseline("fbcache", "diffusers FirstBlockCache: skip all blocks after the first while its residual "
+             "changes less than `threshold` (relative)", {"threshold": 0.12},  # diffusers' 0.05 skips nothing here
+             [{"threshold": t} for t in (0.1, 0.12, 0.15, 0.2, 0.25, 0.3)], _fbcache),
+    Baseline("taylorseer", "diffusers TaylorSeer: compute attention/FFN every `interval` steps after `warmup`, "
+             "predict them in between by a Taylor series of `order`", {"interval": 5, "warmup": 3, "order": 1},
+             [{"interval": i, "order": o} for i, o in ((2, 1), (3, 1), (3, 2), (4, 1), (5, 1), (6, 2), (8, 2))],
+             _taylorseer),
+    Baseline("magcache", "diffusers MagCache: skip blocks while the accumulated residual-magnitude error is "
+             "below `threshold`; the first call calibrates the ratios", {
+                 "threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2},
+             [{"threshold": t, "max_skip_steps": k} for t, k in
+              ((0.01, 1), (0.02, 2), (0.04, 2), (0.06, 3), (0.1, 4), (0.2, 6))], _magcache),
+    Baseline("pab", "diffusers Pyramid Attention Broadcast: reuse self-attention for `spatial_skip` steps and "
+             "cross-attention for `cross_skip` steps while t_min < t < t_max",
+             {"spatial_skip": 2, "cross_skip": 6, **_WINDOW},
+             [{"spatial_skip": a, "cross_skip": c, "t_min": lo, "t_max": hi} for a, c, lo, hi in (
+                 (2, 4, 100, 600), (2, 6, 100, 800), (3, 6, 100, 800), (3, 8, 50, 950), (4, 8, 50, 950),
+                 (6, 10, -1, 1001))], _pab),
+    Baseline("fastercache", "diffusers FasterCache (attention part): extrapolate self-attention for "
+             "`spatial_skip` steps while t_min < t < t_max, with `weight`",
+             {"spatial_skip": 2, "t_min": -1, "t_max": 681, "weight": 0.5},
+             [{"spatial_skip": a, "t_max": hi, "weight": w} for a, hi, w in (
+                 (2, 500, 0.3), (2, 681, 0.3), (2, 681, 0.5), (3, 800, 0.5), (4, 900, 0.5), (5, 1001, 0.5))],
+             _fastercache),
+    Baseline("torchao-int8", "torchao int8 dynamic-activation int8-weight quantization of the denoiser",
+             {"compile": False}, [{"compile": False}, {"compile": True}], _torchao_int8, _torchao_missing),
+    Baseline("flex-window", "dense-equivalent local-window attention with FlexAttention", {}, [{}],
+             _flex_window, lambda: "needs accel's sparse attention (not landed yet)"),
+]}
