@@ -170,7 +170,7 @@ def test_no_methods_and_no_recipe_is_clear():
 def test_no_methods_uses_the_default_caching_recipe():
     model = tiny_dit()
     with accel.patch(model) as p:
-        assert [type(c).__name__ for c in p.methods] == ["DeltaDiTConfig"]
+        assert [type(c).__name__ for c in p.methods] == ["BACConfig"]
 
 
 def test_config_round_trip_and_options(identity_method):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import zlib
 import enum
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ class BACConfig(MethodConfig):
 
     Args:
         updates: K, update steps per branch (step 0 always one); clamped to the step count.
+            ``None`` (default) uses half the steps, so one config serves every step count.
         metric: similarity used by the scheduler: ``"cosine"`` (default), ``"l1"``, ``"l2"``.
         bubbling: n, the most volatile branches that take the update steps of downstream FFNs (0: off).
         schedule: path of a saved :class:`BACSchedule` (JSON); ``None`` calibrates online.
@@ -74,7 +76,7 @@ class BACConfig(MethodConfig):
             last two computed values (TaylorSeer-style), our extension for longer reuse spans.
     """
 
-    updates: int = 20
+    updates: int | None = None
     metric: Metric = Metric.COSINE
     bubbling: int = 3
     schedule: str | None = None
@@ -86,16 +88,22 @@ class BACConfig(MethodConfig):
     def __post_init__(self) -> None:
         check_int("BACConfig.order", self.order, low=0, high=1)
         object.__setattr__(self, "granularity", check_choice("BACConfig.granularity", self.granularity, Granularity))
-        check_int("BACConfig.updates", self.updates, low=1)
+        if self.updates is not None:
+            check_int("BACConfig.updates", self.updates, low=1)
         object.__setattr__(self, "metric", check_choice("BACConfig.metric", self.metric, Metric))
         check_int("BACConfig.bubbling", self.bubbling, low=0)
         check_int("BACConfig.max_features", self.max_features, low=16)
 
+    def resolved_updates(self, num_steps: int) -> int:
+        """K for a given step count."""
+        return self.updates if self.updates is not None else math.ceil(num_steps / 2)
+
     @classmethod
     def sweep_grid(cls, num_steps: int) -> list[dict[str, Any]]:
         """Settings ``accel-bench --sweep`` tries: update budgets from 60% down to 16% of the steps."""
-        fractions = (0.6, 0.5, 0.4, 0.3, 0.24, 0.16)
-        return [{"updates": k} for k in dict.fromkeys(max(2, round(f * num_steps)) for f in fractions)]
+        paper = [{"updates": max(2, round(f * num_steps))} for f in (0.7, 0.6, 0.5, 0.4, 0.3)]
+        ours = [{"updates": max(2, round(f * num_steps)), "granularity": "block", "order": 1} for f in (0.6, 0.4)]
+        return paper + ours
 
 
 @dataclass(frozen=True)
@@ -221,7 +229,7 @@ class BAC:
                 [np.concatenate([run[branch.key][t] for run in runs]) for t in range(num_steps)]
             )  # (T, F * runs)
             sim = similarity_matrix(features, self.config.metric)
-            schedules[branch.key] = schedule_updates(sim, self.config.updates)
+            schedules[branch.key] = schedule_updates(sim, self.config.resolved_updates(num_steps))
             volatilities[branch.key] = volatility(features)
         layer_of = {b.key: b.layer for b in self.branches}
         ffns = {b.key for b in self.branches if b.kind in ("ffn", "context_ffn")}
@@ -296,7 +304,7 @@ def _apply(ctx: Any, config: BACConfig) -> BAC:
         schedule = BACSchedule.load(config.schedule)
         schedule.check_model(ctx.model)
     else:
-        schedule = BACSchedule(model=fingerprint, metric=config.metric.value, updates=config.updates,
+        schedule = BACSchedule(model=fingerprint, metric=config.metric.value, updates=config.updates or 0,
                                bubbling=config.bubbling)
     runtime = BAC(config, _units(ctx.adapter, config.granularity), ctx.tracker, schedule)
     _check_units(schedule, runtime.branches, config)
