@@ -35,12 +35,13 @@ from accel.methods.adaspa import AdaSpaConfig
 from accel.methods.bac import BACConfig
 from accel.methods.delta_dit import DeltaDiTConfig
 from accel.methods.hierarchical_prune import HierarchicalPruneConfig
+from accel.methods.quest import QuESTConfig
 from accel.methods.vmoba import VMoBAConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AccelError", "AdaSpaConfig", "VMoBAConfig", "BACConfig", "DeltaDiTConfig", "HierarchicalPruneConfig", "methods", "AlreadyPatchedError", "ArtifactMismatchError", "BlockInfo", "IncompatibleMethodsError",
+    "AccelError", "QuESTConfig", "AdaSpaConfig", "VMoBAConfig", "BACConfig", "DeltaDiTConfig", "HierarchicalPruneConfig", "methods", "AlreadyPatchedError", "ArtifactMismatchError", "BlockInfo", "IncompatibleMethodsError",
     "MethodConfig", "ModelAdapter", "Patch", "PatchContext", "PatchReport", "Stage", "StepState", "TokenLayout",
     "UnknownMethodError", "UnsupportedModelError", "active_patch", "find_adapter", "method_names", "patch",
     "register_adapter", "register_method", "supported_model_classes", "unpatch",

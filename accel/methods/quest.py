@@ -1,0 +1,239 @@
+"""QuEST (diffusion): low-bit quantization of DiTs and ViTs with timestep-aware calibration and
+selective finetuning, running W8A8 / W4A8 / W4A4 linear layers on integer kernels where one exists.
+
+Paper: Wang et al., "QuEST: Low-bit Diffusion Model Quantization via Efficient Selective Finetuning"
+(not the LLM quantized-training method of the same name). Official code (hatchetProject/QuEST) only
+simulates quantization; here every quantized ``nn.Linear`` becomes a ``QuantLinear`` with integer
+weights (4-bit ones packed two per byte) run on ``torch._int_mm`` or oneDNN, chosen by measurement.
+
+Example::
+
+    calib = accel.methods.quest.calibrate(pipe, accel.QuESTConfig(bits="w4a8"))    # all timesteps
+    qm = accel.methods.quest.finetune(pipe, calib, accel.QuESTConfig(bits="w4a8"))  # ~1 min on CPU
+    qm.save("dit-w4a8")
+    patch = accel.patch(pipe, accel.QuESTConfig(bits="w4a8", artifact="dit-w4a8"))
+    print(patch.report()); patch.remove()                                           # fp32 again
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from accel.config import MethodConfig, check_choice, check_float, check_int
+from accel.errors import ArtifactMismatchError, UnsupportedModelError
+from accel.quant import kernels as qkernels
+from accel.quant.artifact import QuantizedModel
+from accel.quant.finetune import swapped
+from accel.quant.options import ActGranularity, Bits, Kernel, RangeMethod, WeightGranularity
+from accel.quant.workflow import (
+    calibrate,
+    choose_kernels,
+    finetune,
+    load,
+    quantize,
+)
+from accel.registry import Stage, register_method
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuESTConfig(MethodConfig):
+    """QuEST settings.
+
+    Args:
+        bits: ``"w8a8"``, ``"w4a8"`` or ``"w4a4"`` (weight / activation bits of every linear layer).
+        weight_granularity: ``"per_channel"`` (one scale per output channel) or ``"per_tensor"``.
+        act_granularity: ``"per_tensor"`` (static, calibrated) or ``"per_token"`` (dynamic).
+        weight_symmetric / act_symmetric: symmetric (zero point 0) or asymmetric quantizers.
+        act_range: how static ranges are set: ``"minmax"``, ``"percentile"`` or ``"mse"``.
+        percentile: the percentile ``act_range="percentile"`` clips at.
+        first_last_8bit: keep 8-bit activations in the first and last linear layers (as QuEST does).
+        calib_seeds: pipeline calibration runs (every class label, one seed each).
+        calib_steps: sampler steps of the calibration runs (``None``: the pipeline's default).
+        finetune_iters: distillation iterations (0: plain PTQ with timestep-aware calibration).
+        sensitive_layers: how many activation-sensitive layers are finetuned besides the temporal ones.
+        lr / step_lr: Adam learning rates of finetuned weights and of (log) quantizer step sizes.
+        max_inputs: model calls kept from calibration for the sensitivity scan and finetuning.
+        kernel: ``"auto"`` (fastest correct, measured at the model's shapes), ``"int_mm"``,
+            ``"onednn"`` or ``"fake"``; layers a kernel cannot run fall back to fake-quant.
+        artifact: folder of a saved quantized model (``QuantizedModel.save``); skips all calibration.
+    """
+
+    bits: Bits = Bits.W8A8
+    weight_granularity: WeightGranularity = WeightGranularity.PER_CHANNEL
+    act_granularity: ActGranularity = ActGranularity.PER_TENSOR
+    weight_symmetric: bool = True
+    act_symmetric: bool = False
+    act_range: RangeMethod = RangeMethod.MSE
+    percentile: float = 99.99
+    first_last_8bit: bool = True
+    calib_seeds: int = 2
+    calib_steps: int | None = None
+    finetune_iters: int = 200
+    sensitive_layers: int = 8
+    lr: float = 1e-5
+    step_lr: float = 1e-3
+    max_inputs: int = 48
+    kernel: Kernel = Kernel.AUTO
+    artifact: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, enum_cls in (
+            ("bits", Bits),
+            ("weight_granularity", WeightGranularity),
+            ("act_granularity", ActGranularity),
+            ("act_range", RangeMethod),
+            ("kernel", Kernel),
+        ):
+            object.__setattr__(self, name, check_choice(f"QuESTConfig.{name}", getattr(self, name), enum_cls))
+        check_float("QuESTConfig.percentile", self.percentile, low=50.0, high=100.0)
+        check_int("QuESTConfig.calib_seeds", self.calib_seeds, low=1)
+        if self.calib_steps is not None:
+            check_int("QuESTConfig.calib_steps", self.calib_steps, low=1)
+        check_int("QuESTConfig.finetune_iters", self.finetune_iters, low=0, hint="Use 0 for plain PTQ.")
+        check_int("QuESTConfig.sensitive_layers", self.sensitive_layers, low=0)
+        check_float("QuESTConfig.lr", self.lr, low=0.0)
+        check_float("QuESTConfig.step_lr", self.step_lr, low=0.0)
+        check_int("QuESTConfig.max_inputs", self.max_inputs, low=1)
+        if self.artifact is not None and not isinstance(self.artifact, str):
+            raise TypeError(
+                f"QuESTConfig.artifact must be a folder path (str) or None, got {self.artifact!r}."
+            )
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.act_granularity is ActGranularity.PER_TENSOR or self.finetune_iters > 0
+
+
+# -- the runtime the patch holds ------------------------------------------------------------------
+
+
+def linear_names(modules: dict[str, torch.nn.Module]) -> set[str]:
+    """Names of the plain ``nn.Linear`` layers among ``modules`` (what QuEST replaces)."""
+    return {name for name, m in modules.items() if type(m) is torch.nn.Linear}
+
+
+def _model_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+class QuEST:
+    """One QuEST patch: the quantized layers in place and what to report about them."""
+
+    def __init__(
+        self, config: QuESTConfig, qmodel: QuantizedModel, fp32_bytes: int, quant_bytes: int
+    ) -> None:
+        self.config = config
+        self.qmodel = qmodel
+        self.fp32_bytes = fp32_bytes
+        self.quant_bytes = quant_bytes
+
+    def report(self) -> dict[str, Any]:
+        layers = self.qmodel.layers.values()
+        kernels: dict[str, int] = {}
+        bits: dict[str, int] = {}
+        for layer in layers:
+            kernels[layer.kernel] = kernels.get(layer.kernel, 0) + 1
+            key = f"w{layer.spec.w_bits}a{layer.spec.a_bits}"
+            bits[key] = bits.get(key, 0) + 1
+        meta = self.qmodel.meta
+        facts: dict[str, Any] = {
+            "bits": bits,
+            "kernels": kernels,
+            "model_bytes": f"{self.quant_bytes:,} (fp32 {self.fp32_bytes:,}, "
+            f"{self.quant_bytes / max(self.fp32_bytes, 1):.2f}x)",
+            "finetuned": f"{len(meta.get('finetuned', []))} layers ({len(meta.get('temporal', []))} temporal, "
+            f"{len(meta.get('sensitive', []))} sensitive)",
+            "calibration": meta.get("calibration"),
+            "finetune_run": meta.get("finetune"),
+            "float": "attention matmuls, norms, embeddings and convolutions stay in float",
+        }
+        fake = [layer for layer in layers if layer.kernel == "fake"]
+        if fake:
+            no_kernel = sum(
+                all(qkernels.unavailable(k, layer.spec, layer.qweight.device) for k in ("int_mm", "onednn"))
+                for layer in fake
+            )
+            why = []
+            if no_kernel:
+                why.append(f"{no_kernel} have no integer kernel here")
+            if len(fake) - no_kernel:
+                how = (
+                    "were asked to"
+                    if self.config.kernel is Kernel.FAKE
+                    else "measured faster than int8 at their shape"
+                )
+                why.append(f"{len(fake) - no_kernel} {how}")
+            facts["warning"] = (
+                f"{len(fake)} of {len(self.qmodel.layers)} quantized layers run fake-quant "
+                f"({'; '.join(why)}): quantized accuracy, no speedup there."
+            )
+        return facts
+
+
+def _parent(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    parent, _, child = name.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), child
+
+
+@register_method(
+    QuESTConfig,
+    name="quest",
+    stage=Stage.QUANTIZE,
+    summary="QuEST: W8A8/W4A8/W4A4 linear layers, timestep-aware calibration, selective finetuning",
+)
+def _apply(ctx: Any, config: QuESTConfig) -> QuEST:
+    fp32_bytes = _model_bytes(ctx.model)
+    if config.artifact is not None:
+        qmodel = QuantizedModel.load(config.artifact)
+        qmodel.check_model(ctx.model)
+        saved = qmodel.config.get("_data", {}).get("bits")
+        if saved != config.bits.value:
+            raise ArtifactMismatchError(
+                f"The QuEST artifact {config.artifact!r} holds a {saved} model but the config asks for "
+                f"bits={config.bits.value!r}; pass bits={saved!r} or make a {config.bits.value} artifact."
+            )
+        if config.kernel is not Kernel.AUTO or any(
+            qkernels.unavailable(layer.kernel, layer.spec, layer.qweight.device)
+            for layer in qmodel.layers.values()
+        ):
+            choose_kernels(qmodel.layers, qmodel.meta.get("rows", {}), config.kernel)
+    else:
+        if config.needs_calibration and ctx.pipeline is None:
+            raise UnsupportedModelError(
+                f"QuEST on a bare {type(ctx.model).__name__} cannot calibrate (no pipeline to run). Quantize "
+                "offline and pass the artifact: calib = accel.methods.quest.calibrate(model, config, images=... "
+                "or inputs=...); accel.methods.quest.finetune(model, calib, config).save(path); then "
+                "QuESTConfig(artifact=path). Or use act_granularity='per_token', finetune_iters=0 (no data needed)."
+            )
+        qmodel = quantize(ctx.pipeline if ctx.pipeline is not None else ctx.model, config)
+    replaced = 0
+    for name, layer in qmodel.layers.items():
+        parent, child = _parent(ctx.model, name)
+        original = parent._modules[child]
+        replaced += _model_bytes(original)
+        ctx.hooks.set_attr(parent, child, layer.to(original.weight.device))
+    quant_bytes = fp32_bytes - replaced + qmodel.nbytes()
+    return QuEST(config, qmodel, fp32_bytes, quant_bytes)
+
+
+__all__ = [
+    "ActGranularity",
+    "Bits",
+    "Kernel",
+    "QuESTConfig",
+    "QuantizedModel",
+    "RangeMethod",
+    "WeightGranularity",
+    "calibrate",
+    "choose_kernels",
+    "finetune",
+    "load",
+    "quantize",
+    "swapped",
+]

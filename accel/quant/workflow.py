@@ -1,0 +1,303 @@
+"""QuEST's offline steps: timestep-aware calibration, then quantize + select + distill + freeze.
+
+Used through ``accel.methods.quest`` (``calibrate``, ``finetune``, ``quantize``, ``load``); the method's
+apply function calls :func:`quantize` when ``accel.patch`` gets no artifact.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from accel.errors import UnsupportedModelError
+from accel.quant import kernels as qkernels
+from accel.quant.artifact import QuantizedModel, model_fingerprint
+from accel.quant.calibration import Calibration, collect
+from accel.quant.finetune import (
+    distill,
+    evaluate,
+    pick_sensitive,
+    sensitivity,
+    teacher_outputs,
+    temporal_layers,
+)
+from accel.quant.options import ActGranularity, Kernel, WeightGranularity
+from accel.quant.qlinear import LayerSpec, LSQLinear, QuantLinear
+from accel.quant.quantizers import act_qparams, weight_qparams
+from accel.registry import find_adapter
+
+if TYPE_CHECKING:
+    from accel.methods.quest import QuESTConfig
+
+logger = logging.getLogger(__name__)
+
+
+def _default_config() -> QuESTConfig:
+    from accel.methods.quest import QuESTConfig
+
+    return QuESTConfig()
+
+
+def _split(target: Any) -> tuple[Any | None, torch.nn.Module]:
+    from accel.api import resolve_target
+
+    return resolve_target(target)
+
+
+def default_calls(pipe: Any, seeds: int, steps: int | None) -> list[dict[str, Any]]:
+    """Calibration calls for class-conditional pipelines: every class label, ``seeds`` seeds (unlike
+    the benchmark's seeds). Text pipelines pass their own ``calls`` with prompts."""
+    classes = getattr(pipe, "num_classes", None)
+    if classes is None:  # diffusers' DiT: the label embedding's size (without the CFG null label)
+        config = getattr(getattr(pipe, "transformer", None), "config", None)
+        classes = getattr(config, "num_embeds_ada_norm", None)
+    if classes is None:
+        raise UnsupportedModelError(
+            f"QuEST cannot guess calibration inputs for {type(pipe).__name__}: pass calls=[{{'prompt': ...}}, ...] "
+            "to accel.methods.quest.calibrate(pipe, config, calls=...)."
+        )
+    extra = {} if steps is None else {"num_inference_steps": steps}
+    return [
+        {
+            "class_labels": list(range(int(classes))),
+            "generator": torch.Generator().manual_seed(1000 + s),
+            "output_type": "np",
+            **extra,
+        }
+        for s in range(seeds)
+    ]
+
+
+def calibrate(
+    target: Any,
+    config: QuESTConfig | None = None,
+    *,
+    calls: Sequence[dict[str, Any]] | None = None,
+    images: torch.Tensor | None = None,
+    inputs: Sequence[tuple[tuple, dict]] | None = None,
+    steps: Sequence[int] | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> Calibration:
+    """Record every linear layer's input range over whole denoising runs (or image batches).
+
+    Data, first that applies: ``calls`` (keyword arguments of pipeline calls), ``images`` (N, C, H, W)
+    for classifiers (run in batches of ``batch_size``), ``inputs`` (``(args, kwargs)`` model calls), or,
+    for a class-conditional pipeline, every label over ``config.calib_seeds`` seeds.
+    ``steps``: record only these step indices (``[0]``: the one-step calibration that fails).
+    """
+    config = config or _default_config()
+    pipeline, model = _split(target)
+    adapter = find_adapter(model)
+    if images is not None:
+        runs = [lambda b=b: model(b) for b in images.split(batch_size)]
+    elif inputs is not None:
+        runs = [lambda a=a, k=k: model(*a, **k) for a, k in inputs]
+    elif pipeline is not None:
+        calls = (
+            list(calls)
+            if calls is not None
+            else default_calls(pipeline, config.calib_seeds, config.calib_steps)
+        )
+        runs = [lambda kw=kw: pipeline(**kw) for kw in calls]
+    else:
+        raise UnsupportedModelError(
+            f"QuEST calibration of a bare {type(model).__name__} needs data: pass images=(N, C, H, W) for a "
+            "classifier, inputs=[(args, kwargs), ...] for a denoiser, or calibrate the pipeline instead."
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        return collect(model, adapter, runs, steps=steps, max_inputs=config.max_inputs, progress=progress)
+    finally:
+        model.train(was_training)
+
+
+def _specs(
+    config: QuESTConfig, linears: dict[str, torch.nn.Linear], order: Sequence[str]
+) -> dict[str, LayerSpec]:
+    edge = {order[0], order[-1]} if (config.first_last_8bit and order) else set()
+    dynamic = config.act_granularity is ActGranularity.PER_TOKEN
+    return {
+        name: LayerSpec(
+            layer.in_features,
+            layer.out_features,
+            config.bits.weight,
+            8 if name in edge else config.bits.act,
+            config.weight_symmetric,
+            config.act_symmetric,
+            dynamic,
+            layer.bias is not None,
+        )
+        for name, layer in linears.items()
+    }
+
+
+def lsq_layers(
+    model: torch.nn.Module, config: QuESTConfig, calib: Calibration | None, names: Sequence[str]
+) -> dict[str, LSQLinear]:
+    linears = {name: model.get_submodule(name) for name in names}
+    specs = _specs(config, linears, calib.order if calib is not None else list(names))
+    result = {}
+    for name, linear in linears.items():
+        spec = specs[name]
+        w = linear.weight.detach().float()
+        if config.weight_granularity is WeightGranularity.PER_TENSOR:
+            scale, zero = weight_qparams(w.reshape(1, -1), spec.w_bits, spec.w_symmetric)
+            scale, zero = scale.expand(w.shape[0]), zero.expand(w.shape[0])
+        else:
+            scale, zero = weight_qparams(w, spec.w_bits, spec.w_symmetric)
+        a_scale = a_zero = None
+        if not spec.a_dynamic:
+            obs = calib.observers[name]
+            a_scale, a_zero = act_qparams(
+                obs.lo,
+                obs.hi,
+                obs.samples,
+                spec.a_bits,
+                spec.a_symmetric,
+                config.act_range.value,
+                config.percentile,
+            )
+        result[name] = LSQLinear(linear, spec, scale, zero, a_scale, a_zero)
+    return result
+
+
+def choose_kernels(layers: dict[str, QuantLinear], rows: dict[str, int], kernel: Kernel) -> dict[str, Any]:
+    """Set each layer's kernel: the one asked for, or (``auto``) the fastest correct one measured at the
+    layer's own shape (layers of one shape share one measurement). Returns the measurements."""
+    measured: dict[tuple, dict[str, Any]] = {}
+    for name, layer in layers.items():
+        if kernel is not Kernel.AUTO:
+            runnable = qkernels.unavailable(kernel.value, layer.spec, layer.qweight.device) is None
+            layer.set_kernel(kernel.value if runnable else "fake")
+            continue
+        key = (layer.spec, rows.get(name, 256))
+        if key not in measured:
+            measured[key] = qkernels.measure(layer, key[1])
+        layer.set_kernel(qkernels.fastest(measured[key]))
+    return {
+        f"{s.in_features}x{s.out_features} w{s.w_bits}a{s.a_bits} rows={r}": t
+        for (s, r), t in measured.items()
+    }
+
+
+def finetune(
+    target: Any,
+    calibration: Calibration | None,
+    config: QuESTConfig | None = None,
+    *,
+    iters: int | None = None,
+    progress: bool = True,
+) -> QuantizedModel:
+    """Quantize every calibrated linear layer, select temporal + activation-sensitive layers, distill
+    them (and all step sizes) into the full-precision model over the kept timesteps, and freeze.
+
+    ``iters=0`` (or ``config.finetune_iters=0``) gives naive PTQ with the same quantizers. The model
+    itself is not changed; apply the result with ``accel.patch`` (``QuESTConfig(artifact=...)``).
+    """
+    config = config or _default_config()
+    iters = config.finetune_iters if iters is None else iters
+    _, model = _split(target)
+    adapter = find_adapter(model)
+    if calibration is None:
+        if iters > 0 or config.act_granularity is ActGranularity.PER_TENSOR:
+            raise ValueError(
+                "QuEST needs a calibration here (static activation ranges or finetuning): "
+                "calib = accel.methods.quest.calibrate(pipe_or_model, config, ...)."
+            )
+        names = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+    else:
+        names = [n for n in calibration.observers if type(model.get_submodule(n)) is torch.nn.Linear]
+    fingerprint = model_fingerprint(model)
+    lsq = lsq_layers(model, config, calibration, names)
+    temporal = temporal_layers(
+        {n: calibration.observers[n].token_input for n in names} if calibration else {}, adapter.is_denoiser
+    )
+    meta: dict[str, Any] = {
+        "temporal": temporal,
+        "sensitive": [],
+        "finetuned": [],
+        "sensitivity": {},
+        "calibration": calibration.summary() if calibration else None,
+        "calib_timesteps": calibration.timesteps if calibration else [],
+    }
+    if iters > 0 and calibration is not None and calibration.inputs:
+        was_training = model.training
+        model.eval()
+        try:
+            targets = teacher_outputs(model, calibration.inputs)
+            # A few kept calls spread over the trajectory (early, middle and late steps).
+            by_step = sorted(range(len(targets)), key=lambda i: calibration.recorded_steps[i])
+            probe = (
+                [by_step[round(j * (len(by_step) - 1) / 3)] for j in range(4)]
+                if len(by_step) > 4
+                else by_step
+            )
+            inputs = [calibration.inputs[i] for i in probe]
+            scores = sensitivity(model, lsq, inputs, [targets[i] for i in probe], progress)
+            sensitive = pick_sensitive(scores, config.sensitive_layers, exclude=temporal)
+            trainable = temporal + sensitive
+            meta.update(
+                sensitive=sensitive,
+                finetuned=trainable,
+                sensitivity={n: round(v, 6) for n, v in scores.items()},
+            )
+            # Hold out every 4th kept call (spread over steps) to check that finetuning helped.
+            held = set(by_step[3::4]) if len(by_step) >= 8 else set()
+            train = [i for i in range(len(targets)) if i not in held]
+            val_inputs = [calibration.inputs[i] for i in sorted(held)]
+            val_targets = [targets[i] for i in sorted(held)]
+            before = evaluate(model, lsq, val_inputs, val_targets) if held else None
+            snapshot = {
+                name: {k: v.clone() for k, v in layer.state_dict().items()} for name, layer in lsq.items()
+            }
+            facts = distill(
+                model,
+                lsq,
+                trainable,
+                [calibration.inputs[i] for i in train],
+                [targets[i] for i in train],
+                iters=iters,
+                lr=config.lr,
+                step_lr=config.step_lr,
+                progress=progress,
+            )
+            if held:
+                after = evaluate(model, lsq, val_inputs, val_targets)
+                facts.update(val_before=before, val_after=after, reverted=after > before)
+                if after > before:  # never return a model worse than its PTQ starting point
+                    logger.warning(
+                        "QuEST finetuning raised the held-out error (%.4g -> %.4g); keeping the PTQ scales.",
+                        before,
+                        after,
+                    )
+                    for name, layer in lsq.items():
+                        layer.load_state_dict(snapshot[name])
+            meta["finetune"] = facts
+        finally:
+            model.train(was_training)
+    layers = {name: layer.freeze() for name, layer in lsq.items()}
+    rows = {n: calibration.observers[n].rows for n in names} if calibration else {}
+    meta["rows"] = rows
+    meta["kernel_timings"] = choose_kernels(layers, rows, config.kernel)
+    return QuantizedModel(fingerprint, config.replace(artifact=None).to_dict(), layers, meta)
+
+
+def quantize(
+    target: Any, config: QuESTConfig | None = None, *, progress: bool = True, **calibrate_kwargs: Any
+) -> QuantizedModel:
+    """``calibrate`` then ``finetune`` in one call (what ``accel.patch`` does without an artifact)."""
+    config = config or _default_config()
+    calib = (
+        calibrate(target, config, progress=progress, **calibrate_kwargs) if config.needs_calibration else None
+    )
+    return finetune(target, calib, config, progress=progress)
+
+
+def load(path: str) -> QuantizedModel:
+    """Read a saved quantized model (``QuantizedModel.save``)."""
+    return QuantizedModel.load(path)

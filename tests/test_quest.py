@@ -1,0 +1,428 @@
+"""QuEST (diffusion) quantization: quantizers, integer kernels, calibration, selective finetuning,
+artifacts and exact removal. Tiny models only; quality on the embedded models is in the benchmark."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from tiny import TinyPipe, tiny_dit
+
+import accel
+from accel.methods import quest  # registers "quest"
+from accel.quant import kernels
+from accel.quant.calibration import collect
+from accel.quant.finetune import pick_sensitive, sensitivity, teacher_outputs, temporal_layers
+from accel.quant.packing import pack_int4, unpack_int4
+from accel.quant.qlinear import LayerSpec, LSQLinear, QuantLinear
+from accel.quant.quantizers import act_qparams, fake_quant, qrange, token_qparams, weight_qparams
+from accel.quant.workflow import lsq_layers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny ops on a shared 2-core machine: thread hand-offs cost more than the work (100x here).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(**kw) -> quest.QuESTConfig:
+    defaults = {
+        "calib_seeds": 1,
+        "calib_steps": 4,
+        "finetune_iters": 0,
+        "max_inputs": 8,
+        "sensitive_layers": 2,
+    }
+    return quest.QuESTConfig(**{**defaults, **kw})
+
+
+# -- quantizers ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_weight_quantizer_error_bound(bits, symmetric):
+    w = torch.randn(16, 40, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 3, 16)[:, None]
+    scale, zero = weight_qparams(w, bits, symmetric, search=False)  # min/max range: nothing clipped
+    err = (fake_quant(w, scale[:, None], zero[:, None], *qrange(bits, symmetric)) - w).abs()
+    assert bool((err <= scale[:, None] / 2 + 1e-6).all())  # rounding error at most half a step
+    if symmetric:
+        torch.testing.assert_close(scale, w.abs().amax(1) / (2 ** (bits - 1) - 1))
+    searched, _ = weight_qparams(w, bits, symmetric, search=True)
+    mse = lambda s, z: (fake_quant(w, s[:, None], z[:, None], *qrange(bits, symmetric)) - w).pow(2).sum()
+    assert mse(searched, weight_qparams(w, bits, symmetric)[1]) <= mse(scale, zero) + 1e-9
+
+
+def test_known_tensor_exact_and_clipped():
+    x = torch.tensor([-1.0, -0.5, 0.0, 0.25, 0.5, 1.0, 3.0])
+    scale, zero = act_qparams(-1.0, 1.0, None, 8, True, "minmax")
+    out = fake_quant(x, scale, zero, *qrange(8, True))
+    torch.testing.assert_close(out[:6], x[:6], atol=float(scale) / 2, rtol=0)
+    assert float(out[6]) == pytest.approx(1.0)  # beyond the range: clipped to the top level
+    lo, hi = -0.3, 2.0  # asymmetric: zero exactly representable
+    s, z = act_qparams(lo, hi, None, 4, False, "minmax")
+    assert float(fake_quant(torch.zeros(1), s, z, *qrange(4, False))) == 0.0
+
+
+def test_per_token_and_mse_range():
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1)) * torch.arange(1, 6)[:, None]
+    s, z = token_qparams(x, 4, True)
+    assert bool(((fake_quant(x, s, z, *qrange(4, True)) - x).abs() <= s / 2 + 1e-6).all())
+    samples = torch.cat([torch.randn(4000), torch.tensor([60.0])])  # one outlier
+    mse_scale, _ = act_qparams(float(samples.min()), float(samples.max()), samples, 4, True, "mse")
+    mm_scale, _ = act_qparams(float(samples.min()), float(samples.max()), samples, 4, True, "minmax")
+    assert float(mse_scale) < float(mm_scale) / 3  # MSE search clips the outlier at 4 bits
+
+
+def test_lsq_step_gradient():
+    x = torch.tensor([0.26, -0.74, 5.0])
+    s = torch.tensor(0.5, requires_grad=True)
+    fake_quant(x, s, torch.tensor(0.0), -7, 7).sum().backward()
+    expected = (torch.round(x[:2] / 0.5) - x[:2] / 0.5).sum() + 7  # LSQ: residual inside, qmax when clipped
+    assert float(s.grad) == pytest.approx(float(expected), abs=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 7, 40])
+def test_int4_packing_round_trip(k):
+    q = torch.randint(-8, 8, (3, k), dtype=torch.int8)
+    packed = pack_int4(q)
+    assert packed.shape == (3, (k + 1) // 2) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed, k), q)
+    with pytest.raises(ValueError, match=r"values must lie in \[-8, 7\]"):
+        pack_int4(torch.full((1, 2), 9, dtype=torch.int8))
+
+
+# -- integer kernels ----------------------------------------------------------------------------
+
+
+def _random_layer(
+    k: int, n: int, w_bits: int, a_bits: int, w_sym: bool, a_sym: bool, dynamic: bool
+) -> QuantLinear:
+    gen = torch.Generator().manual_seed(k * n + w_bits)
+    linear = torch.nn.Linear(k, n)
+    linear.weight.data = torch.randn(n, k, generator=gen) * 0.1
+    spec = LayerSpec(k, n, w_bits, a_bits, w_sym, a_sym, dynamic, True)
+    ws, wz = weight_qparams(linear.weight, w_bits, w_sym)
+    a_scale, a_zero = (None, None) if dynamic else act_qparams(-2.0, 3.0, None, a_bits, a_sym, "minmax")
+    return LSQLinear(linear, spec, ws, wz, a_scale, a_zero).freeze()
+
+
+# Tolerance: both paths use the same integers; only float summation order differs (fp32, K <= 200).
+KERNEL_RTOL = 1e-5
+
+
+@pytest.mark.parametrize("k,n,m", [(40, 72, 97), (128, 384, 200), (200, 24, 17), (16, 16, 3)])
+@pytest.mark.parametrize(
+    "bits,w_sym,a_sym,dynamic",
+    [
+        ((8, 8), True, False, False),
+        ((8, 8), False, True, False),
+        ((4, 8), True, False, False),
+        ((4, 4), False, False, False),
+        ((8, 8), True, True, True),
+        ((4, 4), True, False, True),
+    ],
+)
+def test_int_mm_matches_fake_quant(k, n, m, bits, w_sym, a_sym, dynamic):
+    layer = _random_layer(k, n, *bits, w_sym, a_sym, dynamic)
+    x = torch.randn(2, m, k, generator=torch.Generator().manual_seed(3)) * 1.5
+    reference = layer(x)  # "fake": dequantize, float matmul
+    layer.set_kernel("int_mm")
+    out = layer(x)
+    assert out.shape == (2, m, n)
+    assert float((out - reference).abs().max()) <= KERNEL_RTOL * float(reference.abs().max())
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.ops.onednn, "qlinear_pointwise"), reason="no oneDNN qlinear in this build"
+)
+def test_onednn_matches_fake_quant():
+    layer = _random_layer(128, 72, 8, 8, True, False, False)
+    x = torch.randn(97, 128, generator=torch.Generator().manual_seed(4))
+    reference = layer(x)
+    layer.set_kernel("onednn")
+    assert float((layer(x) - reference).abs().max()) <= KERNEL_RTOL * float(reference.abs().max())
+    with pytest.raises(ValueError, match="oneDNN qlinear takes symmetric 8-bit weights"):
+        _random_layer(16, 16, 4, 8, True, False, False).set_kernel("onednn")
+
+
+def test_lsq_layer_equals_frozen_layer():
+    linear = torch.nn.Linear(24, 8)
+    spec = LayerSpec(24, 8, 4, 8, False, False, False, True)
+    ws, wz = weight_qparams(linear.weight, 4, False)
+    lsq = LSQLinear(linear, spec, ws, wz, *act_qparams(-1.0, 1.0, None, 8, False, "minmax"))
+    x = torch.randn(10, 24)
+    with torch.no_grad():
+        assert torch.equal(lsq(x), lsq.freeze()(x))
+
+
+def test_kernel_measurement_picks_a_correct_kernel():
+    layer = _random_layer(128, 128, 8, 8, True, False, False)
+    timings = kernels.measure(layer, rows=64, repeats=2)
+    assert {"fp32", "bf16", "fake", "int_mm"} <= set(timings)
+    assert kernels.fastest(timings) in kernels.KERNELS
+
+
+# -- calibration --------------------------------------------------------------------------------
+
+
+def test_calibration_covers_all_timesteps():
+    pipe = TinyPipe(layers=2)
+    calib = quest.calibrate(pipe, _config(calib_steps=6), progress=False)
+    pipe.scheduler.set_timesteps(6)
+    assert calib.timesteps == sorted((float(t) for t in pipe.scheduler.timesteps), reverse=True)
+    assert all(obs.steps == set(range(6)) for obs in calib.observers.values())
+    assert len(calib.observers) == sum(isinstance(m, torch.nn.Linear) for m in pipe.transformer.modules())
+    assert all(obs.samples.numel() <= obs.size for obs in calib.observers.values())  # bounded memory
+    one = quest.calibrate(pipe, _config(calib_steps=6), steps=[0], progress=False)
+    assert len(one.timesteps) == 1 and set(one.recorded_steps) == {0}
+
+
+# -- selective finetuning: a hand-made model where the answer is known ---------------------------
+
+
+class HandMade(torch.nn.Module):
+    """x (B, N, 8) and a timestep. ``time_fc`` sees (B, 8) conditioning vectors (temporal). ``fc_b``'s
+    input has one channel 200x larger than the rest (``fc_a`` scales it up, ``fc_b`` back down), so
+    the float function is ordinary but per-tensor 4-bit activations wipe out ``fc_b``'s other inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.time_fc = torch.nn.Linear(8, 8)
+        self.fc_a, self.fc_b, self.fc_c = (torch.nn.Linear(8, 8) for _ in range(3))
+        with torch.no_grad():
+            self.fc_a.weight[0] *= 200
+            self.fc_a.bias[0] *= 200
+            self.fc_b.weight[:, 0] /= 200
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        freqs = torch.arange(4) + 1.0
+        emb = torch.cat(
+            [torch.sin(timestep[:, None] * freqs / 1000), torch.cos(timestep[:, None] * freqs / 1000)], 1
+        )
+        h = self.fc_a(x) + self.time_fc(emb)[:, None]
+        return self.fc_c(torch.relu(self.fc_b(h)))
+
+
+class _StubAdapter:
+    timestep_arg = "timestep"
+    is_denoiser = True
+
+    def timestep(self, args, kwargs):
+        return kwargs.get("timestep")
+
+
+def test_selective_layers_found_on_hand_made_model():
+    model = HandMade().eval()
+    gen = torch.Generator().manual_seed(0)
+    calls = [
+        ((torch.randn(2, 6, 8, generator=gen),), {"timestep": torch.full((2,), float(t))})
+        for t in (900, 500, 100)
+    ]
+    calib = collect(
+        model, _StubAdapter(), [lambda a=a, k=k: model(*a, **k) for a, k in calls], progress=False
+    )
+    temporal = temporal_layers({n: o.token_input for n, o in calib.observers.items()}, True)
+    assert temporal == ["time_fc"]
+    config = quest.QuESTConfig(bits="w8a8", act_symmetric=True, act_range="minmax")
+    lsq = lsq_layers(model, config.replace(bits="w4a4", first_last_8bit=False), calib, list(calib.observers))
+    scores = sensitivity(model, lsq, calib.inputs, teacher_outputs(model, calib.inputs), progress=False)
+    assert pick_sensitive(scores, 1, exclude=temporal) == ["fc_b"]
+    assert {n: type(m) for n, m in model.named_children()} == {
+        n: torch.nn.Linear for n in ("time_fc", "fc_a", "fc_b", "fc_c")
+    }
+
+
+def test_finetune_reduces_error_and_freezes_the_rest():
+    pipe = TinyPipe(layers=2)
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    config = _config(bits="w4a4", finetune_iters=30, lr=1e-3, step_lr=1e-2)
+    calib = quest.calibrate(pipe, config, progress=False)
+    qm = quest.finetune(pipe, calib, config, progress=False)
+    facts = qm.meta["finetune"]
+    assert facts["iters"] == 30 and facts["loss_last"] < facts["loss_first"]
+    assert set(qm.meta["temporal"]) <= set(qm.meta["finetuned"])
+    assert any(name.endswith("norm1.linear") for name in qm.meta["temporal"])
+    assert len(qm.meta["sensitive"]) == 2 and not set(qm.meta["sensitive"]) & set(qm.meta["temporal"])
+    after = pipe.transformer.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # the fp32 model is untouched
+    assert all(p.requires_grad for p in pipe.transformer.parameters())
+
+
+# -- patching, artifacts, removal ----------------------------------------------------------------
+
+
+def _run(pipe: TinyPipe) -> torch.Tensor:
+    return pipe([1, 2], num_inference_steps=4, generator=torch.Generator().manual_seed(5))
+
+
+def test_patch_quantizes_and_remove_restores_exactly():
+    pipe = TinyPipe(layers=2)
+    model = pipe.transformer
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = dict(model.named_modules())
+    keys = set(model.__dict__)
+    reference = _run(pipe)
+    with accel.patch(pipe, _config(bits="w4a8")) as patch:
+        assert all(
+            isinstance(m, QuantLinear) for n, m in model.named_modules() if n in quest.linear_names(modules)
+        )
+        out = _run(pipe)
+        report = patch.report().methods["quest"]
+    assert not torch.equal(out, reference) and float((out - reference).abs().mean()) < 0.5
+    assert report["bits"] == {"w4a8": 20}  # 9 linear layers per block + 2 output layers
+    assert dict(model.named_modules()).keys() == modules.keys()
+    assert all(m is modules[n] for n, m in model.named_modules())
+    assert set(model.__dict__) == keys
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    assert torch.equal(_run(pipe), reference)
+
+
+def test_save_load_bit_identical_and_mismatch_refused(tmp_path):
+    pipe = TinyPipe(layers=2)
+    config = _config(bits="w4a4", finetune_iters=5)
+    qm = quest.quantize(pipe, config, progress=False)
+    folder = qm.save(tmp_path / "art")
+    assert (folder / "quest.json").is_file() and (folder / "quest.safetensors").is_file()
+    loaded = quest.load(str(folder))
+    for name, layer in qm.layers.items():
+        other = loaded.layers[name]
+        assert layer.kernel == other.kernel and layer.spec == other.spec
+        assert all(
+            torch.equal(a, b) for a, b in zip(layer.state_dict().values(), other.state_dict().values())
+        )
+    assert loaded.meta["finetuned"] == qm.meta["finetuned"]
+    assert any(layer.qweight.dtype == torch.uint8 for layer in loaded.layers.values())  # packed int4
+    outputs = []
+    for _ in range(2):
+        with accel.patch(pipe, config.replace(artifact=str(folder))):
+            outputs.append(_run(pipe))
+    assert torch.equal(outputs[0], outputs[1])
+    with accel.patch(pipe.transformer, config.replace(artifact=str(folder))):  # bare model: same layers
+        x = torch.randn(2, 1, 8, 8)
+        t, labels = torch.tensor([500, 500]), torch.tensor([1, 2])
+        assert torch.equal(
+            pipe.transformer(x, timestep=t, class_labels=labels).sample,
+            _layers_forward(pipe.transformer, qm, x, t, labels),
+        )
+    other = TinyPipe(layers=2)
+    other.transformer = tiny_dit(2, seed=1)
+    with pytest.raises(accel.ArtifactMismatchError, match=r"belongs to model .* \(the weights differ\)"):
+        accel.patch(other, config.replace(artifact=str(folder)))
+    with pytest.raises(accel.ArtifactMismatchError, match=r"the architecture differ"):
+        accel.patch(TinyPipe(layers=3), config.replace(artifact=str(folder)))
+    with pytest.raises(
+        accel.ArtifactMismatchError, match=r"holds a w4a4 model but the config asks for bits='w8a8'"
+    ):
+        accel.patch(pipe, config.replace(bits="w8a8", artifact=str(folder)))
+    assert accel.active_patch(other) is None and accel.active_patch(pipe) is None
+    with pytest.raises(FileNotFoundError, match="No QuEST artifact"):
+        accel.patch(pipe, config.replace(artifact=str(tmp_path / "nothing")))
+
+
+def _layers_forward(model, qm, x, t, labels):
+    from accel.quant.finetune import swapped
+
+    with swapped(model, qm.layers), torch.no_grad():
+        return model(x, timestep=t, class_labels=labels).sample
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("bits", "w3a8", r"QuESTConfig.bits must be one of 'w8a8', 'w4a8', 'w4a4', got 'w3a8'"),
+        (
+            "act_granularity",
+            "per_row",
+            r"QuESTConfig.act_granularity must be one of 'per_tensor', 'per_token'",
+        ),
+        ("weight_granularity", "per_group", r"QuESTConfig.weight_granularity must be one of 'per_channel'"),
+        ("act_range", "max", r"QuESTConfig.act_range must be one of 'minmax', 'percentile', 'mse'"),
+        ("kernel", "cuda", r"QuESTConfig.kernel must be one of 'auto', 'int_mm', 'onednn', 'fake'"),
+        ("percentile", 20.0, r"QuESTConfig.percentile must be in \[50.0, 100.0\], got 20.0"),
+        (
+            "finetune_iters",
+            -1,
+            r"QuESTConfig.finetune_iters must be an int >= 0, got -1. Use 0 for plain PTQ.",
+        ),
+    ],
+)
+def test_bad_configs(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        quest.QuESTConfig(**{field: value})
+
+
+def test_bad_config_by_name_and_bare_model_without_data():
+    with pytest.raises(ValueError, match=r"QuESTConfig.bits must be one of .* got 'w3a8'"):
+        accel.patch(TinyPipe(layers=1), "quest:bits=w3a8")
+    model = tiny_dit(1)
+    with pytest.raises(
+        accel.UnsupportedModelError, match=r"QuEST on a bare DiTTransformer2DModel cannot calibrate"
+    ):
+        accel.patch(model, quest.QuESTConfig())
+    assert accel.active_patch(model) is None
+
+
+def test_fake_kernel_is_reported():
+    pipe = TinyPipe(layers=1)
+    with accel.patch(pipe, _config(kernel="fake")) as patch:
+        facts = patch.report().methods["quest"]
+    assert facts["kernels"] == {"fake": 11}
+    assert "run fake-quant" in facts["warning"]
+
+
+# -- timm ViT -----------------------------------------------------------------------------------
+
+
+def _vit() -> torch.nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        num_classes=10,
+    ).eval()
+
+
+def test_timm_vit_dynamic_without_data_and_calibrated_with_images(tmp_path):
+    model = _vit()
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(images)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with accel.patch(model, quest.QuESTConfig(act_granularity="per_token", finetune_iters=0)) as patch:
+        with torch.no_grad():
+            out = model(images)
+        assert patch.report().methods["quest"]["bits"]["w8a8"] == 9
+    assert (out - reference).abs().max() < 0.1 * reference.abs().max()
+    with pytest.raises(accel.UnsupportedModelError, match="bare VisionTransformer cannot calibrate"):
+        accel.patch(model, quest.QuESTConfig())
+    config = quest.QuESTConfig(bits="w4a8", finetune_iters=10, sensitive_layers=2, max_inputs=4)
+    calib = quest.calibrate(model, config, images=images, batch_size=4, progress=False)
+    qm = quest.finetune(model, calib, config, progress=False)
+    assert qm.meta["temporal"] == []  # a classifier has no timestep path
+    qm.save(tmp_path / "vit")
+    with accel.patch(model, config.replace(artifact=str(tmp_path / "vit"))), torch.no_grad():
+        assert model(images).shape == reference.shape
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_import_stays_lean():
+    code = (
+        "import sys, accel, accel.methods.quest, accel.quant.kernels; "
+        "bad = [m for m in ('triton', 'torchao') if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
