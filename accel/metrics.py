@@ -1,0 +1,190 @@
+"""Quality metrics against a baseline output of the same seed, and task metrics on the embedded models.
+
+    from accel import metrics
+    metrics.psnr(baseline, fast)             # dB; inf when identical
+    metrics.ssim(baseline, fast)             # 1.0 when identical
+    metrics.judge_accuracy(images, labels)   # fraction classified as their conditioning digit
+
+Images are in [0, 1]: (N, C, H, W), (N, H, W) (one channel) or videos (N, F, H, W), which are scored
+frame by frame (each frame one grayscale image). PSNR/SSIM come from torchmetrics; LPIPS/FID/CLIP are
+optional and report ``skipped: weights not available offline`` instead of downloading anything.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SKIPPED_OFFLINE = "skipped: weights not available offline"
+
+
+def as_images(x: torch.Tensor, video: bool | None = None) -> torch.Tensor:
+    """Reshapes (N, C, H, W) | (N, H, W) | (N, F, H, W) into (M, C, H, W) float images.
+
+    A 4-D tensor is read as images when its second dimension is 1 or 3 (channels) and as video otherwise;
+    pass ``video=True`` for a video with 1 or 3 frames.
+    """
+    if not torch.is_tensor(x):
+        x = torch.as_tensor(x)
+    x = x.detach().float().cpu()
+    if x.ndim == 3:
+        return x.unsqueeze(1)
+    if x.ndim == 4:
+        if video or (video is None and x.shape[1] not in (1, 3)):
+            return x.reshape(-1, 1, *x.shape[-2:])
+        return x
+    if x.ndim == 5:  # (N, C, F, H, W) latents-style videos
+        return x.transpose(1, 2).reshape(-1, x.shape[1], *x.shape[-2:])
+    raise ValueError(f"Expected images (N, C, H, W) or (N, H, W) or video (N, F, H, W), got shape {tuple(x.shape)}.")
+
+
+def _pair(baseline: torch.Tensor, other: torch.Tensor, video: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if tuple(baseline.shape) != tuple(other.shape):
+        raise ValueError(f"baseline and other must have the same shape, got {tuple(baseline.shape)} and "
+                         f"{tuple(other.shape)}.")
+    return as_images(baseline, video), as_images(other, video)
+
+
+def psnr(baseline: torch.Tensor, other: torch.Tensor, video: bool | None = None) -> float:
+    """Peak signal-to-noise ratio in dB over the whole batch (data range 1); ``inf`` when identical.
+
+    torchmetrics returns a large finite number for identical inputs; the exact answer, inf, makes a
+    bit-exact method recognisable in a report.
+    """
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    a, b = _pair(baseline, other, video)
+    if torch.equal(a, b):
+        return math.inf
+    return float(peak_signal_noise_ratio(b, a, data_range=1.0))
+
+
+def ssim(baseline: torch.Tensor, other: torch.Tensor, video: bool | None = None) -> float:
+    """Mean structural similarity (data range 1); 1.0 when identical.
+
+    The Gaussian window is shrunk for small images (the default 11 px does not fit a 16 px digit well).
+    """
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    a, b = _pair(baseline, other, video)
+    if torch.equal(a, b):
+        return 1.0
+    side = min(a.shape[-2:])
+    kernel = 11 if side >= 64 else 7 if side >= 16 else 3
+    return float(structural_similarity_index_measure(b, a, data_range=1.0, kernel_size=kernel,
+                                                     sigma=1.5 * kernel / 11))
+
+
+@torch.no_grad()
+def top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
+    """Fraction of ``images`` whose argmax class equals ``labels`` (the model gets images as given)."""
+    model.eval()
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    labels = torch.as_tensor(labels).reshape(-1).cpu()
+    if len(images) != len(labels):
+        raise ValueError(f"top1 needs one label per image, got {len(images)} images and {len(labels)} labels.")
+    preds = [model(images[i:i + batch_size].to(device, dtype)).argmax(-1).cpu()
+             for i in range(0, len(images), batch_size)]
+    return float((torch.cat(preds) == labels).float().mean())
+
+
+_JUDGE: dict[str, torch.nn.Module] = {}
+
+
+def load_judge_model() -> torch.nn.Module:
+    """The embedded digit judge, loaded once per process (it is read-only, so sharing it is safe)."""
+    if "judge" not in _JUDGE:
+        from accel.pipelines import load
+
+        _JUDGE["judge"] = load("digits-judge")
+    return _JUDGE["judge"]
+
+
+@torch.no_grad()
+def judge_accuracy(images_or_frames: torch.Tensor, labels: Any, judge: torch.nn.Module | None = None,
+                   video: bool | None = None, digit_box: int = 16) -> float:
+    """Fraction of generated digits the judge classifies as their conditioning label.
+
+    Args:
+        images_or_frames: images (N, 1, H, W) / (N, H, W) or videos (N, F, H, W) in [0, 1].
+        labels: (N,) conditioning labels; for video every frame is judged against its video's label.
+        judge: a classifier on (M, 1, 16, 16) in [0, 1]; the embedded judge when None.
+        video: force the video reading of a 4-D tensor (see ``as_images``).
+        digit_box: for frames larger than the judge's input, the side of the crop taken around the ink's
+            centroid (the video data draws 16 px digits on a larger canvas).
+    """
+    from accel.pipelines.data import crop_digit
+
+    judge = judge or load_judge_model()
+    labels = torch.as_tensor(labels).reshape(-1)
+    x = torch.as_tensor(images_or_frames).detach().float().cpu()
+    is_video = video if video is not None else (x.ndim == 4 and x.shape[1] not in (1, 3))
+    frames = as_images(x, video=is_video)  # (M, 1, H, W)
+    per_sample = frames.shape[0] // max(1, len(labels))
+    if per_sample * len(labels) != frames.shape[0]:
+        raise ValueError(f"judge_accuracy got {len(labels)} labels for {tuple(x.shape)} inputs.")
+    frame_labels = labels.repeat_interleave(per_sample)
+    size = getattr(judge, "image_size", 16)
+    if frames.shape[-1] > size and frames.shape[-1] > digit_box:
+        frames = crop_digit(frames[:, 0], box=digit_box, size=size)
+    return top1(judge, frames, frame_labels)
+
+
+# torchvision's AlexNet weights (LPIPS backbone), torch-fidelity's Inception (FID) and the CLIP model would be
+# fetched on first use; accel only uses copies already on disk and never downloads.
+_LPIPS_BACKBONE = "alexnet-owt-7be5be79.pth"
+_FID_INCEPTION = "weights-inception-2015-12-05-6726825d.pth"
+_CLIP_MODEL = "openai/clip-vit-base-patch16"
+
+
+def _hub_checkpoint(filename: str) -> Path | None:
+    path = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    return path if path.is_file() else None
+
+
+def _rgb(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(M, C, H, W) in [0, 1] -> (M, 3, size, size): perceptual nets expect RGB at a usable resolution."""
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+def lpips(baseline: torch.Tensor, other: torch.Tensor, video: bool | None = None) -> float | str:
+    """LPIPS (AlexNet) when torchvision's AlexNet weights are already cached, else ``"lpips: skipped..."``."""
+    if _hub_checkpoint(_LPIPS_BACKBONE) is None:
+        return f"lpips: {SKIPPED_OFFLINE}"
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    a, b = _pair(baseline, other, video)
+    metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
+    return float(metric(_rgb(b, 64), _rgb(a, 64)))
+
+
+def fid(real: torch.Tensor, fake: torch.Tensor) -> float | str:
+    """FID when torch-fidelity and its Inception weights are already on disk, else ``"fid: skipped..."``."""
+    if _hub_checkpoint(_FID_INCEPTION) is None or importlib.util.find_spec("torch_fidelity") is None:
+        return f"fid: {SKIPPED_OFFLINE}"
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(normalize=True)
+    metric.update(_rgb(as_images(real), 299), real=True)
+    metric.update(_rgb(as_images(fake), 299), real=False)
+    return float(metric.compute())
+
+
+def clip_score(images: torch.Tensor, prompts: list[str]) -> float | str:
+    """CLIP score when the CLIP model is in the local model cache, else ``"clip: skipped..."``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(_CLIP_MODEL, "config.json"), str):
+        return f"clip: {SKIPPED_OFFLINE}"
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the cached copy only; never a download
+    metric = CLIPScore(model_name_or_path=_CLIP_MODEL)
+    return float(metric((_rgb(as_images(images), 224) * 255).to(torch.uint8), prompts))
