@@ -96,8 +96,9 @@ def applicable_methods(workload: Workload) -> list[str]:
     """Names ``all`` expands to for this workload: accel methods that fit it, then available baselines."""
     names = [n for n in method_names() if workload.is_denoiser or not get_method(n).needs_denoiser]
     names = [n for n in names if _fits(n, workload)]
+    accel_names = set(method_names())
     baselines = [n for n, status in available_names().items()
-                 if status.startswith("available") and n not in names and n != "none"]
+                 if status.startswith("available") and n not in accel_names and n != "none"]
     if not workload.is_denoiser:
         baselines = [n for n in baselines if n.startswith("torchao")]
     return names + baselines

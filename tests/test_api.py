@@ -170,7 +170,7 @@ def test_no_methods_and_no_recipe_is_clear():
 def test_no_methods_uses_the_default_caching_recipe():
     model = tiny_dit()
     with accel.patch(model) as p:
-        assert [type(c).__name__ for c in p.methods] == ["BACConfig"]
+        assert [type(c).__name__ for c in p.methods] == ["DeltaDiTConfig"]
 
 
 def test_config_round_trip_and_options(identity_method):
@@ -193,3 +193,25 @@ def test_import_is_lean():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_coexists_with_diffusers_first_block_cache(identity_method):
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+    from diffusers.hooks.hooks import CacheContext, HookRegistry, _set_cache_context
+
+    model = tiny_dit()
+    apply_first_block_cache(model, FirstBlockCacheConfig(threshold=0.0))  # threshold 0: never reuse
+
+    def run() -> torch.Tensor:
+        HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks()
+        _set_cache_context(model, CacheContext("batched"))
+        return loop(model)
+
+    with_fbcache = run()
+    diffusers_hooks = {n: list(m._diffusers_hook.hooks) for n, m in model.named_modules() if hasattr(m, "_diffusers_hook")}
+    p = accel.patch(model, "identity")
+    assert torch.equal(run(), with_fbcache)
+    p.remove()
+    after = {n: list(m._diffusers_hook.hooks) for n, m in model.named_modules() if hasattr(m, "_diffusers_hook")}
+    assert after == diffusers_hooks and accel_hook_names(model) == []
+    assert torch.equal(run(), with_fbcache)
