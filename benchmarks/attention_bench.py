@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from accel.timing import median_time
 from accel.attention.backends import dense_attention_flops, sparse_attention
 from accel.attention.format import BlockSparseMask
 from accel.attention.search import block_sums
@@ -33,14 +32,7 @@ from accel.methods.adaspa import select_blocks
 
 def timed(fn: Any, repeats: int, warmup: int = 1) -> tuple[float, float, list[float]]:
     """``(median seconds, spread (max - min), samples)`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples), max(samples) - min(samples), samples
+    return median_time(fn, repeats, warmup)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

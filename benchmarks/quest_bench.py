@@ -18,7 +18,6 @@ import copy
 import io
 import json
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import accel
+from accel.timing import median_time
 from accel.methods import quest
 from accel.quant.finetune import output_tensor, relative_error, swapped, teacher_outputs
 
@@ -36,14 +36,8 @@ BITS = ("w8a8", "w4a8", "w4a4")
 
 def _time(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> tuple[float, float]:
     with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), max(times) - min(times)
+        median, spread, _ = median_time(fn, repeats, warmup)
+    return median, spread
 
 
 def _linear_time(layers: dict[str, Any], rows: dict[str, int], repeats: int) -> dict[str, float]:

@@ -54,6 +54,16 @@ def _apply_identity(ctx: accel.PatchContext, config: IdentityConfig) -> Identity
     return handle
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread: on shared cores, thread hand-offs cost more than the work
+    (measured 10-100x slower with two). Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def identity_method():
     """Registers the test-only ``identity`` method for one test."""

@@ -17,13 +17,7 @@ ALL = list(FAMILIES.values())
 DENOISERS = [f for f in ALL if f.is_denoiser]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; several threads on shared cores spin-wait (100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ids(family: Family) -> str:

@@ -31,13 +31,7 @@ def _run(cache: compare.ModelCache, method: str, settings: str = "", **overrides
                            args["guidance_scale"], args["repeats"], [], cache)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: the models are tiny and CI shares its cores (two threads run ~10x slower there)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

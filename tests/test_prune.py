@@ -23,14 +23,7 @@ Config = hp.HierarchicalPruneConfig
 VIT_INIT = dict(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10, in_chans=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads spin against other jobs and tiny
-    matmuls get ~100x slower (measured). Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dit_pool(n: int = 64, seed: int = 0) -> InputPool:

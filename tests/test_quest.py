@@ -21,13 +21,7 @@ from accel.quant.quantizers import act_qparams, fake_quant, qrange, token_qparam
 from accel.quant.workflow import lsq_layers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny ops on a shared 2-core machine: thread hand-offs cost more than the work (100x here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(**kw) -> quest.QuESTConfig:

@@ -14,12 +14,11 @@ Nothing here imports triton or torchao.
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from accel.timing import median_time
 
 if TYPE_CHECKING:
     from accel.quant.qlinear import LayerSpec
@@ -117,14 +116,8 @@ def onednn_linear(
 
 
 def _median_time(fn: Any, repeats: int, warmup: int = 3) -> tuple[float, float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), (max(times) - min(times))
+    median, spread, _ = median_time(fn, repeats, warmup)
+    return median, spread
 
 
 @torch.no_grad()
