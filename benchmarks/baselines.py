@@ -448,7 +448,7 @@ def _torchao_int8(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
 
 
 def _flex_window(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
-    raise RuntimeError("flex-window needs accel's sparse attention (not landed yet).")
+    raise RuntimeError("flex-window is not implemented yet: it needs a fixed local-window BlockSparseMask driven through accel.attention.")
 
 
 _WINDOW = {"t_min": 100, "t_max": 800}
@@ -481,5 +481,5 @@ BASELINES: dict[str, Baseline] = {b.name: b for b in [
     Baseline("torchao-int8", "torchao int8 dynamic-activation int8-weight quantization of the denoiser",
              {"compile": False}, [{"compile": False}, {"compile": True}], _torchao_int8, _torchao_missing),
     Baseline("flex-window", "dense-equivalent local-window attention with FlexAttention", {}, [{}],
-             _flex_window, lambda: "needs accel's sparse attention (not landed yet)"),
+             _flex_window, lambda: "not implemented yet (a fixed local-window mask through accel.attention)"),
 ]}

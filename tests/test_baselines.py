@@ -151,7 +151,7 @@ def test_torchao_missing_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_flex_window_is_unavailable_with_a_reason() -> None:
     baseline = BASELINES["flex-window"]
-    assert "sparse attention" in baseline.available()
+    assert "local-window mask" in baseline.available()
     with pytest.raises(RuntimeError, match="not available"):
         baseline.apply(TinyPipe(), {}, STEPS)
 
