@@ -149,11 +149,24 @@ def test_torchao_missing_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "torchao is not installed" in BASELINES["torchao-int8"].available()
 
 
-def test_flex_window_is_unavailable_with_a_reason() -> None:
-    baseline = BASELINES["flex-window"]
-    assert "local-window mask" in baseline.available()
-    with pytest.raises(RuntimeError, match="not available"):
-        baseline.apply(TinyPipe(), {}, STEPS)
+def test_flex_window_attends_a_band_and_restores_exactly() -> None:
+    from families import FAMILIES, run_loop
+
+    from accel.hooks import accel_hook_names
+
+    family = FAMILIES["wan"]
+    model = family.build()
+    base = run_loop(model, family, steps=3)
+    keys = {n: sorted(m.__dict__) for n, m in model.named_modules()}
+    handle = BASELINES["flex-window"].apply(model, {"density": 0.5, "block_size": 64}, 3)
+    out = run_loop(model, family, steps=3)
+    density = handle.report()["density"]
+    handle.remove()
+    assert torch.isfinite(out).all() and density is not None and density <= 1.0
+    assert torch.equal(run_loop(model, family, steps=3), base)
+    assert {n: sorted(m.__dict__) for n, m in model.named_modules()} == keys and accel_hook_names(model) == []
+    with pytest.raises(ValueError, match=r"flex-window:density must be in \(0, 1\], got 1.5"):
+        BASELINES["flex-window"].apply(model, {"density": 1.5, "block_size": 64}, 3)
 
 
 def test_parse_settings_coerces_by_the_default_type() -> None:
