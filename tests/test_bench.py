@@ -108,3 +108,11 @@ def test_accelerate_two_processes_gather_same_records(tiny_model_dir, tmp_path):
     assert two["environment"]["processes"] == 2
     keys = ("model", "method", "settings", "psnr", "ssim", "judge_acc", "compute_fraction")
     assert [{k: r[k] for k in keys} for r in one["records"]] == [{k: r[k] for k in keys} for r in two["records"]]
+
+
+def test_without_sweep_every_point_is_reported(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["--model", str(tiny_model_dir), "--methods", "none,delta-dit,delta-dit:interval=3", "--steps", "3",
+                 "--labels", "0", "--repeats", "1", "--out", str(out)]) == 0
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert len(records) == 3 and all(r["selected"] for r in records)
