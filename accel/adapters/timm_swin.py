@@ -13,24 +13,17 @@ from typing import Any
 
 import torch
 
-from accel.adapters.base import BlockInfo, ModelAdapter, TokenLayout
-from accel.adapters.timm_vit import TIMM_HIDDEN, check_timm, patch_grid
+from accel.adapters.base import BlockInfo, TokenLayout
+from accel.adapters.timm_vit import TIMM_HIDDEN, TimmClassifierAdapter, patch_grid
 from accel.registry import register_adapter
 
 
 @register_adapter("SwinTransformer")
-class TimmSwinAdapter(ModelAdapter):
+class TimmSwinAdapter(TimmClassifierAdapter):
     """timm Swin (v1) classifiers."""
 
     family = "timm_swin"
-    is_denoiser = False
-    timestep_arg = None
-    sample_arg = "x"
-    context_arg = None
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        check_timm(model, "SwinTransformer")
-        super().__init__(model)
+    timm_class = "SwinTransformer"
 
     def blocks(self) -> list[BlockInfo]:
         blocks: list[BlockInfo] = []

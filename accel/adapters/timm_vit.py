@@ -7,7 +7,7 @@ prefix followed by the patch grid; blocks take and return ``x`` (B, N, C).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -28,6 +28,21 @@ def check_timm(model: torch.nn.Module, class_name: str) -> None:
         )
 
 
+class TimmClassifierAdapter(ModelAdapter):
+    """What every timm classifier adapter shares: no timestep, input ``x``, and a check that the model
+    really is timm's ``timm_class`` (not a same-named class from another library)."""
+
+    timm_class: ClassVar[str] = ""
+    is_denoiser = False
+    timestep_arg = None
+    sample_arg = "x"
+    context_arg = None
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        check_timm(model, self.timm_class)
+        super().__init__(model)
+
+
 def patch_grid(patch_embed: torch.nn.Module, image: torch.Tensor) -> tuple[int, int]:
     """The patch grid a timm ``PatchEmbed`` makes of ``image`` (B, C, H, W), honouring dynamic sizes."""
     size = (int(image.shape[-2]), int(image.shape[-1]))
@@ -38,18 +53,11 @@ def patch_grid(patch_embed: torch.nn.Module, image: torch.Tensor) -> tuple[int, 
 
 
 @register_adapter("VisionTransformer")
-class TimmViTAdapter(ModelAdapter):
+class TimmViTAdapter(TimmClassifierAdapter):
     """timm ViT family. DeiT-distilled subclasses ``VisionTransformer`` and is found through the MRO."""
 
     family = "timm_vit"
-    is_denoiser = False
-    timestep_arg = None
-    sample_arg = "x"
-    context_arg = None
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        check_timm(model, "VisionTransformer")
-        super().__init__(model)
+    timm_class = "VisionTransformer"
 
     def blocks(self) -> list[BlockInfo]:
         return blocks_from_lists(self.model, [("blocks", TIMM_HIDDEN)], _BRANCHES)
