@@ -35,6 +35,27 @@ _LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _scores_tile(
+    q, k_base, kv_block, cols, dims, dim_ok, SEQ_K, stride_ks, stride_kd, qk_scale,
+    BLOCK: tl.constexpr, UPCAST: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """Scaled scores (log2 domain) of ``q`` (BLOCK, D_PAD) against key block ``kv_block``, with keys past
+    ``SEQ_K`` at -inf so they never enter a softmax. Returns ``(qk, keys, key_ok)``; shared by both kernels."""
+    keys = kv_block * BLOCK + cols
+    key_ok = keys < SEQ_K
+    k = tl.load(k_base + keys[None, :] * stride_ks + dims[:, None] * stride_kd,
+                mask=key_ok[None, :] & dim_ok[:, None], other=0.0)  # (D_PAD, BLOCK)
+    if UPCAST:  # the interpreter's bf16/fp16 tl.dot is silently wrong: compute in fp32 there
+        k = k.to(tl.float32)
+    if FP32_DOT:
+        qk = tl.dot(q, k, input_precision="ieee")
+    else:
+        qk = tl.dot(q, k)
+    qk = tl.where(key_ok[None, :], qk * qk_scale, float("-inf"))
+    return qk, keys, key_ok
+
+
+@triton.jit
 def _block_sparse_fwd(
     Q, K, V, Out, Lse, Counts, Indices,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -75,21 +96,12 @@ def _block_sparse_fwd(
     v_base = V + b * stride_vb + h * stride_vh
     for i in range(count):
         kv_block = tl.load(idx_base + i * stride_in)
-        keys = kv_block * BLOCK + cols
-        key_ok = keys < SEQ_K
-        k = tl.load(k_base + keys[None, :] * stride_ks + dims[:, None] * stride_kd,
-                    mask=key_ok[None, :] & dim_ok[:, None], other=0.0)  # (D_PAD, BLOCK)
+        qk, keys, key_ok = _scores_tile(q, k_base, kv_block, cols, dims, dim_ok, SEQ_K, stride_ks, stride_kd,
+                                        qk_scale, BLOCK, UPCAST, FP32_DOT)
         v = tl.load(v_base + keys[:, None] * stride_vs + dims[None, :] * stride_vd,
                     mask=key_ok[:, None] & dim_ok[None, :], other=0.0)  # (BLOCK, D_PAD)
         if UPCAST:
-            k = k.to(tl.float32)
             v = v.to(tl.float32)
-        if FP32_DOT:
-            qk = tl.dot(q, k, input_precision="ieee")
-        else:
-            qk = tl.dot(q, k)
-        qk = qk * qk_scale  # log2 domain
-        qk = tl.where(key_ok[None, :], qk, float("-inf"))
         # A listed block always holds at least one valid key, so m_new is finite after it.
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.math.exp2(m_i - m_new)
