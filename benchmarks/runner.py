@@ -80,6 +80,9 @@ def apply_method(method: BenchMethod, workload: Workload, calibration: Callable[
     return Applied(patch.remove, lambda: _compute_fraction(patch))
 
 
+_SENSITIVITY: dict[tuple[int, Any], dict[int, list[float]]] = {}
+
+
 def prepare_config(config: Any, workload: Workload) -> Any:
     """Offline steps a method needs before timing, done on seeds the evaluation does not use."""
     if isinstance(config, accel.BACConfig) and config.schedule is None and workload.is_denoiser:
@@ -90,7 +93,11 @@ def prepare_config(config: Any, workload: Workload) -> Any:
         calls = [{"class_labels": list(range(10)), "generator": [torch.Generator().manual_seed(10_000 + i)
                                                                   for i in range(10)]}]
         path = tempfile.NamedTemporaryFile(suffix=".bac.json", delete=False).name
-        calibrate(workload.target, num_inference_steps=workload.steps, config=config, calls=calls, save_to=path)
+        # Probed sensitivities do not depend on the update budget: one probe pass serves a whole sweep.
+        known = _SENSITIVITY.setdefault((id(workload.target), config.granularity), {})
+        schedule = calibrate(workload.target, num_inference_steps=workload.steps, config=config, calls=calls,
+                             save_to=path, sensitivity=known)
+        known.update(schedule.sensitivity)
         return config.replace(schedule=path, calibrate_online=False)
     return config
 

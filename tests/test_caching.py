@@ -14,8 +14,10 @@ from accel.methods.bac_schedule import (
     BACSchedule,
     Metric,
     bubbling_union,
+    reuse_error,
     schedule_updates,
     similarity_matrix,
+    step_sensitivity,
 )
 from accel.methods.delta_dit import DeltaDiTConfig
 from tiny import TinyPipe, loop, tiny_dit
@@ -181,14 +183,14 @@ def _denoiser_families():
 
 
 @pytest.mark.parametrize("family_name", _denoiser_families())
-@pytest.mark.parametrize("method", ["delta-dit:cached_blocks=1", "bac:updates=2"])
+@pytest.mark.parametrize("method", ["delta-dit:cached_blocks=1", "bac:updates=2", "bac:updates=2:granularity=stack"])
 def test_every_family_runs_cached(family_name, method):
     from families import FAMILIES, run_loop
 
     family = FAMILIES[family_name]
     model = family.build()
     base = run_loop(model, family, steps=4, cfg="separate")
-    if method.startswith("delta-dit") and family_name == "unet":
+    if ("delta-dit" in method or "stack" in method) and family_name == "unet":
         with pytest.raises(accel.UnsupportedModelError, match="one residual chain"):
             accel.patch(model, method)
         return
@@ -233,3 +235,62 @@ def test_bac_first_order_extrapolates_between_updates():
     assert second.estimate(5, order=0)[0] is second.value[0]
     with pytest.raises(ValueError, match=r"BACConfig.order must be an int in \[0, 1\], got 2"):
         BACConfig(order=2)
+
+
+def test_bac_stack_skips_every_block_on_reused_steps(tmp_path):
+    pipe = TinyPipe()
+    path = str(tmp_path / "stack.json")
+    config = BACConfig(updates=3, granularity="stack")
+    schedule = calibrate(pipe, num_inference_steps=8, config=config, calls=[{"class_labels": [1, 2]}], save_to=path)
+    updates = schedule.steps[8]["stack"]
+    assert list(schedule.steps[8]) == ["stack"] and len(updates) == 3 and updates[0] == 0
+    blocks = pipe.transformer.transformer_blocks
+    norm_calls = count_calls([b.norm1 for b in blocks])
+    base = pipe([1, 2], num_inference_steps=8)
+    norm_calls[:] = [0, 0, 0]
+    with accel.patch(pipe, config.replace(schedule=path)) as p:
+        out = pipe([1, 2], num_inference_steps=8)
+        report = p.report().methods["bac"]
+    assert norm_calls == [3, 3, 3]  # the whole stack runs only at its update steps
+    assert report["compute_fraction"] == pytest.approx(3 / 8, abs=1e-3)
+    assert sum("skipped" in row for row in report["per_step"]) == 5
+    assert torch.isfinite(out).all() and not torch.equal(out, base)
+    assert torch.equal(pipe([1, 2], num_inference_steps=8), base)
+
+
+def test_step_sensitivity_and_weighted_cost_by_hand():
+    features = np.array([[0.0, 0.0], [1.0, 1.0], [1.0, 3.0]])
+    # probe errors 2 and 8; feature moves (mean squared) 1 and 2 -> s = [0, 2, 4]
+    sensitivity = step_sensitivity({1: 2.0, 2: 8.0}, [features])
+    assert sensitivity == pytest.approx([0.0, 2.0, 4.0])
+    cost = reuse_error(features, sensitivity)
+    assert cost[0, 2] == pytest.approx(4.0 * (1 + 9) / 2) and cost[1, 1] == 0.0
+
+
+def test_sensitivity_weighting_moves_updates_to_sensitive_steps():
+    # features drift evenly; only the last steps matter for the output
+    features = np.arange(10, dtype=float)[:, None] * np.ones((1, 4))
+    flat = [1.0] * 10
+    late = [0.01] * 7 + [100.0] * 3
+    spread = schedule_updates(-reuse_error(features, flat), 4)
+    assert set(np.diff([*spread, 10])) == {2, 3}  # even segments
+    assert schedule_updates(-reuse_error(features, late), 4) == [0, 7, 8, 9]
+
+
+def test_bac_sensitivity_calibration_probes_each_step(tmp_path):
+    pipe = TinyPipe()
+    calls = [{"class_labels": [1, 2], "generator": torch.Generator().manual_seed(3)}]
+    config = BACConfig(updates=3, granularity="stack", weighting="sensitivity")
+    forwards = count_calls([pipe.transformer])
+    schedule = calibrate(pipe, num_inference_steps=6, config=config, calls=calls, save_to=str(tmp_path / "s.json"))
+    assert forwards == [6 + 5 * 6]  # one recording call, then one probe call per step t >= 1
+    sensitivity = schedule.sensitivity[6]
+    assert len(sensitivity) == 6 and sensitivity[0] == 0 and all(s > 0 for s in sensitivity[1:])
+    assert BACSchedule.load(tmp_path / "s.json").sensitivity == schedule.sensitivity
+    with accel.patch(pipe, config.replace(schedule=str(tmp_path / "s.json"))) as p:
+        pipe([1, 2], num_inference_steps=6)
+        assert p.report().methods["bac"]["compute_fraction"] == pytest.approx(3 / 6, abs=1e-3)
+        with pytest.raises(accel.ArtifactMismatchError, match="weighting='sensitivity' probes the pipeline"):
+            pipe([1, 2], num_inference_steps=4)
+    with pytest.raises(ValueError, match=r"weighting='sensitivity'\) needs a schedule from"):
+        accel.patch(pipe, config)

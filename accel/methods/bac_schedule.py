@@ -138,6 +138,7 @@ class BACSchedule:
     bubbling: int
     steps: dict[int, dict[str, list[int]]] = field(default_factory=dict)
     volatility: dict[int, dict[str, float]] = field(default_factory=dict)
+    sensitivity: dict[int, list[float]] = field(default_factory=dict)  # per step, when probed
 
     def for_steps(self, num_steps: int) -> dict[str, list[int]] | None:
         return self.steps.get(num_steps)
@@ -156,6 +157,7 @@ class BACSchedule:
             "updates": self.updates, "bubbling": self.bubbling,
             "steps": {str(k): v for k, v in self.steps.items()},
             "volatility": {str(k): v for k, v in self.volatility.items()},
+            "sensitivity": {str(k): v for k, v in self.sensitivity.items()},
         }
 
     def save(self, path: str | Path) -> Path:
@@ -175,4 +177,36 @@ class BACSchedule:
             model=data["model"], metric=data["metric"], updates=data["updates"], bubbling=data["bubbling"],
             steps={int(k): v for k, v in data["steps"].items()},
             volatility={int(k): v for k, v in data.get("volatility", {}).items()},
+            sensitivity={int(k): v for k, v in data.get("sensitivity", {}).items()},
         )
+
+
+def squared_distances(features: np.ndarray) -> np.ndarray:
+    """(T, F) -> (T, T) mean squared distance between steps' features."""
+    x = features.astype(np.float64)
+    squared = (x * x).sum(1)
+    return np.maximum(squared[:, None] + squared[None, :] - 2 * x @ x.T, 0.0) / x.shape[1]
+
+
+def reuse_error(features: np.ndarray, sensitivity: Sequence[float]) -> np.ndarray:
+    """(T, T) predicted output error when step a's value serves step t: s_t · mean‖f_a − f_t‖².
+
+    First-order error propagation: a reuse error e at step t moves the final output by about s_t·‖e‖²
+    (in energy), where s_t is measured by ``calibrate``'s probes. Late steps of an ancestral sampler have
+    s_t tens of times larger than early ones, which a plain similarity DP cannot see.
+    """
+    return squared_distances(features) * np.asarray(sensitivity, dtype=np.float64)[None, :]
+
+
+def step_sensitivity(output_errors: Mapping[int, float], unit_features: Sequence[np.ndarray]) -> list[float]:
+    """s_t = (output error after reusing step t−1's values at step t) / (mean ‖f_{t−1} − f_t‖² over units).
+
+    ``output_errors[t]``: mean squared output change of a probe run that reused every unit at step t only.
+    ``unit_features``: (T, F) recorded features of each unit in the reference run. s_0 is 0 (always updated).
+    """
+    num_steps = unit_features[0].shape[0]
+    result = [0.0] * num_steps
+    for t, error in output_errors.items():
+        moved = float(np.mean([np.mean((f[t].astype(np.float64) - f[t - 1]) ** 2) for f in unit_features]))
+        result[t] = float(error) / max(moved, 1e-20)
+    return result

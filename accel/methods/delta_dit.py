@@ -18,15 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from accel.config import MethodConfig, check_float, check_int
 from accel.errors import UnsupportedModelError
 from accel.hooks import SkipHook
 from accel.methods._runlog import RunLog
+from accel.methods._streams import Streams, add_streams, subtract_streams
 from accel.registry import Stage, register_method
-
-Streams = dict[str, "torch.Tensor | None"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,7 +118,7 @@ class DeltaDiT:
                 self.log.record(step, branch, name, ran=False)
                 streams = io.read_inputs(args, kwargs)
                 if index == rng.start:
-                    streams = _add(streams, delta)
+                    streams = add_streams(streams, delta)
                 return io.make_output(streams)
         else:
             for rng in (self.front, self.rear):
@@ -136,7 +133,7 @@ class DeltaDiT:
             for rng in (self.front, self.rear):
                 if index == rng.stop - 1:
                     key = (state.branch, rng.name)
-                    self.deltas[key] = _subtract(io.read_outputs(output), self.inputs.pop(key, {}))
+                    self.deltas[key] = subtract_streams(io.read_outputs(output), self.inputs.pop(key, {}))
         return output
 
     def report(self) -> dict[str, Any]:
@@ -144,17 +141,6 @@ class DeltaDiT:
             "ranges": {"front": [self.front.start, self.front.stop - 1], "rear": [self.rear.start, self.rear.stop - 1]},
             **self.log.report(),
         }
-
-
-def _add(streams: Streams, delta: Streams) -> Streams:
-    return {k: v + delta[k] if v is not None and delta.get(k) is not None else v for k, v in streams.items()}
-
-
-def _subtract(outputs: Streams, inputs: Streams) -> Streams:
-    return {
-        k: (v - inputs[k]) if v is not None and inputs.get(k) is not None and inputs[k].shape == v.shape else None
-        for k, v in outputs.items()
-    }
 
 
 @register_method(DeltaDiTConfig, name="delta-dit", stage=Stage.CACHE, needs_denoiser=True,

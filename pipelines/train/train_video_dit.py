@@ -12,6 +12,7 @@ Writes a diffusers pipeline folder to ``pipelines/weights/digits-video-dit/``.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from accel.pipelines.data import load_digit_images, moving_digit_videos
@@ -64,7 +65,7 @@ def sample_batch(digits: torch.Tensor, labels: torch.Tensor, size: int, frames: 
 
 
 def train(steps: int, image_batch: int, clip_batch: int, clip_frames: int, lr: float, label_dropout: float,
-          seed: int) -> None:
+          seed: int, folder: Path, save_every: int) -> None:
     gen = seed_everything(seed)
     digits, labels = load_digit_images(DIGIT, "train")
     model = VideoModel().train()
@@ -85,16 +86,18 @@ def train(steps: int, image_batch: int, clip_batch: int, clip_frames: int, lr: f
         opt.step()
         ema.update(model, step)
         progress.log(step, loss.item(), image=loss_img.item(), clip=loss_clip.item())
-    save(ema.model, {"steps": steps, "image_batch": image_batch, "lr": lr, "label_dropout": label_dropout,
+        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            # Snapshots let a long CPU run be evaluated (and kept) before it ends.
+            save(ema.model, folder / f"step-{step + 1}", {"steps_done": step + 1, "of_steps": steps})
+    save(ema.model, folder, {"steps": steps, "image_batch": image_batch, "lr": lr, "label_dropout": label_dropout,
                      "seed": seed, "train_seconds": round(progress.elapsed(), 1), "model": MODEL_CONFIG,
                      "canvas": CANVAS, "digit": DIGIT, "clip_batch": clip_batch, "train_clip_frames": [1, clip_frames]})
 
 
-def save(model: VideoModel, info: dict) -> None:
+def save(model: VideoModel, folder: Path, info: dict) -> None:
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     pipe = DigitsVideoPipeline(transformer=model.transformer.eval(), label_embedder=model.labels.eval(),
                                scheduler=scheduler)
-    folder = WEIGHTS / "digits-video-dit"
     pipe.save_pretrained(folder, safe_serialization=True)
     write_train_info(folder, {**info, "sampler": "FlowMatchEulerDiscreteScheduler(shift=1)"})
     print(f"saved {folder}", flush=True)
@@ -102,15 +105,18 @@ def save(model: VideoModel, info: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=450)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--image-batch", type=int, default=32)
     parser.add_argument("--clip-batch", type=int, default=4)
     parser.add_argument("--clip-frames", type=int, default=4)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--label-dropout", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=WEIGHTS / "digits-video-dit", help="pipeline folder to write")
+    parser.add_argument("--save-every", type=int, default=0, help="also save EMA snapshots to OUT/step-N")
     args = parser.parse_args()
-    train(args.steps, args.image_batch, args.clip_batch, args.clip_frames, args.lr, args.label_dropout, args.seed)
+    train(args.steps, args.image_batch, args.clip_batch, args.clip_frames, args.lr, args.label_dropout, args.seed,
+          args.out, args.save_every)
 
 
 if __name__ == "__main__":
