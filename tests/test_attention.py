@@ -78,6 +78,21 @@ def test_cpu_backends_match_reference(S, block, backend):
         assert torch.all(out[0, 0, :block] == 0)  # the empty row
 
 
+@pytest.mark.parametrize("B,H,blocks,keep", [(1, 2, 8, 3), (2, 3, 5, 1), (1, 1, 4, 4)])
+def test_gather_uniform_topk_path_matches_reference(B, H, blocks, keep):
+    # every row lists `keep` blocks and nothing is padded: the unmasked (fused SDPA) gather path
+    gen = torch.Generator().manual_seed(blocks)
+    S = 64 * blocks
+    q, k, v = (torch.randn(B, H, S, 64, generator=gen) for _ in range(3))
+    scores = torch.rand(B, H, blocks, blocks, generator=gen)
+    table = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(keep, -1).indices, True)
+    mask = BlockSparseMask.from_dense(table, 64, S, S)
+    assert bool((mask.kv_counts == keep).all())
+    out, _ = sparse_attention(q, k, v, mask, backend="gather")
+    ref, _ = block_sparse_attention_reference(q, k, v, mask.kv_counts, mask.kv_indices, 64)
+    torch.testing.assert_close(out, ref, atol=5e-6, rtol=0)
+
+
 def test_gather_matches_dense_sdpa_when_full():
     q, k, v = (torch.randn(1, 2, 150, 64) for _ in range(3))
     out, _ = sparse_attention(q, k, v, BlockSparseMask.full(1, 2, 64, 150, 150), backend="gather")
