@@ -129,6 +129,7 @@ def bench_dit(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
 def bench_vit(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     from accel.pipelines import WEIGHTS_DIR, load
     from accel.pipelines.data import load_digit_images
+
     from accel.prune.distill import InputPool
 
     model = load("digits-vit")
@@ -178,6 +179,42 @@ def bench_vit(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# -- latency of an earlier quality run --------------------------------------------------------------------
+def retime(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
+    """Adds latency to the rows of an earlier ``--no-timing`` run (quality runs and distillation may share a
+    loaded machine; timing may not). Latency depends on the pruned structure, not the weights, so each block
+    count is measured once on a model with the same blocks removed and undistilled weights."""
+    from accel.pipelines import generate, load
+
+    rows = json.loads((out / "prune_results.json").read_text())["rows"]
+    measured: dict[tuple[str, int], dict[str, float]] = {}
+    for row in rows:
+        key = (row["model"], len(row["removed"]))
+        if row["variant"].endswith("+int4"):
+            continue  # QuEST's own benchmark times quantized execution
+        if key not in measured:
+            base = load(row["model"])
+            config = hp.HierarchicalPruneConfig(ratio=max(row["ratio"], 0.01), distill_steps=0)
+            smaller = hp.prune(base, config, removed=row["removed"], analyze=False) if row["removed"] else None
+            if row["model"] == "digits-dit":
+                pruned = smaller.pipeline(base) if smaller else base
+                labels = list(range(10))
+                measured[key] = timed(lambda: generate(pruned, labels, labels, args.steps, 4.0), args.repeats)
+            else:
+                model = smaller.model if smaller else base
+                images = torch.rand(256, *_vit_input_shape(model))
+                with torch.no_grad():
+                    measured[key] = timed(lambda: model(images), args.repeats * 5)
+            print(key, measured[key], flush=True)
+        row["timing"] = measured[key]
+    return rows
+
+
+def _vit_input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    size = model.patch_embed.img_size
+    return (int(model.patch_embed.proj.in_channels), int(size[0]), int(size[1]))
+
+
 # -- report ----------------------------------------------------------------------------------------------
 def markdown(rows: list[dict[str, Any]], command: str, timing: bool) -> str:
     lines = [f"# HierarchicalPrune benchmark\n\nCommand: `{command}`\n\nTarget: {TARGET}\n"]
@@ -216,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--distill-minutes", type=float, default=4.0, help="CPU budget per distillation")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="bench-out/prune")
+    parser.add_argument("--retime", action="store_true",
+                        help="only add latency to OUT/prune_results.json from an earlier --no-timing run")
     args = parser.parse_args(argv)
     if args.quick:
         args.ratios, args.per_class, args.analysis_per_class = [0.3], 2, 1
@@ -223,6 +262,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    command = "python -m accel.benchmarks.prune_bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.retime:
+        recorded = json.loads((out / "prune_results.json").read_text())["command"]
+        rows = retime(args, out)
+        command = f"{recorded}; then {command}"
+        (out / "prune_results.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+        (out / "prune_results.md").write_text(markdown(rows, command, True))
+        print(f"wrote {out / 'prune_results.md'}")
+        return
     rows: list[dict[str, Any]] = []
     from accel.pipelines import WEIGHTS_DIR
 
@@ -236,7 +284,6 @@ def main(argv: list[str] | None = None) -> None:
                   "(python -m accel.pipelines.train...)", file=sys.stderr)
             continue
         rows += bench(args, out)
-    command = "python -m accel.benchmarks.prune_bench " + " ".join(sys.argv[1:] if argv is None else argv)
     (out / "prune_results.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
     (out / "prune_results.md").write_text(markdown(rows, command, args.timing))
     print(f"wrote {out / 'prune_results.md'}")

@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-
-import accel
 from accel.benchmarks.spec import BenchMethod
 from accel.benchmarks.workloads import Workload
+
+import accel
 
 RECORD_FIELDS = (
     "model", "method", "settings", "steps", "batch", "latency_s", "latency_spread_s", "speedup", "psnr", "ssim",

@@ -242,3 +242,18 @@ def test_needs_the_step_count_on_a_bare_loop():
             RuntimeError, match=r"needs the step count.*patch.reset\(num_steps=N\)"):
         run(model, family)
     assert accel_hook_names(model) == []
+
+
+def test_attention_that_bypasses_sdpa_is_reported_not_silently_dense():
+    from diffusers.models.attention_processor import AttnProcessor
+
+    family = FAMILIES["pixart"]
+    model = family.build()
+    model.set_attn_processor(AttnProcessor())  # the pre-2.0 processor: bmm + softmax, no SDPA call
+    patch = accel.patch(model, VMoBAConfig(warmup=0.0))
+    patch.reset(num_steps=STEPS)
+    with pytest.warns(UserWarning, match=r"ran without calling torch.nn.functional.scaled_dot_product_attention"):
+        run(model, family)
+    report = patch.report().methods["vmoba"]
+    assert report["not_intercepted"] == {"transformer_blocks.0": STEPS, "transformer_blocks.1": STEPS}
+    patch.remove()

@@ -78,16 +78,34 @@ def override_installed() -> bool:
 
 
 class SparseAttentionHook(ModelHook):
-    """Routes the SDPA call(s) inside one module's forward to ``handler(q, k, v, attn_mask=..., ...)``."""
+    """Routes the SDPA call(s) inside one module's forward to ``handler(q, k, v, attn_mask=..., ...)``.
 
-    def __init__(self, handler: Handler) -> None:
+    ``on_miss(module)`` runs when a forward finishes without reaching SDPA at all: the module computes
+    attention some other way (a diffusers attention backend other than ``native``, a custom processor),
+    so nothing was made sparse and the user must hear it rather than see a dense-speed "sparse" run.
+    """
+
+    def __init__(self, handler: Handler, on_miss: Callable[[torch.nn.Module], None] | None = None) -> None:
         super().__init__()
         self.handler = handler
+        self.on_miss = on_miss
+        self.calls = 0
+        self.missed = 0
+
+    def _handle(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.calls += 1
+        return self.handler(*args, **kwargs)
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        token = _ACTIVE.set(self.handler)
+        before = self.calls
+        token = _ACTIVE.set(self._handle)
         try:
             with _sdpa_override():
-                return self.fn_ref.original_forward(*args, **kwargs)
+                output = self.fn_ref.original_forward(*args, **kwargs)
         finally:
             _ACTIVE.reset(token)
+        if self.calls == before:
+            self.missed += 1
+            if self.on_miss is not None:
+                self.on_miss(module)
+        return output

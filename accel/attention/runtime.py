@@ -84,6 +84,7 @@ class _Stats:
     backends: Counter = field(default_factory=Counter)
     work: float = 0.0  # attended token pairs
     total: float = 0.0  # token pairs of dense attention
+    missed: Counter = field(default_factory=Counter)  # forwards per layer that never reached SDPA
 
 
 class SparseAttentionRuntime:
@@ -120,12 +121,30 @@ class SparseAttentionRuntime:
             if "fused_attn" in module.__dict__:  # timm: the fused path is the one that calls SDPA
                 ctx.hooks.set_attr(module, "fused_attn", True)
             handler = functools.partial(self._handle, info)
-            ctx.hooks.add_hook(module, SparseAttentionHook(handler), f"attn.{name}")
+            hook = SparseAttentionHook(handler, on_miss=functools.partial(self._missed, info))
+            ctx.hooks.add_hook(module, hook, f"attn.{name}")
         if not ctx.adapter.is_denoiser:  # the step tracker only reads layouts of denoisers
             def before(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
                 self._layout = ctx.adapter.token_layout(args, kwargs)
 
             ctx.hooks.add_hook(ctx.model, CallbackHook(before=before), "layout")
+
+    def _missed(self, info: LayerInfo, module: torch.nn.Module) -> None:
+        """An attention forward that never called SDPA: say so once, in words the user can act on."""
+        self.stats.missed[info.name] += 1
+        if "missed" in self._warned:
+            return
+        self._warned.add("missed")
+        backend = getattr(getattr(module, "processor", None), "_attention_backend", None)
+        warnings.warn(
+            f"{self.method}: attention in {info.name} ({type(module).__name__}) ran without calling "
+            "torch.nn.functional.scaled_dot_product_attention"
+            + (f" (its diffusers attention backend is {backend!r})" if backend else "")
+            + ", so it stayed dense. accel intercepts SDPA: use diffusers' 'native' attention backend "
+            "(model.set_attention_backend('native') or model.reset_attention_backend()) and the default "
+            "attention processor.",
+            stacklevel=2,
+        )
 
     def reset(self) -> None:
         """A new sequence: drop per-sequence logs and masks (subclasses drop their caches too)."""
@@ -227,6 +246,7 @@ class SparseAttentionRuntime:
         return {
             "density": round(self.stats.work / self.stats.total, 4) if self.stats.total else 1.0,
             "backend": dict(self.stats.backends),
+            **({"not_intercepted": dict(self.stats.missed)} if self.stats.missed else {}),
             "per_step": rows,
             "per_layer": per_layer,
         }

@@ -22,9 +22,9 @@ Example::
 
 from __future__ import annotations
 
-import zlib
 import enum
 import math
+import zlib
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -322,7 +322,7 @@ class BAC:
 class _Cached:
     """A unit's latest computed value and the one before, for zero- or first-order reuse."""
 
-    __slots__ = ("value", "step", "prev_value", "prev_step")
+    __slots__ = ("prev_step", "prev_value", "step", "value")
 
     def __init__(self, value: Any, step: int, previous: _Cached | None) -> None:
         self.value, self.step = value, step
@@ -410,8 +410,8 @@ def _apply(ctx: Any, config: BACConfig) -> BAC:
 
 def _hook_span(ctx: Any, runtime: BAC) -> None:
     blocks = ctx.adapter.blocks()
-    runtime.log = RunLog(units=len(blocks), cost={b.name: float(sum(p.numel() for p in b.module.parameters())) or 1.0
-                                                  for b in blocks})
+    cost = {b.name: float(sum(p.numel() for p in b.module.parameters())) or 1.0 for b in blocks}
+    runtime.log = RunLog(units=len(blocks), cost=cost)
     last = blocks[-1].index
     for block in blocks:  # every block: the first decides, the rest pass through on reused steps
         hook = SkipHook(
