@@ -65,10 +65,12 @@ def sample_batch(digits: torch.Tensor, labels: torch.Tensor, size: int, frames: 
 
 
 def train(steps: int, image_batch: int, clip_batch: int, clip_frames: int, lr: float, label_dropout: float,
-          seed: int, folder: Path, save_every: int) -> None:
+          seed: int, folder: Path, save_every: int, init: Path | None = None) -> None:
     gen = seed_everything(seed)
     digits, labels = load_digit_images(DIGIT, "train")
     model = VideoModel().train()
+    if init is not None:
+        load_weights(model, init)
     ema = EMA(model, decay=0.998)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     progress = Progress(steps)
@@ -89,9 +91,16 @@ def train(steps: int, image_batch: int, clip_batch: int, clip_frames: int, lr: f
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             # Snapshots let a long CPU run be evaluated (and kept) before it ends.
             save(ema.model, folder / f"step-{step + 1}", {"steps_done": step + 1, "of_steps": steps})
-    save(ema.model, folder, {"steps": steps, "image_batch": image_batch, "lr": lr, "label_dropout": label_dropout,
+    save(ema.model, folder, {"init": str(init) if init else None, "steps": steps, "image_batch": image_batch, "lr": lr, "label_dropout": label_dropout,
                      "seed": seed, "train_seconds": round(progress.elapsed(), 1), "model": MODEL_CONFIG,
                      "canvas": CANVAS, "digit": DIGIT, "clip_batch": clip_batch, "train_clip_frames": [1, clip_frames]})
+
+
+def load_weights(model: VideoModel, folder: Path) -> None:
+    """Continue from a saved pipeline folder (its EMA weights; the optimizer starts fresh with a warm-up)."""
+    pipe = DigitsVideoPipeline.from_pretrained(folder)
+    model.transformer.load_state_dict(pipe.transformer.state_dict())
+    model.labels.load_state_dict(pipe.label_embedder.state_dict())
 
 
 def save(model: VideoModel, folder: Path, info: dict) -> None:
@@ -114,9 +123,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=WEIGHTS / "digits-video-dit", help="pipeline folder to write")
     parser.add_argument("--save-every", type=int, default=0, help="also save EMA snapshots to OUT/step-N")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from this pipeline folder's weights (continue an earlier run)")
     args = parser.parse_args()
     train(args.steps, args.image_batch, args.clip_batch, args.clip_frames, args.lr, args.label_dropout, args.seed,
-          args.out, args.save_every)
+          args.out, args.save_every, args.init)
 
 
 if __name__ == "__main__":
