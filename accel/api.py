@@ -108,19 +108,24 @@ def _options_to_methods(options: dict[str, Any]) -> list[str | MethodConfig]:
     return methods
 
 
-# The recipe ``accel.patch(pipe)`` uses on a denoiser: Δ-DiT with its defaults (all blocks but one
-# cached on alternate steps, rear range before half the steps, front after). On digits-dit at 50
-# steps it was the fastest caching method meeting PSNR >= 30 dB in benchmarks/RESULTS.md (1.65x at
-# 33.0 dB, vs BAC 1.48x at 31.5 dB and diffusers' MagCache 1.57x at 30.8 dB), and it needs no
-# calibration. Families may override it with an adapter ``default_recipe()``.
-DEFAULT_DENOISER_RECIPE: tuple[str, ...] = ("delta-dit",)
+# The recipe ``accel.patch(pipe)`` uses on a denoiser pipeline: BAC with the whole block stack as one
+# Δ-reused unit, update steps chosen online (the first call at each step count runs in full and records)
+# by a DP weighted with each step's √SNR, 40% of the steps updated. On digits-dit at 50 steps it was the
+# fastest calibration-free setting at PSNR >= 30 dB in benchmarks/RESULTS.md ("Caching"), well ahead of
+# Δ-DiT's defaults and of diffusers' hooks; probed sensitivities (``accel.methods.bac.calibrate``) do a
+# little better still but cost one extra call per step. A bare model has no scheduler to read noise
+# levels from, so it gets Δ-DiT, which needs neither calibration nor a step count's noise levels.
+# Families may override both with an adapter ``default_recipe()``.
+DEFAULT_DENOISER_RECIPE: tuple[str, ...] = ("bac:granularity=stack:weighting=snr:update_fraction=0.4",)
+BARE_DENOISER_RECIPE: tuple[str, ...] = ("delta-dit",)
 
 
-def _default_methods(adapter: ModelAdapter) -> list[str | MethodConfig]:
+def _default_methods(adapter: ModelAdapter, pipeline: Any | None) -> list[str | MethodConfig]:
     recipe = getattr(adapter, "default_recipe", None)
     methods = list(recipe()) if callable(recipe) else []
     if not methods and adapter.is_denoiser:
-        methods = list(DEFAULT_DENOISER_RECIPE)
+        has_scheduler = getattr(pipeline, "scheduler", None) is not None
+        methods = list(DEFAULT_DENOISER_RECIPE if has_scheduler else BARE_DENOISER_RECIPE)
     if not methods:
         raise UnsupportedModelError(
             f"accel.patch was given no method and has no default recipe for {adapter.family} models "
@@ -169,7 +174,6 @@ class Patch:
             layout = adapter.token_layout(args, kwargs) if adapter.is_denoiser else None
             timestep = timestep_value(adapter.timestep(args, kwargs))
             self.tracker.begin_forward(timestep, adapter.batch_size(args, kwargs), layout, _context_name(hook))
-            return None
 
         hook = _TrackerHook(before)
         self._own_hooks.add_hook(self.model, hook, "steps")
@@ -228,7 +232,7 @@ class Patch:
     def __enter__(self) -> Patch:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.remove()
 
     def __repr__(self) -> str:
@@ -320,7 +324,7 @@ def patch(target: Any, *methods: str | MethodConfig, **options: Any) -> Patch:
     adapter = find_adapter(model)
     requested = list(methods) + _options_to_methods(options)
     if not requested:
-        requested = _default_methods(adapter)
+        requested = _default_methods(adapter, pipeline)
     items = _order_and_check([resolve_method(item) for item in requested], adapter)
     result = Patch(target, pipeline, model, adapter)
     try:

@@ -168,9 +168,21 @@ def test_no_methods_and_no_recipe_is_clear():
 
 
 def test_no_methods_uses_the_default_caching_recipe():
+    from tiny import TinyPipe
+
     model = tiny_dit()
-    with accel.patch(model) as p:
+    with accel.patch(model) as p:  # a bare model: no scheduler to read noise levels from
         assert [type(c).__name__ for c in p.methods] == ["DeltaDiTConfig"]
+    pipe = TinyPipe()
+    base = pipe([1], num_inference_steps=6)
+    with accel.patch(pipe) as p:
+        (config,) = p.methods
+        assert (type(config).__name__, config.granularity.value, config.weighting.value) == (
+            "BACConfig", "stack", "snr")
+        assert torch.equal(pipe([1], num_inference_steps=6), base)  # the first call records, uncached
+        cached = pipe([1], num_inference_steps=6)
+        assert p.report().methods["bac"]["compute_fraction"] < 1.0
+    assert torch.isfinite(cached).all() and not torch.equal(cached, base)
 
 
 def test_config_round_trip_and_options(identity_method):

@@ -294,3 +294,40 @@ def test_bac_sensitivity_calibration_probes_each_step(tmp_path):
             pipe([1, 2], num_inference_steps=4)
     with pytest.raises(ValueError, match=r"weighting='sensitivity'\) needs a schedule from"):
         accel.patch(pipe, config)
+
+
+def test_bac_snr_weighting_calibrates_online_from_the_scheduler():
+    from accel.methods.bac_schedule import noise_weights
+
+    pipe = TinyPipe()
+    config = BACConfig(granularity="stack", weighting="snr", update_fraction=0.5)
+    forwards = count_calls([pipe.transformer.transformer_blocks[0].norm1])
+    with accel.patch(pipe, config) as p:
+        pipe([1, 2], num_inference_steps=6)  # records
+        pipe([1, 2], num_inference_steps=6)  # cached by the schedule built from it
+        runtime = p._attached[-1].handle
+    pipe.scheduler.set_timesteps(6)
+    expected = noise_weights(pipe.scheduler, 6)
+    alphas = pipe.scheduler.alphas_cumprod[pipe.scheduler.timesteps]
+    assert expected == pytest.approx(((alphas / (1 - alphas)) ** 0.5).tolist())
+    assert expected == sorted(expected)  # later (less noisy) steps weigh more
+    assert runtime.schedule.sensitivity[6] == pytest.approx(expected, rel=1e-5)
+    assert len(runtime.schedule.steps[6]["stack"]) == 3
+    assert forwards == [6 + 3]
+    with pytest.raises(ValueError, match="reads noise levels from the pipeline's scheduler"):
+        accel.patch(tiny_dit(), config)
+
+
+def test_noise_weights_for_flow_matching_and_unknown_schedulers():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from accel.methods.bac_schedule import noise_weights
+
+    flow = FlowMatchEulerDiscreteScheduler()
+    flow.set_timesteps(4)
+    sigmas = flow.sigmas[:4].double()
+    assert noise_weights(flow, 4) == pytest.approx(((1 - sigmas) / sigmas).tolist())
+    assert noise_weights(flow, 5) is None  # another step count than the scheduler holds
+    assert noise_weights(object(), 4) is None
+    with pytest.raises(ValueError, match="update_fraction must be > 0"):
+        BACConfig(update_fraction=0.0)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from accel.config import MethodConfig, check_choice, check_int
+from accel.config import MethodConfig, check_choice, check_float, check_int
 from accel.errors import ArtifactMismatchError, UnsupportedModelError
 from accel.hooks import SkipHook
 from accel.methods._runlog import RunLog
@@ -44,6 +44,7 @@ from accel.methods.bac_schedule import (
     Metric,
     bubbling_union,
     model_fingerprint,
+    noise_weights,
     reuse_error,
     schedule_updates,
     similarity_matrix,
@@ -67,6 +68,7 @@ class Weighting(str, enum.Enum):
 
     SIMILARITY = "similarity"
     SENSITIVITY = "sensitivity"
+    SNR = "snr"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,7 +77,7 @@ class BACConfig(MethodConfig):
 
     Args:
         updates: K, update steps per branch (step 0 always one); clamped to the step count.
-            ``None`` (default) uses half the steps, so one config serves every step count.
+            ``None`` (default) uses ``update_fraction`` of the steps, so one config serves every step count.
         metric: similarity used by the scheduler: ``"cosine"`` (default), ``"l1"``, ``"l2"``.
         bubbling: n, the most volatile branches that take the update steps of downstream FFNs (0: off).
         schedule: path of a saved :class:`BACSchedule` (JSON); ``None`` calibrates online.
@@ -91,7 +93,9 @@ class BACConfig(MethodConfig):
         weighting: ``"similarity"`` (the paper) maximises feature similarity; ``"sensitivity"`` minimises
             the predicted output error Σ s_t·‖f_a − f_t‖², with each step's sensitivity s_t measured by
             probes in :func:`calibrate` (one extra pipeline call per step). It needs ``calibrate``:
-            online calibration cannot probe.
+            online calibration cannot probe. ``"snr"`` uses √SNR of each step (read from the pipeline's
+            scheduler) in place of the probed s_t: no probes, so it calibrates online too.
+        update_fraction: K as a fraction of the step count (rounded up) when ``updates`` is ``None``.
 
     Our recipe (benchmarks/RESULTS.md): ``granularity="stack", weighting="sensitivity"``. On digits-dit
     at 50 steps, 17 stack updates gave 31.0 dB with sensitivity weighting vs 29.4 dB with cosine
@@ -108,8 +112,12 @@ class BACConfig(MethodConfig):
     granularity: Granularity = Granularity.BRANCH
     order: int = 0
     weighting: Weighting = Weighting.SIMILARITY
+    update_fraction: float = 0.5
 
     def __post_init__(self) -> None:
+        check_float("BACConfig.update_fraction", self.update_fraction, low=0.0, high=1.0)
+        if self.update_fraction == 0:
+            raise ValueError("BACConfig.update_fraction must be > 0 (step 0 is always an update), got 0.")
         check_int("BACConfig.order", self.order, low=0, high=1)
         object.__setattr__(self, "granularity", check_choice("BACConfig.granularity", self.granularity, Granularity))
         object.__setattr__(self, "weighting", check_choice("BACConfig.weighting", self.weighting, Weighting))
@@ -121,15 +129,16 @@ class BACConfig(MethodConfig):
 
     def resolved_updates(self, num_steps: int) -> int:
         """K for a given step count."""
-        return self.updates if self.updates is not None else math.ceil(num_steps / 2)
+        return self.updates if self.updates is not None else max(1, math.ceil(self.update_fraction * num_steps))
 
     @classmethod
     def sweep_grid(cls, num_steps: int) -> list[dict[str, Any]]:
         """Settings ``accel-bench --sweep`` tries: update budgets from 60% down to 16% of the steps."""
         paper = [{"updates": max(2, round(f * num_steps))} for f in (0.6, 0.5, 0.4, 0.3)]
-        ours = [{"updates": max(2, round(f * num_steps)), "granularity": "stack", "weighting": "sensitivity"}
-                for f in (0.5, 0.4, 0.34, 0.28)]
-        return paper + ours
+        probed = [{"updates": max(2, round(f * num_steps)), "granularity": "stack", "weighting": "sensitivity"}
+                  for f in (0.4, 0.34, 0.28)]
+        snr = [{"granularity": "stack", "weighting": "snr", "update_fraction": f} for f in (0.5, 0.4, 0.34)]
+        return paper + probed + snr
 
 
 @dataclass(frozen=True)
@@ -145,8 +154,11 @@ class _Branch:
 class BAC:
     """Runtime of one BAC patch: the schedule in force, cached branch outputs, calibration records."""
 
-    def __init__(self, config: BACConfig, branches: list[_Branch], tracker: Any, schedule: BACSchedule) -> None:
+    def __init__(self, config: BACConfig, branches: list[_Branch], tracker: Any, schedule: BACSchedule,
+                 scheduler: Any = None) -> None:
         self.config = config
+        self.scheduler = scheduler
+        self.noise: dict[int, list[float]] = {}  # √SNR per step of recorded step counts (weighting "snr")
         self.branches = branches
         self.tracker = tracker
         self.schedule = schedule
@@ -178,8 +190,10 @@ class BAC:
             return
         num_steps = state.num_steps
         plan = self.schedule.for_steps(num_steps) if num_steps is not None else self._single_schedule()
-        online = self.config.calibrate_online and self.config.weighting is Weighting.SIMILARITY
+        online = self.config.calibrate_online and self.config.weighting is not Weighting.SENSITIVITY
         if self.force_record or (plan is None and online and num_steps is not None):
+            if self.config.weighting is Weighting.SNR:
+                self.noise[num_steps] = self._noise_levels(num_steps)
             self.recording = True
             self.active = None
             self._records[num_steps].append({b.key: {} for b in self.branches})
@@ -195,6 +209,16 @@ class BAC:
             )
         self.recording = False
         self.active = {key: frozenset(steps) for key, steps in plan.items()}
+
+    def _noise_levels(self, num_steps: int) -> list[float]:
+        weights = noise_weights(self.scheduler, num_steps)
+        if weights is None:
+            raise UnsupportedModelError(
+                f"BAC weighting='snr' cannot read per-step noise levels from {type(self.scheduler).__name__} "
+                f"(for {num_steps} steps). Use weighting='sensitivity' with accel.methods.bac.calibrate, "
+                "or weighting='similarity'."
+            )
+        return weights
 
     def _single_schedule(self) -> dict[str, list[int]] | None:
         # A bare model loop has no step count; a schedule with exactly one step count is unambiguous.
@@ -272,7 +296,7 @@ class BAC:
     def finish_recording(self) -> None:
         """Turn complete recorded sequences into schedules (called at each reset and by ``calibrate``)."""
         for num_steps, runs in self.take_records().items():
-            self.build(num_steps, runs)
+            self.build(num_steps, runs, self.noise.get(num_steps))
 
     def take_records(self) -> dict[int, list[dict[str, dict[int, np.ndarray]]]]:
         """Stop recording and hand over the complete recorded runs per step count."""
@@ -387,13 +411,19 @@ def _apply(ctx: Any, config: BACConfig) -> BAC:
             f"BAC granularity 'stack' needs blocks that form one residual chain; {type(ctx.model).__name__} "
             "(a UNet) does not. Use granularity 'branch'."
         )
+    scheduler = getattr(ctx.pipeline, "scheduler", None)
+    if config.weighting is Weighting.SNR and scheduler is None and config.schedule is None:
+        raise ValueError(
+            "BACConfig(weighting='snr') reads noise levels from the pipeline's scheduler; patch the pipeline, "
+            "not the bare model (or use weighting='similarity')."
+        )
     if config.weighting is Weighting.SENSITIVITY and config.schedule is None and config.calibrate_online:
         raise ValueError(
             "BACConfig(weighting='sensitivity') needs a schedule from accel.methods.bac.calibrate(pipe, "
             "num_inference_steps=N, config=...), which probes each step's sensitivity; online calibration "
             "cannot. Pass schedule=<the saved JSON>, or use weighting='similarity'."
         )
-    runtime = BAC(config, _units(ctx.adapter, config.granularity), ctx.tracker, schedule)
+    runtime = BAC(config, _units(ctx.adapter, config.granularity), ctx.tracker, schedule, scheduler)
     _check_units(schedule, runtime.branches, config)
     ctx.tracker.on_reset(runtime.on_reset)
     if config.granularity is Granularity.STACK:
@@ -479,7 +509,7 @@ def calibrate(
                 bar.update()
             runtime.force_record = False
             runs = runtime.take_records()[steps]
-            weights = list(known[steps]) if weighted and steps in known else None
+            weights = list(known[steps]) if weighted and steps in known else runtime.noise.get(steps)
             if weighted and weights is None:
                 errors = _probe(runtime, pipe, calls[0], steps, states, reference, bar)
                 features = [np.stack([runs[0][u.key][t] for t in range(steps)]) for u in runtime.branches]
