@@ -78,9 +78,21 @@ def test_cpu_backends_match_reference(S, block, backend):
         assert torch.all(out[0, 0, :block] == 0)  # the empty row
 
 
+@pytest.mark.parametrize("S", [128, 320])
+def test_gather_whole_block_path_matches_reference_with_uneven_rows(S):
+    # whole blocks, rows listing 0..all blocks: grouped by count, unmasked SDPA per group
+    gen = torch.Generator().manual_seed(S)
+    q, k, v = (torch.randn(2, 2, S, 64, generator=gen) for _ in range(3))
+    mask, _ = random_mask(2, 2, S, 64)
+    assert len(mask.kv_counts.unique()) > 1
+    out, _ = sparse_attention(q, k, v, mask, backend="gather")
+    ref, _ = block_sparse_attention_reference(q, k, v, mask.kv_counts, mask.kv_indices, 64)
+    torch.testing.assert_close(out, ref, atol=5e-6, rtol=0)
+
+
 @pytest.mark.parametrize("B,H,blocks,keep", [(1, 2, 8, 3), (2, 3, 5, 1), (1, 1, 4, 4)])
 def test_gather_uniform_topk_path_matches_reference(B, H, blocks, keep):
-    # every row lists `keep` blocks and nothing is padded: the unmasked (fused SDPA) gather path
+    # every row lists `keep` blocks and nothing is padded
     gen = torch.Generator().manual_seed(blocks)
     S = 64 * blocks
     q, k, v = (torch.randn(B, H, S, 64, generator=gen) for _ in range(3))
@@ -125,6 +137,7 @@ def test_flex_block_mask_carries_the_same_lists():
 
 def test_backend_choice():
     assert choose_backend("auto", torch.device("cpu"), 100) == "gather"
+    assert choose_backend("auto", torch.device("cpu"), 4096, whole_blocks=True) == "gather"
     assert choose_backend("auto", torch.device("cuda"), 100) == "triton"
     with pytest.raises(ValueError, match="attention backend must be one of"):
         choose_backend("cuda", torch.device("cpu"), 100)
