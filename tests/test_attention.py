@@ -143,8 +143,10 @@ def test_backend_choice():
         choose_backend("cuda", torch.device("cpu"), 100)
 
 
-@pytest.mark.parametrize("S,block", [(200, 64), (130, 128)])
-def test_search_block_sums_match_reference(S, block):
+@pytest.mark.parametrize("S,block,chunk", [(200, 64, None), (130, 128, None), (256, 64, None), (320, 64, 2 ** 15)])
+def test_search_block_sums_match_reference(S, block, chunk, monkeypatch):
+    if chunk is not None:  # several query chunks
+        monkeypatch.setattr("accel.attention.search._CHUNK_ELEMENTS", chunk)
     q, k = torch.randn(1, 2, S, 64), torch.randn(1, 2, S, 64)
     sums, lse = block_sums(q, k, block, 1 / 8)
     ref, ref_lse = block_sums_reference(q, k, block)
@@ -152,6 +154,18 @@ def test_search_block_sums_match_reference(S, block):
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=0)
     again, _ = block_sums(q, k, block, 1 / 8, lse=ref_lse)  # one pass
     torch.testing.assert_close(again, ref, atol=1e-4, rtol=1e-5)
+
+
+def test_search_block_sums_with_key_mask():
+    q, k = torch.randn(2, 2, 150, 32), torch.randn(2, 2, 150, 32)
+    key_mask = torch.ones(2, 150, dtype=torch.bool)
+    key_mask[1, 100:] = False
+    sums, lse = block_sums(q, k, 64, 0.2, key_mask=key_mask)
+    scores = (q @ k.transpose(-1, -2) * 0.2).masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    probs = F.pad(scores.softmax(-1), (0, 42, 0, 42)).reshape(2, 2, 3, 64, 3, 64).sum((3, 5))
+    torch.testing.assert_close(sums, probs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, scores.logsumexp(-1), atol=1e-5, rtol=0)
+    assert float(sums[1, :, :, 2].sum()) == 0.0  # the third key block of sample 1 is all padding
 
 
 # -- token geometry and partitions -----------------------------------------------------------------------
