@@ -90,8 +90,10 @@ def prepare_config(config: Any, workload: Workload) -> Any:
 
         from accel.methods.bac import calibrate
 
-        calls = [{"class_labels": list(range(10)), "generator": [torch.Generator().manual_seed(10_000 + i)
-                                                                  for i in range(10)]}]
+        # The evaluation's batch (labels and size) on other seeds: a video call costs as much as the run.
+        labels = [label for label, _ in workload.batches()[0]]
+        calls = [{"class_labels": labels,
+                  "generator": [torch.Generator().manual_seed(10_000 + i) for i in range(len(labels))]}]
         path = tempfile.NamedTemporaryFile(suffix=".bac.json", delete=False).name
         # Probed sensitivities do not depend on the update budget: one probe pass serves a whole sweep.
         known = _SENSITIVITY.setdefault((id(workload.target), config.granularity), {})
