@@ -110,10 +110,11 @@ def _options_to_methods(options: dict[str, Any]) -> list[str | MethodConfig]:
 
 # The recipe ``accel.patch(pipe)`` uses on a denoiser pipeline: BAC with the whole block stack as one
 # Δ-reused unit, update steps chosen online (the first call at each step count runs in full and records)
-# by a DP weighted with each step's √SNR, 40% of the steps updated. On digits-dit at 50 steps it was the
-# fastest calibration-free setting at PSNR >= 30 dB in benchmarks/RESULTS.md ("Caching"), well ahead of
-# Δ-DiT's defaults and of diffusers' hooks; probed sensitivities (``accel.methods.bac.calibrate``) do a
-# little better still but cost one extra call per step. A bare model has no scheduler to read noise
+# by a DP weighted with each step's √SNR, 40% of the steps updated. On digits-dit at 50 steps
+# (benchmarks/RESULTS.md, "Caching") it gave 3.12x at 32.6 dB, against Δ-DiT's defaults at 1.93x (33.0 dB)
+# and diffusers' best hook at >= 30 dB, MagCache, at 2.42x (30.8 dB); 34% of the steps gave 3.41x at
+# 30.8 dB, but 40% keeps a margin at fewer steps (20 steps: 26.7 dB vs 25.0). Probed sensitivities
+# (``accel.methods.bac.calibrate``) do a little better still but cost one extra call per step. A bare model has no scheduler to read noise
 # levels from, so it gets Δ-DiT, which needs neither calibration nor a step count's noise levels.
 # Families may override both with an adapter ``default_recipe()``.
 DEFAULT_DENOISER_RECIPE: tuple[str, ...] = ("bac:granularity=stack:weighting=snr:update_fraction=0.4",)

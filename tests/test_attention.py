@@ -20,7 +20,7 @@ from accel.attention import (
     partition_permutation,
     sparse_attention,
 )
-from accel.attention.backends import choose_backend
+from accel.attention.backends import choose_backend, flex_available
 from accel.attention.runtime import _key_padding
 from accel.attention.search import block_sums
 from accel.attention.tokens import chunk_ids
@@ -138,6 +138,8 @@ def test_flex_block_mask_carries_the_same_lists():
 def test_backend_choice():
     assert choose_backend("auto", torch.device("cpu"), 100) == "gather"
     assert choose_backend("auto", torch.device("cpu"), 4096, whole_blocks=True) == "gather"
+    if flex_available():
+        assert choose_backend("auto", torch.device("cpu"), 32768, whole_blocks=True) == "flex"
     assert choose_backend("auto", torch.device("cuda"), 100) == "triton"
     with pytest.raises(ValueError, match="attention backend must be one of"):
         choose_backend("cuda", torch.device("cpu"), 100)

@@ -6,11 +6,13 @@
 - ``gather``: PyTorch block gather: each query block's listed K/V blocks are gathered and attended with
   dense SDPA, in chunks of query blocks to bound memory. Runs anywhere; no compile. When blocks are whole
   and no key is padded, query blocks with equal counts share one *unmasked* SDPA call, which takes the
-  fused CPU kernel: 0.5-0.64 of the ideal 1/density at 4K tokens, against flex's 0.35-0.41 (RESULTS.md).
+  fused CPU kernel. Measured (RESULTS.md, 2 threads): ahead of flex at 4K tokens (0.37-0.43 of the ideal
+  1/density vs 0.32-0.34), level at 16K, behind at 32K (0.28-0.29 vs 0.33-0.36: its gather copies grow).
 - ``reference``: dense masked attention in fp32 (tests, tiny inputs).
 
-``auto`` picks triton on CUDA; on CPU gather when the sequence is whole blocks with no key padding, else
-flex for sequences long enough to repay its compile (``FLEX_MIN_TOKENS``), else gather. A backend that
+``auto`` picks triton on CUDA; on CPU gather when the sequence is whole blocks with no key padding and
+shorter than ``GATHER_MAX_TOKENS``, else flex for sequences long enough to repay its compile
+(``FLEX_MIN_TOKENS``), else gather. A backend that
 fails falls back to gather with one warning.
 """
 
@@ -30,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "flex", "gather", "reference")
 FLEX_MIN_TOKENS = 2048
+GATHER_MAX_TOKENS = 16384  # whole-block gather beats compiled flex below this on CPU (RESULTS.md)
 _GATHER_CHUNK_ELEMENTS = 1 << 25  # score elements per gather chunk (fp32: 128 MiB)
 _compiled_flex: Any = None
 _flex_failed: set[str] = set()
@@ -59,7 +62,7 @@ def choose_backend(requested: str, device: torch.device, seq_len: int, whole_blo
         return requested
     if device.type == "cuda":
         return "triton"
-    if whole_blocks:
+    if whole_blocks and seq_len <= GATHER_MAX_TOKENS:
         return "gather"
     if seq_len >= FLEX_MIN_TOKENS and flex_available() and "cpu" not in _flex_failed:
         return "flex"

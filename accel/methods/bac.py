@@ -134,10 +134,10 @@ class BACConfig(MethodConfig):
     @classmethod
     def sweep_grid(cls, num_steps: int) -> list[dict[str, Any]]:
         """Settings ``accel-bench --sweep`` tries: update budgets from 60% down to 16% of the steps."""
-        paper = [{"updates": max(2, round(f * num_steps))} for f in (0.6, 0.5, 0.4, 0.3)]
+        paper = [{"updates": max(2, round(f * num_steps))} for f in (0.7, 0.6, 0.5, 0.4, 0.3)]
         probed = [{"updates": max(2, round(f * num_steps)), "granularity": "stack", "weighting": "sensitivity"}
                   for f in (0.4, 0.34, 0.28)]
-        snr = [{"granularity": "stack", "weighting": "snr", "update_fraction": f} for f in (0.5, 0.4, 0.34)]
+        snr = [{"granularity": "stack", "weighting": "snr", "update_fraction": f} for f in (0.65, 0.5, 0.4, 0.34)]
         return paper + probed + snr
 
 
