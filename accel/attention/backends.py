@@ -125,9 +125,9 @@ def gather_attention(
     Sk = k.shape[2]
     bs = mask.block_size
     qb, kb = mask.num_q_blocks, mask.num_kv_blocks
-    width = max(1, int(mask.kv_counts.max())) if mask.kv_counts.numel() else 1
     if key_mask is None and Sk == kb * bs and Sq == qb * bs:
         return _gather_by_count(q, k, v, mask, scale)
+    width = max(1, int(mask.kv_counts.max())) if mask.kv_counts.numel() else 1
     # Key blocks padded to whole blocks; padded keys are masked out below.
     k_blocks = torch.nn.functional.pad(k, (0, 0, 0, kb * bs - Sk)).reshape(B, H, kb, bs, D)
     v_blocks = torch.nn.functional.pad(v, (0, 0, 0, kb * bs - Sk)).reshape(B, H, kb, bs, D)

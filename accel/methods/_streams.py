@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from accel.errors import UnsupportedModelError
+
 Streams = dict[str, "torch.Tensor | None"]
 
 
@@ -25,3 +27,12 @@ def subtract_streams(outputs: Streams, inputs: Streams) -> Streams:
 def pass_through(io: Any, args: tuple, kwargs: dict) -> Any:
     """A skipped block inside a cached span returns its inputs in the form of its outputs."""
     return io.make_output(io.read_inputs(args, kwargs))
+
+
+def require_residual_chain(ctx: Any, what: str, instead: str) -> None:
+    """A Δ over a range of blocks needs blocks that form one residual chain (a UNet's do not)."""
+    if not getattr(ctx.adapter, "sequential_blocks", True):
+        raise UnsupportedModelError(
+            f"{what} needs blocks that form one residual chain; {type(ctx.model).__name__} (a UNet) does not. "
+            f"{instead}"
+        )

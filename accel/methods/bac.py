@@ -38,7 +38,7 @@ from accel.config import MethodConfig, check_choice, check_float, check_int
 from accel.errors import ArtifactMismatchError, UnsupportedModelError
 from accel.hooks import SkipHook
 from accel.methods._runlog import RunLog
-from accel.methods._streams import add_streams, pass_through, subtract_streams
+from accel.methods._streams import add_streams, pass_through, require_residual_chain, subtract_streams
 from accel.methods.bac_schedule import (
     BACSchedule,
     Metric,
@@ -204,7 +204,7 @@ class BAC:
                 f"BAC has no schedule for {num_steps if num_steps is not None else 'an unknown number of'} steps "
                 f"(calibrated: {calibrated}). Calibrate with accel.methods.bac.calibrate(pipe, "
                 f"num_inference_steps={num_steps or 'N'}, config=...)"
-                + (", or set calibrate_online=True." if online or self.config.weighting is Weighting.SIMILARITY
+                + (", or set calibrate_online=True." if self.config.weighting is not Weighting.SENSITIVITY
                    else " (weighting='sensitivity' probes the pipeline, which online calibration cannot).")
             )
         self.recording = False
@@ -377,21 +377,26 @@ def _flatten(output: Any) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1) for t in tensors if isinstance(t, torch.Tensor)])
 
 
+def _cost(module: torch.nn.Module) -> float:
+    """A unit's compute weight in the run log: its parameter count (at least 1)."""
+    return float(sum(p.numel() for p in module.parameters())) or 1.0
+
+
 def _units(adapter: Any, granularity: Granularity) -> list[_Branch]:
     """The cached units: every residual branch of every block, every whole block, or the whole stack."""
     result = []
     if granularity is Granularity.STACK:
         blocks = adapter.blocks()
-        cost = float(sum(p.numel() for b in blocks for p in b.module.parameters())) or 1.0
+        cost = sum(_cost(b.module) for b in blocks)
         return [_Branch("stack", blocks[0].module, blocks[0].index, "ffn", cost)]
     for block in adapter.blocks():
         if granularity is Granularity.BLOCK:
-            cost = float(sum(p.numel() for p in block.module.parameters())) or 1.0
+            cost = _cost(block.module)
             # every block holds an FFN, so for the Bubbling Union each block counts as one
             result.append(_Branch(block.name, block.module, block.index, "ffn", cost, block.io))
             continue
         for kind, module in block.branches().items():
-            cost = float(sum(p.numel() for p in module.parameters())) or 1.0
+            cost = _cost(module)
             result.append(_Branch(f"{block.name}.{kind}", module, block.index, kind, cost))
     return result
 
@@ -406,11 +411,8 @@ def _apply(ctx: Any, config: BACConfig) -> BAC:
     else:
         schedule = BACSchedule(model=fingerprint, metric=config.metric.value, updates=config.updates or 0,
                                bubbling=config.bubbling)
-    if config.granularity is Granularity.STACK and not getattr(ctx.adapter, "sequential_blocks", True):
-        raise UnsupportedModelError(
-            f"BAC granularity 'stack' needs blocks that form one residual chain; {type(ctx.model).__name__} "
-            "(a UNet) does not. Use granularity 'branch'."
-        )
+    if config.granularity is Granularity.STACK:
+        require_residual_chain(ctx, "BAC granularity 'stack'", "Use granularity 'branch'.")
     scheduler = getattr(ctx.pipeline, "scheduler", None)
     if config.weighting is Weighting.SNR and scheduler is None and config.schedule is None:
         raise ValueError(
@@ -440,8 +442,7 @@ def _apply(ctx: Any, config: BACConfig) -> BAC:
 
 def _hook_span(ctx: Any, runtime: BAC) -> None:
     blocks = ctx.adapter.blocks()
-    cost = {b.name: float(sum(p.numel() for p in b.module.parameters())) or 1.0 for b in blocks}
-    runtime.log = RunLog(units=len(blocks), cost=cost)
+    runtime.log = RunLog(units=len(blocks), cost={b.name: _cost(b.module) for b in blocks})
     last = blocks[-1].index
     for block in blocks:  # every block: the first decides, the rest pass through on reused steps
         hook = SkipHook(

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from accel.config import MethodConfig, check_float, check_int
-from accel.errors import UnsupportedModelError
 from accel.hooks import SkipHook
 from accel.methods._runlog import RunLog
-from accel.methods._streams import Streams, add_streams, subtract_streams
+from accel.methods._streams import Streams, add_streams, require_residual_chain, subtract_streams
 from accel.registry import Stage, register_method
 
 
@@ -146,11 +145,7 @@ class DeltaDiT:
 @register_method(DeltaDiTConfig, name="delta-dit", stage=Stage.CACHE, needs_denoiser=True,
                  summary="Δ-DiT: cache the output−input deviation of rear (early steps) / front (late steps) blocks")
 def _apply(ctx: Any, config: DeltaDiTConfig) -> DeltaDiT:
-    if not getattr(ctx.adapter, "sequential_blocks", True):
-        raise UnsupportedModelError(
-            f"delta-dit needs blocks that form one residual chain; {type(ctx.model).__name__} "
-            "(a UNet) does not. Use 'bac', which caches per branch."
-        )
+    require_residual_chain(ctx, "delta-dit", "Use 'bac', which caches per branch.")
     blocks = ctx.adapter.blocks()
     runtime = DeltaDiT(config, len(blocks), ctx.tracker)
     ctx.tracker.on_reset(runtime.reset)
