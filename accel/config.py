@@ -97,7 +97,12 @@ def coerce(raw: Any, hint: Any, where: str) -> Any:
         args = typing.get_args(hint)
         items = raw.split("/") if isinstance(raw, str) else list(raw)
         item_type = args[0] if args else str
-        return tuple(coerce(item, item_type, where) for item in items)
+        try:
+            return tuple(coerce(item, item_type, where) for item in items)
+        except ValueError as exc:
+            if isinstance(raw, str) and "," in raw:  # the one separator a spec string can't use for lists
+                raise ValueError(f"{exc} Separate list items with '/', e.g. 0.2/0.6.") from None
+            raise
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return check_choice(where, raw, hint)
     if hint is bool:

@@ -5,8 +5,8 @@
 
 For each (S, density): B=1, H=8, D=64 fp32 random Q/K/V; the mask is AdaSpa's selection at that density
 (exact block sums, per-head top-k), so the output cosine vs dense means something. Times are medians of
-``--repeats`` after a warm-up (compile excluded), dense SDPA timed in the same run. Reported: speedup
-(dense / sparse), the ideal 1/density (token-pair density of the mask) and the fraction of the ideal
+``--repeats`` after a warm-up (compile excluded); dense SDPA is timed right before the sparse paths in every
+repeat and the speedup is the median of the per-repeat ratios (dense / sparse), the ideal 1/density (token-pair density of the mask) and the fraction of the ideal
 reached; FLOP/s of the sparse path = 4 * B * H * S^2 * D * density / time. The same is done on Q/K/V
 captured from the embedded ``digits-video-dit`` when it loads (skipped with a message otherwise).
 Run on a quiet machine: timings taken while other jobs run are fiction.
@@ -16,23 +16,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from accel.timing import median_time
 from accel.attention.backends import dense_attention_flops, sparse_attention
 from accel.attention.format import BlockSparseMask
 from accel.attention.search import block_sums
 from accel.methods.adaspa import select_blocks
 
 
-def timed(fn: Any, repeats: int, warmup: int = 1) -> tuple[float, float, list[float]]:
-    """``(median seconds, spread (max - min), samples)`` after ``warmup`` untimed calls."""
-    return median_time(fn, repeats, warmup)
+def paired_times(dense_fn: Any, sparse_fns: list[Any], repeats: int) -> tuple[list[float], list[list[float]]]:
+    """Dense and every sparse callable timed back to back in each repeat (after one untimed call each), so
+    a slow spell of the shared host hits both sides of a ratio instead of one."""
+    for fn in (dense_fn, *sparse_fns):
+        fn()
+    dense: list[float] = []
+    sparse: list[list[float]] = [[] for _ in sparse_fns]
+    for _ in range(repeats):
+        for fn, samples in ((dense_fn, dense), *zip(sparse_fns, sparse)):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    return dense, sparse
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -47,28 +58,28 @@ def mask_at_density(q: torch.Tensor, k: torch.Tensor, density: float, block: int
 
 
 def bench_case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, density: float, block: int,
-               backends: list[str], repeats: int, dense: tuple[torch.Tensor, float] | None) -> list[dict[str, Any]]:
+               backends: list[str], repeats: int) -> list[dict[str, Any]]:
     B, H, S, D = q.shape
     mask = mask_at_density(q, k, density, block)
     actual = mask.density()
-    if dense is None:
-        dense_out = F.scaled_dot_product_attention(q, k, v)
-        dense_time, _, _ = timed(lambda: F.scaled_dot_product_attention(q, k, v), repeats)
-    else:
-        dense_out, dense_time = dense
+    dense_out = F.scaled_dot_product_attention(q, k, v)
+    outs = [sparse_attention(q, k, v, mask, backend=b) for b in backends]  # also compiles flex once
+    dense_times, sparse_times = paired_times(
+        lambda: F.scaled_dot_product_attention(q, k, v),
+        [lambda b=b: sparse_attention(q, k, v, mask, backend=b) for b in backends], repeats)
     rows = []
-    for backend in backends:
-        out, used = sparse_attention(q, k, v, mask, backend=backend)  # also compiles flex once
-        median, spread, _ = timed(lambda b=backend: sparse_attention(q, k, v, mask, backend=b), repeats)
+    for (out, used), samples in zip(outs, sparse_times):
+        speedup = statistics.median(d / s for d, s in zip(dense_times, samples))
+        median = statistics.median(samples)
         rows.append({
             "S": S, "target_density": density, "density": round(actual, 4), "backend": used, "block": block,
-            "dense_s": round(dense_time, 5), "sparse_s": round(median, 5), "spread_s": round(spread, 5),
-            "repeats": repeats, "speedup": round(dense_time / median, 3), "ideal": round(1 / actual, 3),
-            "fraction_of_ideal": round(dense_time / median * actual, 3),
+            "dense_s": round(statistics.median(dense_times), 5), "sparse_s": round(median, 5),
+            "spread_s": round(max(samples) - min(samples), 5), "repeats": repeats,
+            "speedup": round(speedup, 3), "ideal": round(1 / actual, 3),
+            "fraction_of_ideal": round(speedup * actual, 3),
             "sparse_gflops": round(dense_attention_flops(B, H, S, S, D) * actual / median / 1e9, 2),
             "cosine_vs_dense": round(cosine(out, dense_out), 5),
         })
-    rows[0]["_dense"] = (dense_out, dense_time)
     return rows
 
 
@@ -127,11 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     for S in seqs:
         gen = torch.Generator().manual_seed(S)
         q, k, v = (torch.randn(B, H, S, D, generator=gen) for _ in range(3))
-        dense = None
         for density in densities:
-            case = bench_case(q, k, v, density, args.block, args.backends, repeats, dense)
-            dense = case[0].pop("_dense")
-            for row in case:
+            for row in bench_case(q, k, v, density, args.block, args.backends, repeats):
                 row["inputs"] = "random"
                 rows.append(row)
                 _print_row(row)
@@ -143,11 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipped captured Q/K/V: {got}")
         else:
             q, k, v = (t.float() for t in got)
-            dense = None
             for density in densities:
-                case = bench_case(q, k, v, density, args.block, args.backends, repeats, dense)
-                dense = case[0].pop("_dense")
-                for row in case:
+                for row in bench_case(q, k, v, density, args.block, args.backends, repeats):
                     row["inputs"] = "digits-video-dit"
                     rows.append(row)
                     _print_row(row)

@@ -121,6 +121,8 @@ def test_configs_from_strings_and_round_trip():
     assert vm.selection is Selection.THRESHOLD
     for cfg in (config, vm, AdaSpaConfig(), VMoBAConfig()):
         assert type(cfg).from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="Separate list items with '/'"):
+        accel.registry.parse_method("adaspa:search_steps=0.2,0.6")
 
 
 # -- every family ---------------------------------------------------------------------------------------

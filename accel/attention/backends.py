@@ -6,14 +6,13 @@
 - ``gather``: PyTorch block gather: each query block's listed K/V blocks are gathered and attended with
   dense SDPA, in chunks of query blocks to bound memory. Runs anywhere; no compile. When blocks are whole
   and no key is padded, query blocks with equal counts share one *unmasked* SDPA call, which takes the
-  fused CPU kernel. Measured (RESULTS.md, 2 threads): ahead of flex at 4K tokens (0.37-0.43 of the ideal
-  1/density vs 0.32-0.34), level at 16K, behind at 32K (0.28-0.29 vs 0.33-0.36: its gather copies grow).
+  fused CPU kernel, over cache-sized gathers into reused buffers. Measured (RESULTS.md, 2 threads):
+  0.52-0.69 of the ideal 1/density at 4K-16K tokens and 0.45 at 32K, vs 0.32-0.38 for compiled flex.
 - ``reference``: dense masked attention in fp32 (tests, tiny inputs).
 
-``auto`` picks triton on CUDA; on CPU gather when the sequence is whole blocks with no key padding and
-shorter than ``GATHER_MAX_TOKENS``, else flex for sequences long enough to repay its compile
-(``FLEX_MIN_TOKENS``), else gather. A backend that
-fails falls back to gather with one warning.
+``auto`` picks triton on CUDA; on CPU gather when the sequence is whole blocks with no key padding, else
+flex for sequences long enough to repay its compile (``FLEX_MIN_TOKENS``), else gather (the masked
+variant). A backend that fails falls back to gather with one warning.
 """
 
 from __future__ import annotations
@@ -32,8 +31,11 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "flex", "gather", "reference")
 FLEX_MIN_TOKENS = 2048
-GATHER_MAX_TOKENS = 16384  # whole-block gather beats compiled flex below this on CPU (RESULTS.md)
-_GATHER_CHUNK_ELEMENTS = 1 << 25  # score elements per gather chunk (fp32: 128 MiB)
+_GATHER_CHUNK_ELEMENTS = 1 << 25  # score elements per masked gather chunk (fp32: 128 MiB)
+# Gathered K+V bytes per unmasked SDPA call. Small enough that the copy is still in cache when SDPA reads
+# it (32 MiB L3 on the 2-core CI machine): 128 MiB chunks ran at 0.29-0.37 of the ideal 1/density at 16K
+# tokens and density 0.1, 4 MiB chunks at 0.6-0.75; 0.5 MiB chunks pay per-call overhead instead.
+_GATHER_CHUNK_BYTES = 4 << 20
 _compiled_flex: Any = None
 _flex_failed: set[str] = set()
 
@@ -62,7 +64,7 @@ def choose_backend(requested: str, device: torch.device, seq_len: int, whole_blo
         return requested
     if device.type == "cuda":
         return "triton"
-    if whole_blocks and seq_len <= GATHER_MAX_TOKENS:
+    if whole_blocks:
         return "gather"
     if seq_len >= FLEX_MIN_TOKENS and flex_available() and "cpu" not in _flex_failed:
         return "flex"
@@ -170,21 +172,31 @@ def _gather_by_count(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bl
     k_rows, v_rows = k.reshape(B * H * kb, bs, D), v.reshape(B * H * kb, bs, D)
     q_rows = q.reshape(B * H * qb, bs, D)
     counts = mask.kv_counts.reshape(-1).long()
-    offsets = (torch.arange(B * H, device=q.device) * kb).repeat_interleave(qb)[:, None]
-    indices = mask.kv_indices.reshape(B * H * qb, -1).long() + offsets
-    out = torch.zeros_like(q_rows)
-    for count in counts.unique().tolist():
-        if count == 0:
-            continue
+    offsets = torch.arange(B * H * qb, device=q.device) // qb * kb  # first KV row of each row's head
+    indices = mask.kv_indices.reshape(B * H * qb, -1).long() + offsets[:, None]
+    out = torch.empty_like(q_rows)
+    present = counts.unique().tolist()
+    if 0 in present:
+        present.remove(0)
+        out[counts == 0] = 0.0
+    row_bytes = bs * D * k.element_size()
+    chunks = {c: max(1, _GATHER_CHUNK_BYTES // (2 * c * row_bytes)) for c in present}
+    # One pair of gather buffers reused by every call: fresh multi-MiB tensors per call come back from the
+    # allocator as new pages, and faulting them in cost as much as the copy (bimodal timings).
+    capacity = max((chunks[c] * c for c in present), default=0) * bs * D
+    k_buf = k.new_empty(capacity)
+    v_buf = v.new_empty(capacity)
+    for count in present:
         rows = (counts == count).nonzero().squeeze(1)
-        chunk = max(1, _GATHER_CHUNK_ELEMENTS // (bs * count * bs))
-        for start in range(0, rows.numel(), chunk):
-            part = rows[start:start + chunk]
+        for start in range(0, rows.numel(), chunks[count]):
+            part = rows[start:start + chunks[count]]
             flat = indices.index_select(0, part)[:, :count].reshape(-1)
-            kg = k_rows.index_select(0, flat).reshape(1, part.numel(), count * bs, D)
-            vg = v_rows.index_select(0, flat).reshape(1, part.numel(), count * bs, D)
+            shape = (flat.numel(), bs, D)
+            kg = torch.index_select(k_rows, 0, flat, out=k_buf[:flat.numel() * bs * D].view(shape))
+            vg = torch.index_select(v_rows, 0, flat, out=v_buf[:flat.numel() * bs * D].view(shape))
             qc = q_rows.index_select(0, part).unsqueeze(0)
-            res = torch.nn.functional.scaled_dot_product_attention(qc, kg, vg, scale=scale)
+            res = torch.nn.functional.scaled_dot_product_attention(
+                qc, kg.view(1, part.numel(), count * bs, D), vg.view(1, part.numel(), count * bs, D), scale=scale)
             out.index_copy_(0, part, res[0])
     return out.reshape(B, H, Sq, D)
 
