@@ -183,7 +183,8 @@ def dit_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     ]
     for bits in args.bits:
         config = quest.QuESTConfig(
-            bits=bits, finetune_iters=args.iters, calib_seeds=args.calib_seeds, calib_steps=args.steps
+            bits=bits, finetune_iters=args.iters, calib_seeds=args.calib_seeds, calib_steps=args.steps,
+            act_range=args.act_range, first_last_8bit=not args.all_layers_low_bit,
         )
         calibs = {
             "all-step": quest.calibrate(pipe, config),
@@ -361,6 +362,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib-seeds", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20, help="timed repeats (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--act-range", default="mse", choices=("minmax", "percentile", "mse"),
+                        help="static activation ranges for every digits-dit variant (PTQ and QuEST alike)")
+    parser.add_argument("--all-layers-low-bit", action="store_true",
+                        help="quantize the first and last layers' activations at the low bit width too")
     parser.add_argument("--skip-vit", action="store_true")
     parser.add_argument("--skip-dit", action="store_true")
     parser.add_argument(
