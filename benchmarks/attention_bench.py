@@ -5,10 +5,11 @@
 
 For each (S, density): B=1, H=8, D=64 fp32 random Q/K/V; the mask is AdaSpa's selection at that density
 (exact block sums, per-head top-k), so the output cosine vs dense means something. Times are medians of
-``--repeats`` after a warm-up (compile excluded); dense SDPA is timed right before the sparse paths in every
-repeat and the speedup is the median of the per-repeat ratios (dense / sparse), the ideal 1/density (token-pair density of the mask) and the fraction of the ideal
-reached; FLOP/s of the sparse path = 4 * B * H * S^2 * D * density / time. The same is done on Q/K/V
-captured from the embedded ``digits-video-dit`` when it loads (skipped with a message otherwise).
+``--repeats`` after a warm-up (compile excluded); dense SDPA is timed right before the sparse paths in
+every repeat. Reported: speedup (the median of the per-repeat ratios dense / sparse), the ideal 1/density
+(token-pair density of the mask) and the fraction of the ideal reached; FLOP/s of the sparse path =
+4 * B * H * S^2 * D * density / time. The same is done on Q/K/V captured from the embedded
+``digits-video-dit`` when it loads (skipped with a message otherwise).
 Run on a quiet machine: timings taken while other jobs run are fiction.
 """
 

@@ -34,7 +34,7 @@ FLEX_MIN_TOKENS = 2048
 _GATHER_CHUNK_ELEMENTS = 1 << 25  # score elements per masked gather chunk (fp32: 128 MiB)
 # Gathered K+V bytes per unmasked SDPA call. Small enough that the copy is still in cache when SDPA reads
 # it (32 MiB L3 on the 2-core CI machine): 128 MiB chunks ran at 0.29-0.37 of the ideal 1/density at 16K
-# tokens and density 0.1, 4 MiB chunks at 0.6-0.75; 0.5 MiB chunks pay per-call overhead instead.
+# tokens and density 0.1, 4 MiB chunks at 0.60-0.70; 0.5 MiB chunks pay per-call overhead instead.
 _GATHER_CHUNK_BYTES = 4 << 20
 _compiled_flex: Any = None
 _flex_failed: set[str] = set()
