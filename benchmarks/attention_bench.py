@@ -33,10 +33,8 @@ from accel.methods.adaspa import select_blocks
 
 
 def paired_times(dense_fn: Any, sparse_fns: list[Any], repeats: int) -> tuple[list[float], list[list[float]]]:
-    """Dense and every sparse callable timed back to back in each repeat (after one untimed call each), so
-    a slow spell of the shared host hits both sides of a ratio instead of one."""
-    for fn in (dense_fn, *sparse_fns):
-        fn()
+    """Dense and every sparse callable timed back to back in each repeat, so a slow spell of the shared host
+    hits both sides of a ratio instead of one. The caller has run each once already (warm-up, compile)."""
     dense: list[float] = []
     sparse: list[list[float]] = [[] for _ in sparse_fns]
     for _ in range(repeats):
@@ -63,8 +61,9 @@ def bench_case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, density: float
     B, H, S, D = q.shape
     mask = mask_at_density(q, k, density, block)
     actual = mask.density()
+    # These first calls are also the warm-up paired_times relies on (flex compiles here).
     dense_out = F.scaled_dot_product_attention(q, k, v)
-    outs = [sparse_attention(q, k, v, mask, backend=b) for b in backends]  # also compiles flex once
+    outs = [sparse_attention(q, k, v, mask, backend=b) for b in backends]
     dense_times, sparse_times = paired_times(
         lambda: F.scaled_dot_product_attention(q, k, v),
         [lambda b=b: sparse_attention(q, k, v, mask, backend=b) for b in backends], repeats)

@@ -93,7 +93,7 @@ def test_gather_whole_block_path_matches_reference_with_uneven_rows(S):
 def test_gather_cache_sized_chunks_reuse_buffers_exactly(monkeypatch):
     # chunks of one query block each: every count group spans several calls sharing one pair of buffers,
     # and a later, shorter gather must not read a longer one's leftovers
-    import accel.attention.backends as backends
+    from accel.attention import backends
 
     monkeypatch.setattr(backends, "_GATHER_CHUNK_BYTES", 1)
     gen = torch.Generator().manual_seed(7)

@@ -195,8 +195,9 @@ def _gather_by_count(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bl
             kg = torch.index_select(k_rows, 0, flat, out=k_buf[:flat.numel() * bs * D].view(shape))
             vg = torch.index_select(v_rows, 0, flat, out=v_buf[:flat.numel() * bs * D].view(shape))
             qc = q_rows.index_select(0, part).unsqueeze(0)
+            kv_shape = (1, part.numel(), count * bs, D)
             res = torch.nn.functional.scaled_dot_product_attention(
-                qc, kg.view(1, part.numel(), count * bs, D), vg.view(1, part.numel(), count * bs, D), scale=scale)
+                qc, kg.view(kv_shape), vg.view(kv_shape), scale=scale)
             out.index_copy_(0, part, res[0])
     return out.reshape(B, H, Sq, D)
 
