@@ -8,7 +8,8 @@ For each (S, density): B=1, H=8, D=64 fp32 random Q/K/V; the mask is AdaSpa's se
 ``--repeats`` after a warm-up (compile excluded); dense SDPA is timed right before the sparse paths in
 every repeat. Reported: speedup (the median of the per-repeat ratios dense / sparse), the ideal 1/density
 (token-pair density of the mask) and the fraction of the ideal reached; FLOP/s of the sparse path =
-4 * B * H * S^2 * D * density / time. The same is done on Q/K/V captured from the embedded
+4 * B * H * S^2 * D * density / time; and the cost of AdaSpa's two-pass block search (CPU) as a multiple of
+one dense call. The same is done on Q/K/V captured from the embedded
 ``digits-video-dit`` when it loads (skipped with a message otherwise).
 Run on a quiet machine: timings taken while other jobs run are fiction.
 """
@@ -64,9 +65,15 @@ def bench_case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, density: float
     # These first calls are also the warm-up paired_times relies on (flex compiles here).
     dense_out = F.scaled_dot_product_attention(q, k, v)
     outs = [sparse_attention(q, k, v, mask, backend=b) for b in backends]
-    dense_times, sparse_times = paired_times(
+    def search() -> None:  # AdaSpa's two-pass block search, the extra work of a search step
+        block_sums(q, k, block, D ** -0.5)
+
+    search()
+    dense_times, timed = paired_times(
         lambda: F.scaled_dot_product_attention(q, k, v),
-        [lambda b=b: sparse_attention(q, k, v, mask, backend=b) for b in backends], repeats)
+        [*(lambda b=b: sparse_attention(q, k, v, mask, backend=b) for b in backends), search], repeats)
+    *sparse_times, search_times = timed
+    search_vs_dense = statistics.median(s / d for d, s in zip(dense_times, search_times))
     rows = []
     for (out, used), samples in zip(outs, sparse_times):
         speedup = statistics.median(d / s for d, s in zip(dense_times, samples))
@@ -79,6 +86,7 @@ def bench_case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, density: float
             "fraction_of_ideal": round(speedup * actual, 3),
             "sparse_gflops": round(dense_attention_flops(B, H, S, S, D) * actual / median / 1e9, 2),
             "cosine_vs_dense": round(cosine(out, dense_out), 5),
+            "search_vs_dense": round(search_vs_dense, 3),
         })
     return rows
 
@@ -168,11 +176,12 @@ def main(argv: list[str] | None = None) -> int:
 def _print_row(row: dict[str, Any]) -> None:
     if not getattr(_print_row, "header", False):
         print(f"{'inputs':>16} {'S':>6} {'dens':>6} {'backend':>8} {'dense ms':>9} {'sparse ms':>9} "
-              f"{'speedup':>8} {'ideal':>6} {'of ideal':>8} {'cosine':>8}")
+              f"{'speedup':>8} {'ideal':>6} {'of ideal':>8} {'cosine':>8} {'search/dense':>12}")
         _print_row.header = True  # type: ignore[attr-defined]
     print(f"{row['inputs']:>16} {row['S']:>6} {row['density']:>6.3f} {row['backend']:>8} "
           f"{row['dense_s'] * 1e3:>9.1f} {row['sparse_s'] * 1e3:>9.1f} {row['speedup']:>8.2f} "
-          f"{row['ideal']:>6.2f} {row['fraction_of_ideal']:>8.2f} {row['cosine_vs_dense']:>8.4f}")
+          f"{row['ideal']:>6.2f} {row['fraction_of_ideal']:>8.2f} {row['cosine_vs_dense']:>8.4f} "
+          f"{row['search_vs_dense']:>12.2f}")
 
 
 if __name__ == "__main__":

@@ -116,3 +116,18 @@ def test_without_sweep_every_point_is_reported(tiny_model_dir, tmp_path):
                  "--labels", "0", "--repeats", "1", "--out", str(out)]) == 0
     records = json.loads((out / "results.json").read_text())["records"]
     assert len(records) == 3 and all(r["selected"] for r in records)
+
+
+def test_attention_share_counts_only_the_sdpa_kernels():
+    # a model whose every step is one SDPA call and one matmul: attention is a real, partial share
+    from accel.benchmarks.attention_share import attention_share
+
+    q = torch.randn(1, 2, 256, 32)
+    w = torch.randn(512, 512)
+
+    def call():
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        return w @ w
+
+    attention, total = attention_share(call)
+    assert 0 < attention < total
