@@ -1,0 +1,105 @@
+"""The CPU block-sparse attention kernel (``cpu_block_sparse.cpp``): built on first use, then cached.
+
+Same contract as the Triton launcher: ``q, k, v`` (B, H, S, D), ``kv_counts`` / ``kv_indices`` in the
+``BlockMask`` layout, block 64 or 128, any ``S`` (tail keys never enter the softmax); returns the output and
+the per-row LSE. Computes in fp32 (fp16/bf16 inputs are converted and the output converted back).
+
+The extension is compiled with torch's C++ toolchain (``torch.utils.cpp_extension``) for this machine's
+CPU (``-march=native``; the build name carries a hash of the CPU's flags, so a cache shared with another
+CPU type never loads a binary it cannot run). It needs a C++ compiler and ninja; :func:`available` says
+whether it built, and why not (``unavailable_reason``), and callers fall back to the PyTorch gather path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from accel.kernels.reference import check_block_sparse_inputs
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("cpu_block_sparse.cpp")
+_lock = threading.Lock()
+_module: Any = None
+_failure: str | None = None
+
+
+def _cpu_tag() -> str:
+    """A short hash of the CPU's feature flags: ``-march=native`` binaries are only valid on such CPUs."""
+    flags = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags += line
+                break
+    except OSError:
+        pass
+    source = _SOURCE.read_bytes() if _SOURCE.exists() else b""
+    return hashlib.sha1(flags.encode() + source + torch.__version__.encode()).hexdigest()[:10]
+
+
+def _build() -> Any:
+    from torch.utils.cpp_extension import load
+
+    logger.info("accel: building the CPU block-sparse attention kernel (once per machine, ~1 min)")
+    return load(
+        name=f"accel_cpu_block_sparse_{_cpu_tag()}",
+        sources=[str(_SOURCE)],
+        # -fopenmp: at::parallel_for is an OpenMP region only when the extension is built with it; the
+        # runtime resolves to the libgomp torch already loaded (same soname), so there is one thread pool.
+        extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
+
+
+def load_kernel() -> Any:
+    """The compiled module, building it on first call; ``None`` (and :func:`unavailable_reason` set) if the
+    build fails, e.g. no compiler. Thread-safe; a failed build is not retried in this process."""
+    global _module, _failure
+    with _lock:
+        if _module is None and _failure is None:
+            try:
+                _module = _build()
+            except Exception as exc:  # any build failure means "use another backend", said once
+                _failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                logger.warning("accel: the CPU block-sparse kernel did not build (%s); using the gather path.",
+                               _failure)
+        return _module
+
+
+def available() -> bool:
+    return load_kernel() is not None
+
+
+def unavailable_reason() -> str | None:
+    return _failure
+
+
+def block_sparse_attention_cpu(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_counts: torch.Tensor, kv_indices: torch.Tensor,
+    block_size: int, scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention on the CPU: ``(out (B, H, Sq, D) in q's dtype, lse (B, H, Sq) fp32)``.
+    Rows whose query block lists nothing get output 0 and LSE -inf."""
+    check_block_sparse_inputs(q, k, v, kv_counts, kv_indices, block_size)
+    if q.device.type != "cpu":
+        raise ValueError(f"block_sparse_attention_cpu runs on CPU tensors, got {q.device}.")
+    module = load_kernel()
+    if module is None:
+        raise RuntimeError(f"the CPU block-sparse kernel is unavailable ({_failure}).")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    counts = kv_counts.to(torch.int32).contiguous()
+    # Largest KV lists first: the threads claim items from one counter, so the long ones do not end last.
+    order = torch.argsort(counts.reshape(-1), descending=True, stable=True)
+    q32, k32, v32 = (t.float().contiguous() for t in (q, k, v))
+    out, lse = module.forward(q32, k32, v32, counts, kv_indices.to(torch.int32).contiguous(), order,
+                              int(block_size), scale)
+    return out.to(q.dtype), lse
