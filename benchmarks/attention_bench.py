@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, nargs="*", help="sequence lengths (default 4096 16384 32768)")
     parser.add_argument("--density", type=float, nargs="*", help="densities (default 0.1 0.2 0.4)")
     parser.add_argument("--block", type=int, default=64, choices=(64, 128))
-    parser.add_argument("--backends", nargs="*", default=["flex", "gather"], help="CPU paths to time")
+    parser.add_argument("--backends", nargs="*", default=["cpp", "gather", "flex"], help="CPU paths to time")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/attention_bench.json"))

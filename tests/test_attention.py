@@ -150,7 +150,8 @@ def test_flex_block_mask_carries_the_same_lists():
     assert not bool(block_mask.mask_mod(b, h, qi, torch.tensor(250)))
 
 
-def test_backend_choice():
+def test_backend_choice_without_the_cpu_kernel(monkeypatch):
+    monkeypatch.setattr("accel.attention.backends.cpu_kernel_available", lambda: False)  # no compiler
     assert choose_backend("auto", torch.device("cpu"), 100) == "gather"
     assert choose_backend("auto", torch.device("cpu"), 4096, whole_blocks=True) == "gather"
     assert choose_backend("auto", torch.device("cpu"), 32768, whole_blocks=True) == "gather"

@@ -32,11 +32,12 @@ from accel.registry import Stage, register_method
 
 
 class AttentionBackend(str, enum.Enum):
-    """Where block-sparse attention runs: ``auto`` = Triton on CUDA, compiled FlexAttention or
-    block gather on CPU."""
+    """Where block-sparse attention runs: ``auto`` = Triton on CUDA; on CPU the C++ kernel, else
+    compiled FlexAttention or block gather."""
 
     AUTO = "auto"
     TRITON = "triton"
+    CPP = "cpp"
     FLEX = "flex"
     GATHER = "gather"
     REFERENCE = "reference"
@@ -78,7 +79,7 @@ class AdaSpaConfig(MethodConfig):
             on top of the budget, ``False`` counts them inside it.
         first_frame_sink: always attend the first frame's blocks.
         row_wise: top-k per query block instead of per head.
-        backend: ``auto``, ``triton``, ``flex``, ``gather`` or ``reference``.
+        backend: ``auto``, ``triton``, ``cpp``, ``flex``, ``gather`` or ``reference``.
     """
 
     sparsity: float = 0.8

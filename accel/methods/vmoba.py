@@ -53,7 +53,7 @@ class VMoBAConfig(MethodConfig):
         top_k: chunks added per query block (``topk``; ``global`` keeps ``top_k`` per block on average).
         tau: share of a head's normalised score mass to keep (``threshold``), in (0, 1].
         warmup: fraction of the steps run dense first.
-        backend: ``auto``, ``triton``, ``flex``, ``gather`` or ``reference``.
+        backend: ``auto``, ``triton``, ``cpp``, ``flex``, ``gather`` or ``reference``.
     """
 
     block_size: int = 64

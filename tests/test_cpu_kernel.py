@@ -1,0 +1,134 @@
+"""The C++ CPU block-sparse kernel: matches the reference, reads only listed blocks, dispatch and fallback."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from accel.attention import BlockSparseMask, sparse_attention
+from accel.attention.backends import choose_backend
+from accel.kernels import cpu_block_sparse
+from accel.kernels.cpu_block_sparse import block_sparse_attention_cpu
+from accel.kernels.reference import block_sparse_attention_reference
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel_built():
+    if not cpu_block_sparse.available():  # no compiler on this machine: the gather path covers it
+        pytest.skip(f"the CPU kernel did not build: {cpu_block_sparse.unavailable_reason()}")
+
+
+def mask_with_edge_rows(B, H, Sq, Sk, block, seed=0, p=0.4):
+    """Random table plus a row attending nothing, a row with exactly one block (the tail) and a full row."""
+    gen = torch.Generator().manual_seed(seed)
+    qb, kb = math.ceil(Sq / block), math.ceil(Sk / block)
+    table = torch.rand(B, H, qb, kb, generator=gen) < p
+    table[0, 0, 0] = False
+    if qb > 2:
+        table[0, 0, 1] = False
+        table[0, 0, 1, -1] = True
+        table[0, 0, 2] = True
+    return BlockSparseMask.from_dense(table, block, Sq, Sk)
+
+
+@pytest.mark.parametrize("Sq,Sk,D,block", [
+    (200, 330, 64, 64),   # tail query and key blocks, queries != keys
+    (256, 256, 72, 64),
+    (300, 300, 80, 128),
+    (130, 200, 96, 64),
+    (256, 384, 128, 128),
+    (64 * 20, 64 * 20, 64, 64),  # lists longer than one 8-block score tile
+])
+def test_matches_reference(Sq, Sk, D, block):
+    q, k, v = torch.randn(2, 3, Sq, D), torch.randn(2, 3, Sk, D), torch.randn(2, 3, Sk, D)
+    mask = mask_with_edge_rows(2, 3, Sq, Sk, block)
+    out, lse = block_sparse_attention_cpu(q, k, v, mask.kv_counts, mask.kv_indices, block, 0.1)
+    ref, ref_lse = block_sparse_attention_reference(q, k, v, mask.kv_counts, mask.kv_indices, block, 0.1)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)  # -inf exactly where nothing is attended
+    assert bool(torch.isinf(lse[0, 0, :block]).all()) and bool((out[0, 0, :block] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_compute_in_fp32(dtype):
+    q, k, v = (torch.randn(1, 2, 200, 64).to(dtype) for _ in range(3))
+    mask = mask_with_edge_rows(1, 2, 200, 200, 64)
+    out, _ = block_sparse_attention_cpu(q, k, v, mask.kv_counts, mask.kv_indices, 64)
+    ref, _ = block_sparse_attention_reference(q, k, v, mask.kv_counts, mask.kv_indices, 64)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_reads_only_listed_blocks():
+    """Compute really skipped: NaN in every unlisted K/V block never reaches the output."""
+    q, k, v = torch.randn(1, 2, 256, 64), torch.randn(1, 2, 256, 64), torch.randn(1, 2, 256, 64)
+    table = torch.zeros(1, 2, 4, 4, dtype=torch.bool)
+    table[..., 0] = True  # every query block attends KV block 0 only
+    table[0, 1, 3, 2] = True
+    mask = BlockSparseMask.from_dense(table, 64, 256, 256)
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    poisoned_k[0, 0, 64:] = poisoned_v[0, 0, 64:] = float("nan")
+    poisoned_k[0, 1, 64:128] = poisoned_v[0, 1, 192:] = float("nan")
+    out, _ = block_sparse_attention_cpu(q, poisoned_k, poisoned_v, mask.kv_counts, mask.kv_indices, 64)
+    ref, _ = block_sparse_attention_reference(q, k, v, mask.kv_counts, mask.kv_indices, 64)
+    assert bool(torch.isfinite(out).all())
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_same_result_on_any_thread_count():
+    q, k, v = (torch.randn(1, 4, 64 * 12, 64) for _ in range(3))
+    mask = mask_with_edge_rows(1, 4, 64 * 12, 64 * 12, 64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, _ = block_sparse_attention_cpu(q, k, v, mask.kv_counts, mask.kv_indices, 64)
+        torch.set_num_threads(2)
+        two, _ = block_sparse_attention_cpu(q, k, v, mask.kv_counts, mask.kv_indices, 64)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # each query block is one thread's work, in a fixed order
+
+
+def test_bad_inputs_get_clear_errors():
+    q = torch.randn(1, 2, 128, 64)
+    mask = BlockSparseMask.full(1, 2, 64, 128, 128)
+    with pytest.raises(ValueError, match="block_size must be one of"):
+        block_sparse_attention_cpu(q, q, q, mask.kv_counts, mask.kv_indices, 48)
+    with pytest.raises(ValueError, match="must be float16, bfloat16 or float32"):
+        block_sparse_attention_cpu(q.double(), q.double(), q.double(), mask.kv_counts, mask.kv_indices, 64)
+
+
+def test_auto_takes_the_kernel_on_cpu_and_gather_for_padded_keys():
+    assert choose_backend("auto", torch.device("cpu"), 4096, whole_blocks=True) == "cpp"
+    assert choose_backend("auto", torch.device("cpu"), 100) == "cpp"
+    assert choose_backend("auto", torch.device("cpu"), 100, key_padding=True) == "gather"
+    q, k, v = (torch.randn(1, 2, 150, 64) for _ in range(3))
+    mask = mask_with_edge_rows(1, 2, 150, 150, 64)
+    out, used = sparse_attention(q, k, v, mask)
+    assert used == "cpp"
+    key_mask = torch.ones(1, 150, dtype=torch.bool)
+    key_mask[:, -10:] = False
+    out_padded, used_padded = sparse_attention(q, k, v, mask, key_mask=key_mask)
+    assert used_padded == "gather"
+    ref, _ = block_sparse_attention_reference(q, k, v, mask.kv_counts, mask.kv_indices, 64, key_mask=key_mask)
+    torch.testing.assert_close(out_padded, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_failed_build_falls_back_to_gather(monkeypatch):
+    def no_compiler():
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(cpu_block_sparse, "_module", None)
+    monkeypatch.setattr(cpu_block_sparse, "_failure", None)
+    monkeypatch.setattr(cpu_block_sparse, "_build", no_compiler)
+    assert not cpu_block_sparse.available()
+    assert "no C++ compiler found" in cpu_block_sparse.unavailable_reason()
+    assert choose_backend("auto", torch.device("cpu"), 4096, whole_blocks=True) == "gather"
+    q, k, v = (torch.randn(1, 2, 128, 64) for _ in range(3))
+    mask = BlockSparseMask.full(1, 2, 64, 128, 128)
+    _, used = sparse_attention(q, k, v, mask)
+    assert used == "gather"
+    with pytest.raises(RuntimeError, match="CPU block-sparse kernel is unavailable .*no C\\+\\+ compiler"):
+        block_sparse_attention_cpu(q, k, v, mask.kv_counts, mask.kv_indices, 64)
