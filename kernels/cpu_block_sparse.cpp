@@ -127,14 +127,35 @@ inline void gemm_ab_acc(int m, int n, int k, const float* a, int lda, const floa
 }
 
 struct Workspace {
-  std::vector<float> scores, acc, row_max, row_sum;
-  Workspace(int bs, int d) : scores(static_cast<size_t>(bs) * bs * kGroup), acc(static_cast<size_t>(bs) * d),
-                             row_max(bs), row_sum(bs) {}
+  // partial / partial_max: only when block sums are asked for; per row and listed block the sum of
+  // exp(s - m) and, per row and score tile, the running max m it was taken against.
+  std::vector<float> scores, acc, row_max, row_sum, partial, partial_max;
+  Workspace(int bs, int d, int max_count, bool sums)
+      : scores(static_cast<size_t>(bs) * bs * kGroup), acc(static_cast<size_t>(bs) * d), row_max(bs),
+        row_sum(bs), partial(sums ? static_cast<size_t>(bs) * max_count : 0),
+        partial_max(sums ? static_cast<size_t>(bs) * (max_count + kGroup - 1) / kGroup : 0) {}
 };
 
-// One query block: rows [q0, q0 + m) of head (b, h) against `count` listed KV blocks.
+// AdaSpa's block scores of one query block from the partial sums: sum over rows of exp(s - LSE_row) per
+// listed KV block, written to block_sums[list[j]] (the row of the (Qb, Kb) table; unlisted entries untouched).
+void finish_block_sums(const Workspace& ws, const float* lse, const int32_t* list, int count, int m,
+                       float* block_sums) {
+  const int tiles = (count + kGroup - 1) / kGroup;
+  for (int j = 0; j < count; ++j) {
+    double total = 0.0;
+    for (int r = 0; r < m; ++r) {
+      const float shift = ws.partial_max[static_cast<size_t>(r) * tiles + j / kGroup] - lse[r];
+      total += ws.partial[static_cast<size_t>(r) * count + j] * std::exp(shift);
+    }
+    block_sums[list[j]] = static_cast<float>(total);
+  }
+}
+
+// One query block: rows [q0, q0 + m) of head (b, h) against `count` listed KV blocks. With `block_sums`
+// (the query block's row of the (Qb, Kb) table) also the summed softmax weight of every listed block, from
+// the same score tiles: AdaSpa's search at the cost of the attention itself.
 void attend_block(const float* q, const float* k, const float* v, float* out, float* lse, const int32_t* list,
-                  int count, int m, int seq_k, int bs, int d, float scale, Workspace& ws) {
+                  int count, int m, int seq_k, int bs, int d, float scale, Workspace& ws, float* block_sums) {
   if (count == 0) {  // attends nothing: output 0, LSE -inf (the reference's convention)
     std::fill(out, out + static_cast<size_t>(m) * d, 0.0f);
     std::fill(lse, lse + m, -std::numeric_limits<float>::infinity());
@@ -162,7 +183,18 @@ void attend_block(const float* q, const float* k, const float* v, float* out, fl
     for (int r = 0; r < m; ++r) {
       float* row = s + static_cast<size_t>(r) * ld_s;
       const float tile_max = max_of(row, width, row_max[r]);
-      const float sum = exp_shift_sum(row, width, tile_max);
+      float sum = 0.0f;
+      if (block_sums == nullptr) {
+        sum = exp_shift_sum(row, width, tile_max);
+      } else {
+        const int tiles = (count + kGroup - 1) / kGroup;
+        ws.partial_max[static_cast<size_t>(r) * tiles + g0 / kGroup] = tile_max;
+        for (int g = 0; g < g_n; ++g) {
+          const float part = exp_shift_sum(row + offsets[g], widths[g], tile_max);
+          ws.partial[static_cast<size_t>(r) * count + g0 + g] = part;
+          sum += part;
+        }
+      }
       const float rescale = exp_nonpositive(row_max[r] - tile_max);  // 0 on the first tile (-inf)
       row_sum[r] = row_sum[r] * rescale + sum;
       row_max[r] = tile_max;
@@ -180,15 +212,17 @@ void attend_block(const float* q, const float* k, const float* v, float* out, fl
     for (int c = 0; c < d; ++c) o[c] = a[c] * inv;
     lse[r] = row_max[r] + std::log(row_sum[r]);
   }
+  if (block_sums != nullptr) finish_block_sums(ws, lse, list, count, m, block_sums);
 }
 
 }  // namespace
 
 // q (B, H, Sq, D), k/v (B, H, Sk, D) contiguous fp32; kv_counts (B, H, Qb) and kv_indices (B, H, Qb, W)
-// int32; order: the B*H*Qb work items in the order to run them. Returns (out (B, H, Sq, D), lse (B, H, Sq)).
+// int32; order: the B*H*Qb work items in the order to run them. Returns (out (B, H, Sq, D), lse (B, H, Sq),
+// block_sums (B, H, Qb, Kb) fp32 when with_block_sums, else an empty tensor; unlisted blocks sum to 0).
 std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_counts,
                                    torch::Tensor kv_indices, torch::Tensor order, int64_t block_size,
-                                   double scale) {
+                                   double scale, bool with_block_sums) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
               v.scalar_type() == torch::kFloat32, "cpu block-sparse kernel: q, k, v must be float32");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k, v must be contiguous");
@@ -203,6 +237,10 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
   auto work = order.contiguous();
   auto out = torch::empty_like(q);
   auto lse = torch::empty({B, H, seq_q}, q.options());
+  const int64_t kb = (seq_k + bs - 1) / bs;
+  auto sums = with_block_sums ? torch::zeros({B, H, qb, kb}, q.options()) : torch::empty({0}, q.options());
+  float* sp = with_block_sums ? sums.data_ptr<float>() : nullptr;
+  const int max_count = counts.numel() ? counts.max().item<int32_t>() : 0;
   const int64_t width = indices.size(3), items = B * H * qb;
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
@@ -215,7 +253,7 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
   std::atomic<int64_t> next{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    Workspace ws(bs, static_cast<int>(D));
+    Workspace ws(bs, static_cast<int>(D), max_count, with_block_sums);
     const int previous = MKL_Set_Num_Threads_Local(1);
     for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
       const int64_t item = wp[i];
@@ -224,11 +262,12 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
       const int m = static_cast<int>(std::min<int64_t>(bs, seq_q - row0));
       attend_block(qp + (bh * seq_q + row0) * D, kp + bh * seq_k * D, vp + bh * seq_k * D,
                    op + (bh * seq_q + row0) * D, lp + bh * seq_q + row0, ip + item * width, cp[item], m,
-                   static_cast<int>(seq_k), bs, static_cast<int>(D), static_cast<float>(scale), ws);
+                   static_cast<int>(seq_k), bs, static_cast<int>(D), static_cast<float>(scale), ws,
+                   sp == nullptr ? nullptr : sp + item * kb);
     }
     MKL_Set_Num_Threads_Local(previous);
   });
-  return {out, lse};
+  return {out, lse, sums};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -89,9 +89,28 @@ def block_sparse_attention_cpu(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention on the CPU: ``(out (B, H, Sq, D) in q's dtype, lse (B, H, Sq) fp32)``.
     Rows whose query block lists nothing get output 0 and LSE -inf."""
+    out, lse, _ = _run(q, k, v, kv_counts, kv_indices, block_size, scale, with_block_sums=False)
+    return out, lse
+
+
+def attention_with_block_sums_cpu(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_counts: torch.Tensor, kv_indices: torch.Tensor,
+    block_size: int, scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As :func:`block_sparse_attention_cpu`, plus AdaSpa's block scores from the same score tiles:
+    ``sums (B, H, Qb, Kb)`` fp32, per (query block, KV block) the summed softmax weight
+    ``sum exp(q.k * scale - LSE_row)`` (0 for unlisted blocks). With every block listed this is the exact
+    two-pass search (``block_sums_reference``) at the cost of one attention call, and the output is dense
+    attention's."""
+    return _run(q, k, v, kv_counts, kv_indices, block_size, scale, with_block_sums=True)
+
+
+def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_counts: torch.Tensor, kv_indices: torch.Tensor,
+         block_size: int, scale: float | None, with_block_sums: bool,
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_block_sparse_inputs(q, k, v, kv_counts, kv_indices, block_size)
     if q.device.type != "cpu":
-        raise ValueError(f"block_sparse_attention_cpu runs on CPU tensors, got {q.device}.")
+        raise ValueError(f"the CPU block-sparse kernel runs on CPU tensors, got {q.device}.")
     module = load_kernel()
     if module is None:
         raise RuntimeError(f"the CPU block-sparse kernel is unavailable ({_failure}).")
@@ -100,6 +119,6 @@ def block_sparse_attention_cpu(
     # Largest KV lists first: the threads claim items from one counter, so the long ones do not end last.
     order = torch.argsort(counts.reshape(-1), descending=True, stable=True)
     q32, k32, v32 = (t.float().contiguous() for t in (q, k, v))
-    out, lse = module.forward(q32, k32, v32, counts, kv_indices.to(torch.int32).contiguous(), order,
-                              int(block_size), scale)
-    return out.to(q.dtype), lse
+    out, lse, sums = module.forward(q32, k32, v32, counts, kv_indices.to(torch.int32).contiguous(), order,
+                                    int(block_size), scale, with_block_sums)
+    return out.to(q.dtype), lse, sums

@@ -10,8 +10,9 @@ import torch
 from accel.attention import BlockSparseMask, sparse_attention
 from accel.attention.backends import choose_backend
 from accel.kernels import cpu_block_sparse
-from accel.kernels.cpu_block_sparse import block_sparse_attention_cpu
-from accel.kernels.reference import block_sparse_attention_reference
+from accel.attention.search import attention_and_block_sums
+from accel.kernels.cpu_block_sparse import attention_with_block_sums_cpu, block_sparse_attention_cpu
+from accel.kernels.reference import block_sparse_attention_reference, block_sums_reference
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -89,6 +90,33 @@ def test_same_result_on_any_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)  # each query block is one thread's work, in a fixed order
+
+
+@pytest.mark.parametrize("S,D,block", [(200, 64, 64), (64 * 20, 80, 64), (300, 96, 128)])
+def test_fused_search_is_dense_attention_plus_exact_block_sums(S, D, block):
+    q, k, v = (torch.randn(1, 2, S, D) for _ in range(3))
+    fused = attention_and_block_sums(q, k, v, block, 0.1, None, "auto")
+    assert fused is not None
+    out, sums, lse = fused
+    ref_sums, ref_lse = block_sums_reference(q, k, block, 0.1)  # two-pass: computes the LSE
+    torch.testing.assert_close(sums, ref_sums, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.1),
+                               atol=2e-5, rtol=1e-5)
+    assert attention_and_block_sums(q, k, v, block, 0.1, None, "gather") is None  # another backend asked for
+
+
+def test_block_sums_under_a_sparse_mask_cover_listed_blocks_only():
+    q, k, v = (torch.randn(1, 2, 320, 64) for _ in range(3))
+    mask = mask_with_edge_rows(1, 2, 320, 320, 64)
+    _, lse, sums = attention_with_block_sums_cpu(q, k, v, mask.kv_counts, mask.kv_indices, 64)
+    table = mask.to_dense()
+    assert bool((sums[~table] == 0).all())
+    # Each attending row's weights sum to 1 over its listed blocks: a query block's sums add up to its rows.
+    rows = sums.sum(-1)
+    attending = mask.kv_counts > 0
+    torch.testing.assert_close(rows[attending], torch.full_like(rows[attending], 64.0), atol=1e-3, rtol=0)
+    assert bool((rows[~attending] == 0).all())
 
 
 def test_bad_inputs_get_clear_errors():

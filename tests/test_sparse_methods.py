@@ -12,6 +12,7 @@ from families import FAMILIES, run_loop
 
 import accel
 from accel.hooks import accel_hook_names
+from accel.kernels import cpu_block_sparse
 from accel.methods import adaspa, vmoba  # noqa: F401  (registers the methods)
 from accel.methods.adaspa import AdaSpaConfig, head_sparsities, recall_at, select_blocks
 from accel.methods.vmoba import Selection, VMoBAConfig, select_chunks
@@ -208,10 +209,12 @@ def test_cross_attention_is_not_hooked():
     patch.remove()
 
 
-def test_adaspa_schedule_dense_search_reuse():
+@pytest.mark.parametrize("backend", ["gather", "auto"])
+def test_adaspa_schedule_dense_search_reuse(backend):
+    fused = backend == "auto" and cpu_block_sparse.available()  # CPU: the search rides the C++ kernel's pass
     family = FAMILIES["wan"]
     model = family.build()
-    patch = accel.patch(model, AdaSpaConfig(sparsity=0.5, warmup=0.2, search_steps=(0.2, 0.6)))
+    patch = accel.patch(model, AdaSpaConfig(sparsity=0.5, warmup=0.2, search_steps=(0.2, 0.6), backend=backend))
     patch.reset(num_steps=5)
     run_loop(model, family, steps=5, size=16, frames=3)
     runtime = patch._attached[0].handle
@@ -222,7 +225,10 @@ def test_adaspa_schedule_dense_search_reuse():
     assert kinds[0] == {"dense (warm-up)"} and kinds[1] == {"dense (search)"} and kinds[3] == {"dense (search)"}
     assert "dense" not in " ".join(kinds[2] | kinds[4])
     layers = len(runtime.layers)
-    assert runtime.searches == {"two_pass": layers, "one_pass": layers}
+    if fused:
+        assert runtime.searches == {"two_pass": 0, "one_pass": 0, "fused": 2 * layers}
+    else:
+        assert runtime.searches == {"two_pass": layers, "one_pass": layers, "fused": 0}
     patch.remove()
 
 

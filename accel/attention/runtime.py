@@ -3,7 +3,8 @@ mask on a backend (with a token permutation when the method asks for one) and re
 
 A method subclasses :class:`SparseAttentionRuntime` and implements :meth:`select`, which gets an
 :class:`AttentionCall` (layer, step, q/k/v, token geometry) and returns a :class:`Plan` (a (B, H, Qb, Kb)
-bool block table over the possibly permuted sequence) or ``None`` (or a reason string) for dense attention. The runtime
+bool block table over the possibly permuted sequence), ``None`` (or a reason string) for dense attention, or a
+:class:`Computed` output (a dense step the method already ran, e.g. a search fused with attention). The runtime
 forces the rows and columns of special tokens (joint text, class tokens) on, so they are never dropped.
 Cross-attention modules are never hooked; a self-attention call whose queries and keys differ in length
 runs dense.
@@ -67,6 +68,15 @@ class Plan:
     table: torch.Tensor
     perm: torch.Tensor | None = None
     note: str = ""
+
+
+@dataclass
+class Computed:
+    """A call the method has already answered with dense attention (``output`` (B, H, S, D)); ``reason``
+    is logged as for a dense step."""
+
+    output: torch.Tensor
+    reason: str
 
 
 @dataclass
@@ -188,6 +198,9 @@ class SparseAttentionRuntime:
         call = AttentionCall(info, query, key, value, scale_value, SequenceGeometry.from_layout(layout, S),
                              state.step_index, num_steps, state.branch, key_mask, self.block_size)
         plan = self.select(call)
+        if isinstance(plan, Computed):
+            self._log(call.step, call.branch, info.name, 1.0, f"dense ({plan.reason})", query, key)
+            return plan.output
         if plan is None or isinstance(plan, str):
             return self._dense(args, kwargs, record, plan or "dense step")
         return self._run(call, plan)
@@ -211,8 +224,9 @@ class SparseAttentionRuntime:
         self._log(call.step, call.branch, call.layer.name, mask.density(), used, call.q, call.k)
         return out
 
-    def select(self, call: AttentionCall) -> Plan | str | None:  # pragma: no cover - abstract
-        """A :class:`Plan`, or ``None`` / a short reason (``"search"``) to run this call dense."""
+    def select(self, call: AttentionCall) -> Plan | Computed | str | None:  # pragma: no cover - abstract
+        """A :class:`Plan`, a :class:`Computed` output, or ``None`` / a short reason (``"search"``) to run
+        this call dense."""
         raise NotImplementedError
 
     # -- reporting -------------------------------------------------------------------------------------

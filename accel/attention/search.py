@@ -1,7 +1,8 @@
 """AdaSpa's block scores off the GPU: summed softmax weight per (query block, KV block), chunked.
 
 Same result as ``accel.kernels.block_sums`` (the Triton kernel, used on CUDA) without materialising the
-(S, S) score matrix: query blocks are processed a chunk at a time.
+(S, S) score matrix: query blocks are processed a chunk at a time. On the CPU, :func:`attention_and_block_sums`
+takes the scores from the C++ attention kernel's own tiles instead, so a search step costs one attention call.
 """
 
 from __future__ import annotations
@@ -13,6 +14,26 @@ import torch
 # Scores per chunk (fp32: 4 MiB): small enough to stay in cache between the matmul and the exp / block
 # reductions; 128 MiB chunks took 2x as long on digits-video-dit's 4,096 tokens (2 threads).
 _CHUNK_ELEMENTS = 1 << 20
+
+
+def attention_and_block_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, scale: float,
+                             key_mask: torch.Tensor | None, backend: str,
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Dense attention and the exact block scores in one pass of the C++ CPU kernel:
+    ``(out (B, H, Sq, D), sums (B, H, Qb, Kb), lse (B, H, Sq))``, or ``None`` where that kernel does not
+    apply (not CPU, padded keys, another backend asked for, or it did not build)."""
+    from accel.attention.backends import choose_backend
+
+    if q.device.type != "cpu" or key_mask is not None or backend not in ("auto", "cpp"):
+        return None
+    if choose_backend(backend, q.device, q.shape[2]) != "cpp":
+        return None
+    from accel.attention.format import BlockSparseMask
+    from accel.kernels.cpu_block_sparse import attention_with_block_sums_cpu
+
+    full = BlockSparseMask.full(q.shape[0], q.shape[1], block_size, q.shape[2], k.shape[2], device=q.device)
+    out, lse, sums = attention_with_block_sums_cpu(q, k, v, full.kv_counts, full.kv_indices, block_size, scale)
+    return out, sums, lse
 
 
 def block_sums(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float, lse: torch.Tensor | None = None,

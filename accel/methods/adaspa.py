@@ -3,8 +3,9 @@
 Paper: Xia et al., "Training-free and Adaptive Sparse Attention for Efficient Long Video Generation"
 (arXiv:2502.21079). The score of a (query block, KV block) pair is the attention mass it carries,
 ``sum exp(q.k/sqrt(d) - LSE_row)``. The first steps run dense; at the search steps the scores are
-computed exactly (the first search computes each row's LSE, later searches reuse the cached LSE: one pass)
-and the top blocks at the target sparsity are kept per head; other steps reuse the layer's mask (the
+computed exactly (the first search computes each row's LSE, later searches reuse the cached LSE: one pass;
+on the CPU the C++ attention kernel yields the scores with the current LSE from the search step's own dense
+attention pass, so a search costs one attention call) and the top blocks at the target sparsity are kept per head; other steps reuse the layer's mask (the
 paper's finding: patterns vary by input, layer and head but hardly across steps). Head-adaptive: heads
 whose recall at the higher sparsity (1+s)/2 stays high (at most half) get it, as many worst-recall heads
 get (3s-1)/2, so the average stays s.
@@ -25,8 +26,8 @@ from typing import Any
 import torch
 
 from accel.attention.backends import BACKENDS
-from accel.attention.runtime import AttentionCall, Plan, SparseAttentionRuntime
-from accel.attention.search import block_sums
+from accel.attention.runtime import AttentionCall, Computed, Plan, SparseAttentionRuntime
+from accel.attention.search import attention_and_block_sums, block_sums
 from accel.config import MethodConfig, check_choice, check_float
 from accel.registry import Stage, register_method
 
@@ -171,7 +172,8 @@ class AdaSpa(SparseAttentionRuntime):
     def __init__(self, ctx: Any, config: AdaSpaConfig) -> None:
         self.config = config
         self.cache: dict[tuple[str, int], _LayerCache] = {}
-        self.searches: dict[str, int] = {"two_pass": 0, "one_pass": 0}
+        # fused: the C++ CPU kernel's attention pass gave the scores (exact, current LSE)
+        self.searches: dict[str, int] = {"two_pass": 0, "one_pass": 0, "fused": 0}
         super().__init__(ctx, config.block_size, config.backend.value)
 
     def reset(self) -> None:
@@ -182,7 +184,7 @@ class AdaSpa(SparseAttentionRuntime):
         warm = round(self.config.warmup * num_steps)
         return warm, {max(warm, round(f * num_steps)) for f in self.config.search_steps}
 
-    def select(self, call: AttentionCall) -> Plan | str | None:
+    def select(self, call: AttentionCall) -> Plan | Computed | str | None:
         key = (call.layer.name, call.branch)
         cached = self.cache.get(key)
         if not self.adapter.is_denoiser:  # one forward per input: search and apply at once
@@ -192,15 +194,26 @@ class AdaSpa(SparseAttentionRuntime):
             return "warm-up"
         shape_ok = cached is not None and cached.lse.shape == call.q.shape[:3]
         if call.step in searches or not shape_ok:
+            fused = attention_and_block_sums(call.q, call.k, call.v, call.block_size, call.scale, call.key_mask,
+                                             self.backend)
+            if fused is not None:  # the search step's dense attention and its scores in one pass
+                out, sums, lse = fused
+                self.searches["fused"] += 1
+                self._choose(call, sums, lse)
+                return Computed(out, "search")
             reuse = cached.lse if shape_ok and cached.step < call.step else None
             self._search(call, reuse)
             return "search"  # the search step has paid for full attention scores: it runs dense
         return Plan(cached.table)
 
     def _search(self, call: AttentionCall, lse: torch.Tensor | None) -> torch.Tensor:
-        config = self.config
         self.searches["two_pass" if lse is None else "one_pass"] += 1
         sums, lse = block_sums(call.q, call.k, call.block_size, call.scale, lse, call.key_mask)
+        return self._choose(call, sums, lse)
+
+    def _choose(self, call: AttentionCall, sums: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """The block table from the scores (head-adaptive budget, sinks), cached for the following steps."""
+        config = self.config
         H = sums.shape[1]
         if config.head_adaptive and H > 1:
             per_head = head_sparsities(sums, config.sparsity, config.recall_threshold)
