@@ -3,8 +3,8 @@
 // Each (batch, head, query block) walks its own KV-block index list in place: no gathered copy of K/V.
 // Per group of up to kGroup listed blocks: S = scale * Q K^T with one MKL sgemm per block into one score
 // tile, an online softmax over the tile, then O += P V with one sgemm per block. Query rows stay whole
-// blocks (64/128) so the GEMMs run at MKL's full rate; SDPA's own CPU kernel splits a 64-row query into
-// 32-row tiles and reaches ~93 GFLOP/s on 2 threads there vs ~150 on long queries (benchmarks/RESULTS.md).
+// blocks (64/128) so the GEMMs run at MKL's full rate; SDPA's own CPU kernel picks a smaller query tile for a
+// 64-row query, which held the gather-then-SDPA path at ~0.6 of the ideal speedup (benchmarks/RESULTS.md).
 //
 // Work items are (b, h, q-block) triples, largest KV list first, claimed from one atomic counter by
 // torch's intra-op threads, so heads of different density balance across threads.

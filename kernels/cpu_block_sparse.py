@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import platform
+import shutil
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -45,9 +48,25 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode() + source + torch.__version__.encode()).hexdigest()[:10]
 
 
+def _ensure_ninja_on_path() -> None:
+    """torch's builder runs ``ninja`` from PATH; a venv's python run without activating the venv does not have
+    the venv's ``bin`` (where the ``ninja`` package puts it) on PATH."""
+    if shutil.which("ninja"):
+        return
+    candidates = [str(Path(sys.executable).parent)]
+    try:
+        import ninja  # type: ignore[import-not-found]
+
+        candidates.insert(0, ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        pass
+    os.environ["PATH"] = os.pathsep.join([*candidates, os.environ.get("PATH", "")])
+
+
 def _build() -> Any:
     from torch.utils.cpp_extension import load
 
+    _ensure_ninja_on_path()
     logger.info("accel: building the CPU block-sparse attention kernel (once per machine, ~1 min)")
     return load(
         name=f"accel_cpu_block_sparse_{_cpu_tag()}",
