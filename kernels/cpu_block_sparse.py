@@ -67,7 +67,7 @@ def _build() -> Any:
     from torch.utils.cpp_extension import load
 
     _ensure_ninja_on_path()
-    logger.info("accel: building the CPU block-sparse attention kernel (once per machine, ~1 min)")
+    logger.info("accel: building the CPU block-sparse attention kernel (once per machine, ~30 s)")
     return load(
         name=f"accel_cpu_block_sparse_{_cpu_tag()}",
         sources=[str(_SOURCE)],

@@ -3,7 +3,7 @@
 - ``triton``: the Triton kernel (CUDA).
 - ``cpp``: the C++ CPU kernel (``accel.kernels.cpu_block_sparse``, built on first use): each query block
   walks its KV list in place with MKL GEMMs on whole blocks and a vectorised online softmax. Measured
-  (RESULTS.md, 2 threads) 0.76-0.95 of the ideal 1/density at 4K-32K tokens; no key-padding input.
+  (RESULTS.md, 2 threads) 0.76-0.99 of the ideal 1/density at 4K-32K tokens; no key-padding input.
 - ``flex``: ``torch.compile(flex_attention)`` with a ``BlockMask`` from the same index lists and a
   ``mask_mod`` reading the same table (CPU, torch >= 2.5; inductor's C++ kernel skips unlisted blocks).
 - ``gather``: PyTorch block gather: each query block's listed K/V blocks are gathered and attended with
