@@ -6,8 +6,8 @@
 // blocks (64/128) so the GEMMs run at MKL's full rate; SDPA's own CPU kernel picks a smaller query tile for a
 // 64-row query, which held the gather-then-SDPA path at ~0.6 of the ideal speedup (benchmarks/RESULTS.md).
 //
-// Work items are (b, h, q-block) triples, largest KV list first, claimed from one atomic counter by
-// torch's intra-op threads, so heads of different density balance across threads.
+// Work items are (b, h, q-block) triples claimed from one atomic counter by torch's intra-op threads, in the
+// order the caller gives (cpu_block_sparse.py: head by head, longest KV list first within a head).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -49,10 +49,12 @@ inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
 inline vfloat splat(float x) { return vfloat{} + x; }
 
 // exp(x) for x <= 0 as 2^(x log2 e): round-to-nearest by the 1.5 * 2^23 trick, a degree-6 polynomial for
-// 2^f on [-0.5, 0.5] (relative error ~2e-7), the exponent added to the bits. Inputs below -80 give ~1e-35.
+// 2^f on [-0.5, 0.5] (relative error ~2e-7), the exponent added to the bits. Inputs below -80 (e^-80 ~ 2e-35)
+// give exactly 0, so a masked key's -inf score carries no weight at all.
 inline vfloat exp_nonpositive(vfloat x) {
   const vfloat magic = splat(12582912.0f);
-  x = x < -80.0f ? splat(-80.0f) : x;
+  const auto underflow = x < -80.0f;
+  x = underflow ? splat(-80.0f) : x;
   const vfloat t = x * 1.4426950408889634f;
   const vfloat shifted = t + magic;
   const vfloat n = shifted - magic;
@@ -66,7 +68,8 @@ inline vfloat exp_nonpositive(vfloat x) {
   p = p * f + 1.0f;
   const vint exponent = (reinterpret_cast<const vint&>(shifted) - reinterpret_cast<const vint&>(magic)) << 23;
   const vint bits = reinterpret_cast<const vint&>(p) + exponent;
-  return reinterpret_cast<const vfloat&>(bits);
+  const vfloat e = reinterpret_cast<const vfloat&>(bits);
+  return underflow ? splat(0.0f) : e;
 }
 
 inline float exp_nonpositive(float x) {
@@ -144,6 +147,7 @@ void finish_block_sums(const Workspace& ws, const float* lse, const int32_t* lis
   for (int j = 0; j < count; ++j) {
     double total = 0.0;
     for (int r = 0; r < m; ++r) {
+      if (lse[r] == -std::numeric_limits<float>::infinity()) continue;  // a row that attends nothing
       const float shift = ws.partial_max[static_cast<size_t>(r) * tiles + j / kGroup] - lse[r];
       total += ws.partial[static_cast<size_t>(r) * count + j] * std::exp(shift);
     }
@@ -151,11 +155,23 @@ void finish_block_sums(const Workspace& ws, const float* lse, const int32_t* lis
   }
 }
 
+// Scores of keys that may not be attended (key_ok[j] == 0, padded prompt tokens) become -inf: m rows of
+// `width` columns, ld_s apart.
+void mask_keys(float* s, int m, int width, int ld_s, const uint8_t* key_ok) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int c = 0; c < width; ++c) {
+    if (key_ok[c]) continue;
+    for (int r = 0; r < m; ++r) s[static_cast<size_t>(r) * ld_s + c] = neg_inf;
+  }
+}
+
 // One query block: rows [q0, q0 + m) of head (b, h) against `count` listed KV blocks. With `block_sums`
 // (the query block's row of the (Qb, Kb) table) also the summed softmax weight of every listed block, from
-// the same score tiles: AdaSpa's search at the cost of the attention itself.
+// the same score tiles: AdaSpa's search at the cost of the attention itself. `key_ok` (this batch row's Sk
+// flags) and `block_padded` (its Kb flags: the block holds a masked key) are null without key padding.
 void attend_block(const float* q, const float* k, const float* v, float* out, float* lse, const int32_t* list,
-                  int count, int m, int seq_k, int bs, int d, float scale, Workspace& ws, float* block_sums) {
+                  int count, int m, int seq_k, int bs, int d, float scale, Workspace& ws, float* block_sums,
+                  const uint8_t* key_ok, const uint8_t* block_padded) {
   if (count == 0) {  // attends nothing: output 0, LSE -inf (the reference's convention)
     std::fill(out, out + static_cast<size_t>(m) * d, 0.0f);
     std::fill(lse, lse + m, -std::numeric_limits<float>::infinity());
@@ -178,11 +194,23 @@ void attend_block(const float* q, const float* k, const float* v, float* out, fl
       offsets[g] = width;
       widths[g] = std::min(bs, seq_k - start);  // the tail block holds fewer keys: no padding enters
       gemm_abt(m, widths[g], d, scale, q, d, k + static_cast<size_t>(start) * d, d, 0.0f, s + width, ld_s);
+      if (block_padded != nullptr && block_padded[list[g0 + g]]) {
+        mask_keys(s + width, m, widths[g], ld_s, key_ok + start);
+      }
       width += widths[g];
     }
     for (int r = 0; r < m; ++r) {
       float* row = s + static_cast<size_t>(r) * ld_s;
       const float tile_max = max_of(row, width, row_max[r]);
+      if (tile_max == -std::numeric_limits<float>::infinity()) {  // every key so far masked: no weight yet
+        std::fill(row, row + width, 0.0f);
+        if (block_sums != nullptr) {
+          const int tiles = (count + kGroup - 1) / kGroup;
+          ws.partial_max[static_cast<size_t>(r) * tiles + g0 / kGroup] = 0.0f;
+          for (int g = 0; g < g_n; ++g) ws.partial[static_cast<size_t>(r) * count + g0 + g] = 0.0f;
+        }
+        continue;
+      }
       float sum = 0.0f;
       if (block_sums == nullptr) {
         sum = exp_shift_sum(row, width, tile_max);
@@ -206,9 +234,14 @@ void attend_block(const float* q, const float* k, const float* v, float* out, fl
     }
   }
   for (int r = 0; r < m; ++r) {
-    const float inv = 1.0f / row_sum[r];
     const float* a = acc + static_cast<size_t>(r) * d;
     float* o = out + static_cast<size_t>(r) * d;
+    if (row_sum[r] == 0.0f) {  // every listed key masked: attends nothing, as a row with no blocks
+      std::fill(o, o + d, 0.0f);
+      lse[r] = -std::numeric_limits<float>::infinity();
+      continue;
+    }
+    const float inv = 1.0f / row_sum[r];
     for (int c = 0; c < d; ++c) o[c] = a[c] * inv;
     lse[r] = row_max[r] + std::log(row_sum[r]);
   }
@@ -218,11 +251,12 @@ void attend_block(const float* q, const float* k, const float* v, float* out, fl
 }  // namespace
 
 // q (B, H, Sq, D), k/v (B, H, Sk, D) contiguous fp32; kv_counts (B, H, Qb) and kv_indices (B, H, Qb, W)
-// int32; order: the B*H*Qb work items in the order to run them. Returns (out (B, H, Sq, D), lse (B, H, Sq),
-// block_sums (B, H, Qb, Kb) fp32 when with_block_sums, else an empty tensor; unlisted blocks sum to 0).
+// int32; order: the B*H*Qb work items in the order to run them; key_ok: (B, Sk) uint8, 0 for keys no query
+// may attend, or an empty tensor. Returns (out (B, H, Sq, D), lse (B, H, Sq), block_sums (B, H, Qb, Kb) fp32
+// when with_block_sums, else an empty tensor; unlisted blocks sum to 0).
 std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_counts,
                                    torch::Tensor kv_indices, torch::Tensor order, int64_t block_size,
-                                   double scale, bool with_block_sums) {
+                                   double scale, bool with_block_sums, torch::Tensor key_ok) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
               v.scalar_type() == torch::kFloat32, "cpu block-sparse kernel: q, k, v must be float32");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k, v must be contiguous");
@@ -241,6 +275,19 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
   auto sums = with_block_sums ? torch::zeros({B, H, qb, kb}, q.options()) : torch::empty({0}, q.options());
   float* sp = with_block_sums ? sums.data_ptr<float>() : nullptr;
   const int max_count = counts.numel() ? counts.max().item<int32_t>() : 0;
+  const bool padded = key_ok.numel() > 0;
+  torch::Tensor ok, block_padded;
+  if (padded) {
+    TORCH_CHECK(key_ok.scalar_type() == torch::kUInt8 && key_ok.dim() == 2 && key_ok.size(0) == B &&
+                key_ok.size(1) == seq_k, "key_ok must be (B, Sk) uint8");
+    ok = key_ok.contiguous();
+    // Per (batch, KV block): does it hold a masked key? Only those tiles pay for masking.
+    auto pad = torch::constant_pad_nd(ok.eq(0), {0, kb * bs - seq_k}, 0);
+    block_padded = pad.view({B, kb, bs}).any(2).to(torch::kUInt8).contiguous();
+  }
+  const uint8_t* okp = padded ? ok.data_ptr<uint8_t>() : nullptr;
+  const uint8_t* bpp = padded ? block_padded.data_ptr<uint8_t>() : nullptr;
+  const int64_t heads = H;
   const int64_t width = indices.size(3), items = B * H * qb;
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
@@ -263,7 +310,8 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
       attend_block(qp + (bh * seq_q + row0) * D, kp + bh * seq_k * D, vp + bh * seq_k * D,
                    op + (bh * seq_q + row0) * D, lp + bh * seq_q + row0, ip + item * width, cp[item], m,
                    static_cast<int>(seq_k), bs, static_cast<int>(D), static_cast<float>(scale), ws,
-                   sp == nullptr ? nullptr : sp + item * kb);
+                   sp == nullptr ? nullptr : sp + item * kb, padded ? okp + (bh / heads) * seq_k : nullptr,
+                   padded ? bpp + (bh / heads) * kb : nullptr);
     }
     MKL_Set_Num_Threads_Local(previous);
   });

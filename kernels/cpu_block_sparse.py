@@ -2,7 +2,8 @@
 
 Same contract as the Triton launcher: ``q, k, v`` (B, H, S, D), ``kv_counts`` / ``kv_indices`` in the
 ``BlockMask`` layout, block 64 or 128, any ``S`` (tail keys never enter the softmax); returns the output and
-the per-row LSE. Computes in fp32 (fp16/bf16 inputs are converted and the output converted back).
+the per-row LSE. Also takes a key-padding mask (padded prompt tokens in joint text+video attention). Computes
+in fp32 (fp16/bf16 inputs are converted and the output converted back).
 
 The extension is compiled with torch's C++ toolchain (``torch.utils.cpp_extension``) for this machine's
 CPU (``-march=native``; the build name carries a hash of the CPU's flags, so a cache shared with another
@@ -23,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from accel.kernels.reference import check_block_sparse_inputs
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def load_kernel() -> Any:
         if _module is None and _failure is None:
             try:
                 _module = _build()
-            except Exception as exc:  # any build failure means "use another backend", said once
+            except Exception as exc:  # noqa: BLE001 - any build failure means "use another backend", said once
                 _failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
                 logger.warning("accel: the CPU block-sparse kernel did not build (%s); using the gather path.",
                                _failure)
@@ -104,24 +104,25 @@ def unavailable_reason() -> str | None:
 
 def block_sparse_attention_cpu(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_counts: torch.Tensor, kv_indices: torch.Tensor,
-    block_size: int, scale: float | None = None,
+    block_size: int, scale: float | None = None, key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention on the CPU: ``(out (B, H, Sq, D) in q's dtype, lse (B, H, Sq) fp32)``.
-    Rows whose query block lists nothing get output 0 and LSE -inf."""
-    out, lse, _ = _run(q, k, v, kv_counts, kv_indices, block_size, scale, with_block_sums=False)
+    ``key_mask``: optional (B, Sk) bool, False for keys no query may attend. Rows that attend nothing (no
+    listed block, or only masked keys) get output 0 and LSE -inf."""
+    out, lse, _ = _run(q, k, v, kv_counts, kv_indices, block_size, scale, key_mask, with_block_sums=False)
     return out, lse
 
 
 def attention_with_block_sums_cpu(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_counts: torch.Tensor, kv_indices: torch.Tensor,
-    block_size: int, scale: float | None = None,
+    block_size: int, scale: float | None = None, key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """As :func:`block_sparse_attention_cpu`, plus AdaSpa's block scores from the same score tiles:
     ``sums (B, H, Qb, Kb)`` fp32, per (query block, KV block) the summed softmax weight
     ``sum exp(q.k * scale - LSE_row)`` (0 for unlisted blocks). With every block listed this is the exact
     two-pass search (``block_sums_reference``) at the cost of one attention call, and the output is dense
     attention's."""
-    return _run(q, k, v, kv_counts, kv_indices, block_size, scale, with_block_sums=True)
+    return _run(q, k, v, kv_counts, kv_indices, block_size, scale, key_mask, with_block_sums=True)
 
 
 def _work_order(counts: torch.Tensor) -> torch.Tensor:
@@ -136,9 +137,12 @@ def _work_order(counts: torch.Tensor) -> torch.Tensor:
 
 
 def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_counts: torch.Tensor, kv_indices: torch.Tensor,
-         block_size: int, scale: float | None, with_block_sums: bool,
+         block_size: int, scale: float | None, key_mask: torch.Tensor | None, with_block_sums: bool,
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_block_sparse_inputs(q, k, v, kv_counts, kv_indices, block_size)
+    if key_mask is not None and (key_mask.dtype != torch.bool or tuple(key_mask.shape) != (q.shape[0], k.shape[2])):
+        raise ValueError(f"key_mask must be a (B, Sk) = {(q.shape[0], k.shape[2])} bool tensor, got "
+                         f"{key_mask.dtype} {tuple(key_mask.shape)}.")
     if q.device.type != "cpu":
         raise ValueError(f"the CPU block-sparse kernel runs on CPU tensors, got {q.device}.")
     module = load_kernel()
@@ -148,6 +152,7 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_counts: torch.Ten
     counts = kv_counts.to(torch.int32).contiguous()
     order = _work_order(counts)
     q32, k32, v32 = (t.float().contiguous() for t in (q, k, v))
+    key_ok = torch.empty(0, dtype=torch.uint8) if key_mask is None else key_mask.to(torch.uint8).contiguous()
     out, lse, sums = module.forward(q32, k32, v32, counts, kv_indices.to(torch.int32).contiguous(), order,
-                                    int(block_size), scale, with_block_sums)
+                                    int(block_size), scale, with_block_sums, key_ok)
     return out.to(q.dtype), lse, sums

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
+from accel.kernels import cpu_block_sparse
+from accel.kernels.cpu_block_sparse import attention_with_block_sums_cpu, block_sparse_attention_cpu
+from accel.kernels.reference import block_sparse_attention_reference, block_sums_reference
 
 from accel.attention import BlockSparseMask, sparse_attention
 from accel.attention.backends import choose_backend
-from accel.kernels import cpu_block_sparse
 from accel.attention.search import attention_and_block_sums
-from accel.kernels.cpu_block_sparse import attention_with_block_sums_cpu, block_sparse_attention_cpu
-from accel.kernels.reference import block_sparse_attention_reference, block_sums_reference
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -109,7 +109,7 @@ def test_fused_search_is_dense_attention_plus_exact_block_sums(S, D, block):
 def test_block_sums_under_a_sparse_mask_cover_listed_blocks_only():
     q, k, v = (torch.randn(1, 2, 320, 64) for _ in range(3))
     mask = mask_with_edge_rows(1, 2, 320, 320, 64)
-    _, lse, sums = attention_with_block_sums_cpu(q, k, v, mask.kv_counts, mask.kv_indices, 64)
+    _, _, sums = attention_with_block_sums_cpu(q, k, v, mask.kv_counts, mask.kv_indices, 64)
     table = mask.to_dense()
     assert bool((sums[~table] == 0).all())
     # Each attending row's weights sum to 1 over its listed blocks: a query block's sums add up to its rows.
@@ -126,22 +126,62 @@ def test_bad_inputs_get_clear_errors():
         block_sparse_attention_cpu(q, q, q, mask.kv_counts, mask.kv_indices, 48)
     with pytest.raises(ValueError, match="must be float16, bfloat16 or float32"):
         block_sparse_attention_cpu(q.double(), q.double(), q.double(), mask.kv_counts, mask.kv_indices, 64)
+    with pytest.raises(ValueError, match=r"key_mask must be a \(B, Sk\) = \(1, 128\) bool tensor"):
+        block_sparse_attention_cpu(q, q, q, mask.kv_counts, mask.kv_indices, 64, key_mask=torch.ones(1, 100))
 
 
-def test_auto_takes_the_kernel_on_cpu_and_gather_for_padded_keys():
+def test_auto_takes_the_kernel_on_cpu():
     assert choose_backend("auto", torch.device("cpu"), 4096, whole_blocks=True) == "cpp"
     assert choose_backend("auto", torch.device("cpu"), 100) == "cpp"
-    assert choose_backend("auto", torch.device("cpu"), 100, key_padding=True) == "gather"
     q, k, v = (torch.randn(1, 2, 150, 64) for _ in range(3))
     mask = mask_with_edge_rows(1, 2, 150, 150, 64)
-    out, used = sparse_attention(q, k, v, mask)
+    _, used = sparse_attention(q, k, v, mask)
     assert used == "cpp"
-    key_mask = torch.ones(1, 150, dtype=torch.bool)
-    key_mask[:, -10:] = False
-    out_padded, used_padded = sparse_attention(q, k, v, mask, key_mask=key_mask)
-    assert used_padded == "gather"
-    ref, _ = block_sparse_attention_reference(q, k, v, mask.kv_counts, mask.kv_indices, 64, key_mask=key_mask)
-    torch.testing.assert_close(out_padded, ref, atol=2e-5, rtol=1e-5)
+
+
+def padding(B, Sk, keep):
+    key_mask = torch.zeros(B, Sk, dtype=torch.bool)
+    for b, n in enumerate(keep):
+        key_mask[b, :n] = True
+    return key_mask
+
+
+@pytest.mark.parametrize("Sq,Sk,block", [(150, 150, 64), (256, 300, 128), (64 * 10, 64 * 10, 64)])
+def test_padded_keys_never_enter_the_softmax(Sq, Sk, block):
+    q, k, v = torch.randn(2, 2, Sq, 64), torch.randn(2, 2, Sk, 64), torch.randn(2, 2, Sk, 64)
+    mask = mask_with_edge_rows(2, 2, Sq, Sk, block)
+    # Batch 0 drops the last 70 keys (part of a block and the whole tail block), batch 1 keeps only 10.
+    key_mask = padding(2, Sk, (Sk - 70, 10))
+    poisoned = k.clone()
+    poisoned[~key_mask[:, None, :, None].expand_as(k)] = float("nan")  # a masked key's score is never used
+    out, used = sparse_attention(q, poisoned, v, mask, key_mask=key_mask)
+    assert used == "cpp"
+    ref, ref_lse = block_sparse_attention_reference(q, k, v, mask.kv_counts, mask.kv_indices, block,
+                                                    key_mask=key_mask)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    _, lse = block_sparse_attention_cpu(q, poisoned, v, mask.kv_counts, mask.kv_indices, block, key_mask=key_mask)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)  # -inf for rows whose listed keys are all masked
+    # Batch 1: query blocks that do not list block 0 see only masked keys and attend nothing.
+    no_first = ~mask.to_dense()[1, :, :, 0]
+    rows = no_first.repeat_interleave(block, dim=-1)[..., :Sq]
+    assert bool(torch.isinf(lse[1][rows]).all()) and bool((out[1][rows] == 0).all())
+
+
+def test_fused_search_with_padded_keys_matches_the_reference():
+    q, k, v = (torch.randn(2, 2, 200, 64) for _ in range(3))
+    key_mask = padding(2, 200, (150, 90))
+    out, sums, lse = attention_and_block_sums(q, k, v, 64, 0.125, key_mask, "auto")
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * 0.125
+    scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    ref_lse = torch.logsumexp(scores, -1)
+    # Per (query block, KV block) softmax mass over the unmasked keys (200 tokens padded to 4 blocks of 64).
+    probs = torch.exp(scores - ref_lse[..., None])
+    ref_sums = torch.nn.functional.pad(probs, (0, 56, 0, 56)).reshape(2, 2, 4, 64, 4, 64).sum((3, 5))
+    torch.testing.assert_close(sums, ref_sums, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :],
+                                                             scale=0.125)
+    torch.testing.assert_close(out, dense, atol=2e-5, rtol=1e-5)
 
 
 def test_failed_build_falls_back_to_gather(monkeypatch):

@@ -11,8 +11,8 @@ ORIGINAL_SDPA = F.scaled_dot_product_attention
 from families import FAMILIES, run_loop
 
 import accel
+from accel.attention.backends import cpu_kernel_available
 from accel.hooks import accel_hook_names
-from accel.kernels import cpu_block_sparse
 from accel.methods import adaspa, vmoba  # noqa: F401  (registers the methods)
 from accel.methods.adaspa import AdaSpaConfig, head_sparsities, recall_at, select_blocks
 from accel.methods.vmoba import Selection, VMoBAConfig, select_chunks
@@ -211,7 +211,7 @@ def test_cross_attention_is_not_hooked():
 
 @pytest.mark.parametrize("backend", ["gather", "auto"])
 def test_adaspa_schedule_dense_search_reuse(backend):
-    fused = backend == "auto" and cpu_block_sparse.available()  # CPU: the search rides the C++ kernel's pass
+    fused = backend == "auto" and cpu_kernel_available()  # CPU: the search rides the C++ kernel's pass
     family = FAMILIES["wan"]
     model = family.build()
     patch = accel.patch(model, AdaSpaConfig(sparsity=0.5, warmup=0.2, search_steps=(0.2, 0.6), backend=backend))

@@ -2,8 +2,8 @@
 
 - ``triton``: the Triton kernel (CUDA).
 - ``cpp``: the C++ CPU kernel (``accel.kernels.cpu_block_sparse``, built on first use): each query block
-  walks its KV list in place with MKL GEMMs on whole blocks and a vectorised online softmax. Measured
-  (RESULTS.md, 2 threads) 0.76-0.99 of the ideal 1/density at 4K-32K tokens; no key-padding input.
+  walks its KV list in place with MKL GEMMs on whole blocks and a vectorised online softmax; takes key
+  padding. Measured (RESULTS.md, 2 threads) 0.76-0.99 of the ideal 1/density at 4K-32K tokens.
 - ``flex``: ``torch.compile(flex_attention)`` with a ``BlockMask`` from the same index lists and a
   ``mask_mod`` reading the same table (CPU, torch >= 2.5; inductor's C++ kernel skips unlisted blocks).
 - ``gather``: PyTorch block gather: each query block's listed K/V blocks are gathered and attended with
@@ -13,8 +13,8 @@
   0.52-0.69 of the ideal 1/density at 4K-16K tokens and 0.45 at 32K, vs 0.32-0.38 for compiled flex.
 - ``reference``: dense masked attention in fp32 (tests, tiny inputs).
 
-``auto`` picks triton on CUDA; on CPU cpp when it builds and no key is padded, else gather when the sequence
-is whole blocks, else flex for sequences long enough to repay its compile (``FLEX_MIN_TOKENS``), else gather
+``auto`` picks triton on CUDA (gather where keys are padded: the Triton kernel has no key-padding input); on
+CPU cpp when it builds, else gather when the sequence is whole blocks, else flex for sequences long enough to repay its compile (``FLEX_MIN_TOKENS``), else gather
 (the masked variant). A backend that fails falls back to gather with one warning.
 """
 
@@ -58,18 +58,16 @@ def flex_available() -> bool:
     return True
 
 
-def choose_backend(requested: str, device: torch.device, seq_len: int, whole_blocks: bool = False,
-                   key_padding: bool = False) -> str:
+def choose_backend(requested: str, device: torch.device, seq_len: int, whole_blocks: bool = False) -> str:
     """The backend ``requested`` resolves to on ``device`` for a sequence of ``seq_len`` tokens
-    (``whole_blocks``: every block full and no key padding, where the unmasked gather path applies;
-    ``key_padding``: some keys are masked out, which only gather, flex and reference take)."""
+    (``whole_blocks``: every block full and no key padding, where the unmasked gather path applies)."""
     if requested not in BACKENDS:
         raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, got {requested!r}.")
     if requested != "auto":
         return requested
     if device.type == "cuda":
         return "triton"
-    if not key_padding and cpu_kernel_available():
+    if cpu_kernel_available():
         return "cpp"
     if whole_blocks:
         return "gather"
@@ -96,9 +94,9 @@ def sparse_attention(
     """
     bs = mask.block_size
     whole = key_mask is None and q.shape[2] % bs == 0 and k.shape[2] % bs == 0
-    name = choose_backend(backend, q.device, q.shape[2], whole_blocks=whole, key_padding=key_mask is not None)
-    if name in ("triton", "cpp") and key_mask is not None:
-        name = "gather"  # the kernels have no key-padding input
+    name = choose_backend(backend, q.device, q.shape[2], whole_blocks=whole)
+    if name == "triton" and key_mask is not None:
+        name = "gather"  # the kernel has no key-padding input
     try:
         if name == "triton":
             from accel.kernels.block_sparse_attention import block_sparse_attention
@@ -108,7 +106,8 @@ def sparse_attention(
         if name == "cpp":
             from accel.kernels.cpu_block_sparse import block_sparse_attention_cpu
 
-            out, _ = block_sparse_attention_cpu(q, k, v, mask.kv_counts, mask.kv_indices, mask.block_size, scale)
+            out, _ = block_sparse_attention_cpu(q, k, v, mask.kv_counts, mask.kv_indices, mask.block_size, scale,
+                                                key_mask)
             return out, name
         if name == "flex":
             return _flex(q, k, v, mask, scale, key_mask), name

@@ -21,10 +21,10 @@ def attention_and_block_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Dense attention and the exact block scores in one pass of the C++ CPU kernel:
     ``(out (B, H, Sq, D), sums (B, H, Qb, Kb), lse (B, H, Sq))``, or ``None`` where that kernel does not
-    apply (not CPU, padded keys, another backend asked for, or it did not build)."""
+    apply (not CPU, another backend asked for, or it did not build). ``key_mask``: (B, Sk) bool or None."""
     from accel.attention.backends import choose_backend
 
-    if q.device.type != "cpu" or key_mask is not None or backend not in ("auto", "cpp"):
+    if q.device.type != "cpu" or backend not in ("auto", "cpp"):
         return None
     if choose_backend(backend, q.device, q.shape[2]) != "cpp":
         return None
@@ -32,7 +32,8 @@ def attention_and_block_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     from accel.kernels.cpu_block_sparse import attention_with_block_sums_cpu
 
     full = BlockSparseMask.full(q.shape[0], q.shape[1], block_size, q.shape[2], k.shape[2], device=q.device)
-    out, lse, sums = attention_with_block_sums_cpu(q, k, v, full.kv_counts, full.kv_indices, block_size, scale)
+    out, lse, sums = attention_with_block_sums_cpu(q, k, v, full.kv_counts, full.kv_indices, block_size, scale,
+                                                   key_mask)
     return out, sums, lse
 
 
