@@ -9,8 +9,9 @@ For each (S, density): B=1, H=8, D=64 fp32 random Q/K/V; the mask is AdaSpa's se
 every repeat. Reported: speedup (the median of the per-repeat ratios dense / sparse), the ideal 1/density
 (token-pair density of the mask) and the fraction of the ideal reached; FLOP/s of the sparse path =
 4 * B * H * S^2 * D * density / time; and the attention cost of an AdaSpa search step (CPU: dense attention
-and the exact block scores, fused in the C++ kernel's pass when it is built) as a multiple of one dense call. The same is done on Q/K/V captured from the embedded
-``digits-video-dit`` when it loads (skipped with a message otherwise).
+and the exact block scores, fused in the C++ kernel's pass when it is built) as a multiple of one dense call.
+The same is done on Q/K/V captured from the embedded ``digits-video-dit`` when it loads (skipped with a
+message otherwise).
 Run on a quiet machine: timings taken while other jobs run are fiction.
 """
 

@@ -185,6 +185,7 @@ void attend_block(const float* q, const float* k, const float* v, float* out, fl
   std::fill(acc, acc + static_cast<size_t>(m) * d, 0.0f);
   std::fill(row_max, row_max + m, -std::numeric_limits<float>::infinity());
   std::fill(row_sum, row_sum + m, 0.0f);
+  const int tiles = (count + kGroup - 1) / kGroup;
   int offsets[kGroup], widths[kGroup];
   for (int g0 = 0; g0 < count; g0 += kGroup) {
     const int g_n = std::min(kGroup, count - g0);
@@ -205,7 +206,6 @@ void attend_block(const float* q, const float* k, const float* v, float* out, fl
       if (tile_max == -std::numeric_limits<float>::infinity()) {  // every key so far masked: no weight yet
         std::fill(row, row + width, 0.0f);
         if (block_sums != nullptr) {
-          const int tiles = (count + kGroup - 1) / kGroup;
           ws.partial_max[static_cast<size_t>(r) * tiles + g0 / kGroup] = 0.0f;
           for (int g = 0; g < g_n; ++g) ws.partial[static_cast<size_t>(r) * count + g0 + g] = 0.0f;
         }
@@ -215,7 +215,6 @@ void attend_block(const float* q, const float* k, const float* v, float* out, fl
       if (block_sums == nullptr) {
         sum = exp_shift_sum(row, width, tile_max);
       } else {
-        const int tiles = (count + kGroup - 1) / kGroup;
         ws.partial_max[static_cast<size_t>(r) * tiles + g0 / kGroup] = tile_max;
         for (int g = 0; g < g_n; ++g) {
           const float part = exp_shift_sum(row + offsets[g], widths[g], tile_max);
@@ -287,7 +286,6 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
   }
   const uint8_t* okp = padded ? ok.data_ptr<uint8_t>() : nullptr;
   const uint8_t* bpp = padded ? block_padded.data_ptr<uint8_t>() : nullptr;
-  const int64_t heads = H;
   const int64_t width = indices.size(3), items = B * H * qb;
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
@@ -310,8 +308,8 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
       attend_block(qp + (bh * seq_q + row0) * D, kp + bh * seq_k * D, vp + bh * seq_k * D,
                    op + (bh * seq_q + row0) * D, lp + bh * seq_q + row0, ip + item * width, cp[item], m,
                    static_cast<int>(seq_k), bs, static_cast<int>(D), static_cast<float>(scale), ws,
-                   sp == nullptr ? nullptr : sp + item * kb, padded ? okp + (bh / heads) * seq_k : nullptr,
-                   padded ? bpp + (bh / heads) * kb : nullptr);
+                   sp == nullptr ? nullptr : sp + item * kb, padded ? okp + (bh / H) * seq_k : nullptr,
+                   padded ? bpp + (bh / H) * kb : nullptr);
     }
     MKL_Set_Num_Threads_Local(previous);
   });

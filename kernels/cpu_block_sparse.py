@@ -149,10 +149,10 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_counts: torch.Ten
     if module is None:
         raise RuntimeError(f"the CPU block-sparse kernel is unavailable ({_failure}).")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    counts = kv_counts.to(torch.int32).contiguous()
+    counts = kv_counts.contiguous()  # int32, as checked above
     order = _work_order(counts)
     q32, k32, v32 = (t.float().contiguous() for t in (q, k, v))
     key_ok = torch.empty(0, dtype=torch.uint8) if key_mask is None else key_mask.to(torch.uint8).contiguous()
-    out, lse, sums = module.forward(q32, k32, v32, counts, kv_indices.to(torch.int32).contiguous(), order,
+    out, lse, sums = module.forward(q32, k32, v32, counts, kv_indices.contiguous(), order,
                                     int(block_size), scale, with_block_sums, key_ok)
     return out.to(q.dtype), lse, sums

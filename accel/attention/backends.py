@@ -14,8 +14,9 @@
 - ``reference``: dense masked attention in fp32 (tests, tiny inputs).
 
 ``auto`` picks triton on CUDA (gather where keys are padded: the Triton kernel has no key-padding input); on
-CPU cpp when it builds, else gather when the sequence is whole blocks, else flex for sequences long enough to repay its compile (``FLEX_MIN_TOKENS``), else gather
-(the masked variant). A backend that fails falls back to gather with one warning.
+CPU cpp when it builds, else gather when the sequence is whole blocks, else flex for sequences long enough to
+repay its compile (``FLEX_MIN_TOKENS``), else gather (the masked variant). A backend that fails falls back to
+gather with one warning.
 """
 
 from __future__ import annotations
