@@ -3,6 +3,7 @@ artifacts and exact removal. Tiny models only; quality on the embedded models is
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -126,23 +127,104 @@ def test_int_mm_matches_fake_quant(k, n, m, bits, w_sym, a_sym, dynamic):
     layer = _random_layer(k, n, *bits, w_sym, a_sym, dynamic)
     x = torch.randn(2, m, k, generator=torch.Generator().manual_seed(3)) * 1.5
     reference = layer(x)  # "fake": dequantize, float matmul
-    layer.set_kernel("int_mm")
+    layer.set_kernel("int_mm")  # where int_mm's products saturate (no VNNI), the layer falls back
+    assert layer.kernel == "int_mm" or kernels.wrong_results("int_mm", torch.device("cpu"))
     out = layer(x)
     assert out.shape == (2, m, n)
     assert float((out - reference).abs().max()) <= KERNEL_RTOL * float(reference.abs().max())
 
 
+@pytest.fixture
+def fresh_kernel_checks(monkeypatch):
+    """Integer kernels re-checked (and their warnings re-armed) inside the test."""
+    monkeypatch.setattr(kernels, "_WRONG", {})
+    monkeypatch.setattr(kernels, "_WARNED", set())
+
+
 @pytest.mark.skipif(
     not hasattr(torch.ops.onednn, "qlinear_pointwise"), reason="no oneDNN qlinear in this build"
 )
-def test_onednn_matches_fake_quant():
+def test_onednn_matches_fake_quant(fresh_kernel_checks, recwarn):
+    """On a VNNI/AMX CPU oneDNN runs and is exact; where its products saturate (AVX2), the layer
+    falls back with one warning and still computes the quantized model's values."""
     layer = _random_layer(128, 72, 8, 8, True, False, False)
     x = torch.randn(97, 128, generator=torch.Generator().manual_seed(4))
     reference = layer(x)
     layer.set_kernel("onednn")
     assert float((layer(x) - reference).abs().max()) <= KERNEL_RTOL * float(reference.abs().max())
+    wrong = kernels.wrong_results("onednn", torch.device("cpu"))
+    warned = [w for w in recwarn.list if "computes wrong results" in str(w.message)]
+    assert (layer.kernel == "onednn") == (wrong is None)
+    assert len(warned) == (wrong is not None)
     with pytest.raises(ValueError, match="oneDNN qlinear takes symmetric 8-bit weights"):
         _random_layer(16, 16, 4, 8, True, False, False).set_kernel("onednn")
+
+
+def _saturating_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """What ``vpmaddubsw`` computes without VNNI: s8 activations shifted to u8, adjacent u8 x s8
+    products summed in saturating int16, the shift compensated afterwards."""
+    u = a.long() + 128  # (M, K)
+    w = b.long().t()  # (N, K)
+    if u.shape[1] % 2:
+        u, w = torch.nn.functional.pad(u, (0, 1)), torch.nn.functional.pad(w, (0, 1))
+    pairs = (u[:, None, 0::2] * w[None, :, 0::2] + u[:, None, 1::2] * w[None, :, 1::2]).clamp(-32768, 32767)
+    return (pairs.sum(-1) - 128 * w.sum(1)).to(torch.int32)
+
+
+def test_saturating_int8_kernel_is_caught_and_replaced(fresh_kernel_checks, monkeypatch):
+    """The once-per-process probe finds a kernel whose products saturate, even when ordinary inputs
+    happen to come out right, and every path (explicit kernel, auto choice) avoids it."""
+    monkeypatch.setattr(torch, "_int_mm", _saturating_int_mm)
+    cpu = torch.device("cpu")
+    assert "off by up to" in kernels.wrong_results("int_mm", cpu)
+    spec = LayerSpec(40, 24, 4, 8, True, False, False, True)  # W4A8: only int_mm could run it
+    assert kernels.fallback_kernel(spec, cpu) == "fake"
+    layer = _random_layer(40, 24, 4, 8, True, False, False)
+    x = torch.randn(9, 40, generator=torch.Generator().manual_seed(5))
+    reference = layer(x)
+    with pytest.warns(RuntimeWarning, match=r"'int_mm' int8 kernel computes wrong results.*run 'fake'"):
+        layer.set_kernel("int_mm")
+    assert layer.kernel == "fake" and torch.equal(layer(x), reference)
+    timings = kernels.measure(layer, rows=16, repeats=1)
+    assert "int_mm" not in timings and kernels.fastest(timings) == "fake"
+
+
+_NO_VNNI_SCRIPT = """
+import warnings, torch
+from accel.quant import kernels
+from test_quest import _random_layer
+assert kernels.int8_isa() == "no_vnni", kernels.int8_isa()
+layer = _random_layer(128, 72, 8, 8, True, False, False)
+x = torch.randn(97, 128, generator=torch.Generator().manual_seed(4))
+reference = layer(x)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for kernel in ("onednn", "int_mm", "onednn"):
+        layer.set_kernel(kernel)
+        err = float((layer(x) - reference).abs().max()) / float(reference.abs().max())
+        assert err <= 1e-5, (kernel, layer.kernel, err)
+        assert layer.kernel == kernel or kernels.wrong_results(kernel, torch.device("cpu")), kernel
+print(layer.kernel, sum("computes wrong results" in str(w.message) for w in caught))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    kernels.int8_isa() == "unknown" or not hasattr(torch.ops.onednn, "qlinear_pointwise"),
+    reason="needs an x86 CPU with oneDNN",
+)
+def test_int8_kernels_correct_without_vnni():
+    """oneDNN capped at AVX2 (as on CPUs without VNNI) reproduces the saturating products; the
+    kernels are caught and quantized layers keep their exact values, with one warning per kernel."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": os.path.dirname(__file__)}
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", _NO_VNNI_SCRIPT],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    kernel, warnings_seen = out.stdout.split()[-2:]
+    # Each wrong kernel warns once, however often it is asked for.
+    assert int(warnings_seen) <= 2 and (kernel == "onednn") == (warnings_seen == "0")
 
 
 def test_lsq_layer_equals_frozen_layer():
@@ -158,7 +240,8 @@ def test_lsq_layer_equals_frozen_layer():
 def test_kernel_measurement_picks_a_correct_kernel():
     layer = _random_layer(128, 128, 8, 8, True, False, False)
     timings = kernels.measure(layer, rows=64, repeats=2)
-    assert {"fp32", "bf16", "fake", "int_mm"} <= set(timings)
+    assert {"fp32", "bf16", "fake"} <= set(timings)
+    assert ("int_mm" in timings) == kernels.runnable("int_mm", layer.spec, torch.device("cpu"))
     assert kernels.fastest(timings) in kernels.KERNELS
 
 

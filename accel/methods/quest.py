@@ -156,7 +156,7 @@ class QuEST:
         fake = [layer for layer in layers if layer.kernel == "fake"]
         if fake:
             no_kernel = sum(
-                all(qkernels.unavailable(k, layer.spec, layer.qweight.device) for k in ("int_mm", "onednn"))
+                not any(qkernels.runnable(k, layer.spec, layer.qweight.device) for k in qkernels.INTEGER_KERNELS)
                 for layer in fake
             )
             why = []

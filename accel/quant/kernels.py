@@ -9,11 +9,21 @@ Candidates (CPU):
   zero point, symmetric int8 weights per channel, fp32 output. W8 symmetric + static A8 only.
 - ``fake``: dequantize and run a float matmul (always correct, no speedup).
 
+Integer kernels are not trusted blindly: on x86 CPUs without VNNI/AMX (AVX2 only) oneDNN, and
+``torch._int_mm`` through it, multiply u8 x s8 with ``vpmaddubsw``, whose int16 pair sums saturate, so
+ordinary 8-bit activations give wrong products there. Each integer kernel is therefore checked once per
+process, at first use, against an exact int64 product on worst-case and random integers
+(:func:`wrong_results`); a kernel that fails is never chosen, and a layer asked for it falls back with one
+warning (:func:`fallback_kernel`).
+
 Nothing here imports triton or torchao.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,6 +34,7 @@ if TYPE_CHECKING:
     from accel.quant.qlinear import LayerSpec
 
 KERNELS = ("int_mm", "onednn", "fake")
+INTEGER_KERNELS = ("int_mm", "onednn")
 
 
 def unavailable(kernel: str, spec: LayerSpec, device: torch.device) -> str | None:
@@ -40,6 +51,129 @@ def unavailable(kernel: str, spec: LayerSpec, device: torch.device) -> str | Non
         if spec.w_bits != 8 or not spec.w_symmetric or spec.a_dynamic or spec.a_bits != 8:
             return "oneDNN qlinear takes symmetric 8-bit weights and static per-tensor 8-bit activations."
     return None
+
+
+# oneDNN ISA names, by the int8 dot product they bring: a cap below VNNI means saturating u8 x s8 pairs.
+_ISA_LEVEL = {"no_vnni": 0, "vnni": 1, "amx": 2}
+
+
+def _isa_cap_level(cap: str) -> int | None:
+    if not cap or cap in ("ALL", "DEFAULT"):
+        return None
+    if "AMX" in cap:
+        return _ISA_LEVEL["amx"]
+    return _ISA_LEVEL["vnni"] if any(t in cap for t in ("VNNI", "BF16", "FP16", "AVX10")) else 0
+
+
+@lru_cache(maxsize=1)
+def int8_isa() -> str:
+    """The int8 dot product x86 oneDNN can use here: ``"amx"``, ``"vnni"`` (AVX-512 or AVX VNNI),
+    ``"no_vnni"`` (AVX2 or AVX-512 without VNNI: u8 x s8 pair sums saturate int16) or ``"unknown"``.
+    Honours ``ONEDNN_MAX_CPU_ISA``, which caps what oneDNN dispatches to."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return "unknown"
+    if "avx2" not in flags:
+        return "unknown"
+    level = 2 if "amx_int8" in flags else 1 if flags & {"avx512_vnni", "avx_vnni"} else 0
+    cap = _isa_cap_level(os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).upper())
+    if cap is not None:
+        level = min(level, cap)
+    return {v: k for k, v in _ISA_LEVEL.items()}[level]
+
+
+def _probe_operands(m: int, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 activations (M, K) and weights (N, K) with rows at the range ends (the saturation worst
+    case: every product large and of one sign) beside random rows."""
+    gen = torch.Generator().manual_seed(m * 7919 + k * 31 + n)
+    qx = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int16).to(torch.int8)
+    qw = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int16).to(torch.int8)
+    quarter = max(m // 4, 1)
+    qx[:quarter] = 127
+    qx[quarter : 2 * quarter] = -128
+    qw[: max(n // 4, 1)] = 127
+    qw[max(n // 4, 1) : max(n // 2, 2)] = -127
+    return qx, qw
+
+
+def _probe_shapes(device: torch.device) -> tuple[tuple[int, int, int], ...]:
+    if device.type == "cuda":  # torch._int_mm on CUDA needs M > 16 and K, N multiples of 8
+        return ((32, 64, 32), (48, 200, 72))
+    return ((97, 200, 72), (1, 72, 40), (17, 128, 24))
+
+
+def _probe_error(kernel: str, qx: torch.Tensor, qw: torch.Tensor) -> float:
+    """Largest absolute deviation of ``kernel``'s ``qx @ qw^T`` from the exact integer product."""
+    exact = qx.long() @ qw.long().t()
+    if kernel == "int_mm":
+        return float((torch._int_mm(qx, qw.t()).long() - exact).abs().max())
+    ones = torch.ones(qw.shape[0], device=qw.device)
+    out = onednn_linear(qx, torch.ones(()), torch.zeros(()), qw, ones, None, {})
+    # Unit scales: the float output is the int32 accumulator, exact below 2^24 (|acc| <= 200*128*127).
+    return float((out.double() - exact.double()).abs().max())
+
+
+_WRONG: dict[tuple[str, str], str | None] = {}
+
+
+def wrong_results(kernel: str, device: torch.device) -> str | None:
+    """Why integer ``kernel`` cannot be trusted on ``device`` (``None`` when it matched the exact
+    reference), checked once per process and kernel."""
+    if kernel not in INTEGER_KERNELS:
+        return None
+    key = (kernel, str(device))
+    if key not in _WRONG:
+        _WRONG[key] = _check_kernel(kernel, device)
+    return _WRONG[key]
+
+
+def _check_kernel(kernel: str, device: torch.device) -> str | None:
+    worst = 0.0
+    try:
+        for m, k, n in _probe_shapes(device):
+            qx, qw = _probe_operands(m, k, n)
+            worst = max(worst, _probe_error(kernel, qx.to(device), qw.to(device)))
+    except (RuntimeError, NotImplementedError) as exc:  # a kernel missing from this build
+        return f"it failed on a probe ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})"
+    if worst == 0.0:
+        return None
+    why = f"its int8 products were off by up to {worst:.0f} on a probe (exact: 0)"
+    if device.type == "cpu" and int8_isa() == "no_vnni":
+        why += (
+            "; this CPU runs int8 GEMMs without VNNI/AMX, where u8 x s8 pair sums saturate int16"
+        )
+    return why
+
+
+def fallback_kernel(spec: LayerSpec, device: torch.device) -> str:
+    """The first integer kernel that can run ``spec`` and computes exact products here, else fake."""
+    for kernel in INTEGER_KERNELS:
+        if unavailable(kernel, spec, device) is None and wrong_results(kernel, device) is None:
+            return kernel
+    return "fake"
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def warn_wrong_once(kernel: str, device: torch.device, fallback: str) -> None:
+    key = (kernel, str(device))
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(
+        f"accel QuEST: the {kernel!r} int8 kernel computes wrong results on this machine "
+        f"({wrong_results(kernel, device)}); layers asked for it run {fallback!r} instead.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def runnable(kernel: str, spec: LayerSpec, device: torch.device) -> bool:
+    """``kernel`` can run ``spec`` on ``device`` and computes exact integer products there."""
+    return unavailable(kernel, spec, device) is None and wrong_results(kernel, device) is None
 
 
 def shape_ok(kernel: str, m: int, spec: LayerSpec, device: torch.device) -> bool:
@@ -144,7 +278,7 @@ def measure(
     reference = layer(x)
     scale = float(reference.abs().max()) or 1.0
     for kernel in candidates:
-        if unavailable(kernel, spec, x.device) is not None:
+        if not runnable(kernel, spec, x.device):
             continue
         try:
             layer.set_kernel(kernel)

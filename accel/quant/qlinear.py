@@ -176,9 +176,16 @@ class QuantLinear(torch.nn.Module, _ActQuant):
         return dequantize(self.int_weight(), self.w_scale[:, None], self.w_zero[:, None].float())
 
     def set_kernel(self, kernel: str) -> None:
-        reason = kernels.unavailable(kernel, self.spec, self.qweight.device)
+        """Run on ``kernel``; one that cannot take this layer is an error, one that computes wrong
+        integer products on this machine is replaced by :func:`kernels.fallback_kernel` (one warning)."""
+        device = self.qweight.device
+        reason = kernels.unavailable(kernel, self.spec, device)
         if reason is not None:
             raise ValueError(f"Kernel {kernel!r} cannot run this layer: {reason}")
+        if kernels.wrong_results(kernel, device) is not None:
+            fallback = kernels.fallback_kernel(self.spec, device)
+            kernels.warn_wrong_once(kernel, device, fallback)
+            kernel = fallback
         self.kernel = kernel
         self._runtime.clear()
 

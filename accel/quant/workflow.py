@@ -172,8 +172,8 @@ def choose_kernels(layers: dict[str, QuantLinear], rows: dict[str, int], kernel:
     measured: dict[tuple, dict[str, Any]] = {}
     for name, layer in layers.items():
         if kernel is not Kernel.AUTO:
-            runnable = qkernels.unavailable(kernel.value, layer.spec, layer.qweight.device) is None
-            layer.set_kernel(kernel.value if runnable else "fake")
+            fits = qkernels.unavailable(kernel.value, layer.spec, layer.qweight.device) is None
+            layer.set_kernel(kernel.value if fits else "fake")  # a wrong kernel falls back, warned once
             continue
         key = (layer.spec, rows.get(name, 256))
         if key not in measured:
