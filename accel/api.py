@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -186,6 +187,9 @@ class Patch:
     def _wrap_set_timesteps(self, scheduler: Any) -> Callable[..., Any]:
         original = scheduler.set_timesteps
 
+        # diffusers' retrieve_timesteps reads the signature for `sigmas` / `timesteps` support:
+        # functools.wraps keeps it visible through the wrapper (inspect follows __wrapped__).
+        @functools.wraps(original)
         def set_timesteps(*args: Any, **kwargs: Any) -> Any:
             result = original(*args, **kwargs)
             timesteps = getattr(scheduler, "timesteps", None)

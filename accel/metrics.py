@@ -24,7 +24,7 @@ SKIPPED_OFFLINE = "skipped: weights not available offline"
 
 
 def as_images(x: torch.Tensor, video: bool | None = None) -> torch.Tensor:
-    """Reshapes (N, C, H, W) | (N, H, W) | (N, F, H, W) into (M, C, H, W) float images.
+    """Reshapes (N, C, H, W) | (N, H, W) | (N, F, H, W) | (N, F, C, H, W) into (M, C, H, W) float images.
 
     A 4-D tensor is read as images when its second dimension is 1 or 3 (channels) and as video otherwise;
     pass ``video=True`` for a video with 1 or 3 frames.
@@ -38,9 +38,10 @@ def as_images(x: torch.Tensor, video: bool | None = None) -> torch.Tensor:
         if video or (video is None and x.shape[1] not in (1, 3)):
             return x.reshape(-1, 1, *x.shape[-2:])
         return x
-    if x.ndim == 5:  # (N, C, F, H, W) latents-style videos
-        return x.transpose(1, 2).reshape(-1, x.shape[1], *x.shape[-2:])
-    raise ValueError(f"Expected images (N, C, H, W) or (N, H, W) or video (N, F, H, W), got shape {tuple(x.shape)}.")
+    if x.ndim == 5:  # (N, F, C, H, W) videos, as accel.pipelines.generate returns them
+        return x.reshape(-1, *x.shape[2:])
+    raise ValueError(f"Expected images (N, C, H, W) or (N, H, W) or videos (N, F, H, W) / (N, F, C, H, W), "
+                     f"got shape {tuple(x.shape)}.")
 
 
 def _pair(baseline: torch.Tensor, other: torch.Tensor, video: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +125,7 @@ def judge_accuracy(images_or_frames: torch.Tensor, labels: Any, judge: torch.nn.
     judge = judge or load_judge_model()
     labels = torch.as_tensor(labels).reshape(-1)
     x = torch.as_tensor(images_or_frames).detach().float().cpu()
-    is_video = video if video is not None else (x.ndim == 4 and x.shape[1] not in (1, 3))
+    is_video = video if video is not None else (x.ndim == 5 or (x.ndim == 4 and x.shape[1] not in (1, 3)))
     frames = as_images(x, video=is_video)  # (M, 1, H, W)
     per_sample = frames.shape[0] // max(1, len(labels))
     if per_sample * len(labels) != frames.shape[0]:

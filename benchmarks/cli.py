@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from accel.benchmarks import report
 from accel.benchmarks.runner import Record, measure, score, select_fastest
-from accel.benchmarks.spec import BenchMethod, available_names, parse_methods
+from accel.benchmarks.spec import BenchMethod, available_names, check_method_names, parse_methods
 from accel.benchmarks.workloads import Workload, build_workload
 from accel.registry import get_method, method_names
 
@@ -47,6 +47,29 @@ def _positive(text: str) -> int:
     return value
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _prompt_file(path: str) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read prompt file {path!r}: {exc}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise argparse.ArgumentTypeError(f"prompt file {path!r} has no prompts (one per line; '#' starts a comment)")
+    return prompts
+
+
+def _device(text: str | None) -> str:
+    if text is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu" or (text.startswith("cuda") and torch.cuda.is_available()):
+        return text
+    raise ValueError(f"--device {text!r} is not available here; accepted: cpu"
+                     f"{', cuda, cuda:N' if torch.cuda.is_available() else ' (no CUDA device on this machine)'}.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="accel-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -59,7 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_int_list, default=[0])
     p.add_argument("--labels", type=_int_list, default=list(range(10)))
     p.add_argument("--batch", type=_positive, default=None, help="samples per call (default by model kind)")
-    p.add_argument("--guidance-scale", type=float, default=4.0)
+    p.add_argument("--prompts", type=_prompt_file, default=None, metavar="FILE",
+                   help="text pipelines: one prompt per line (default: a small built-in set)")
+    p.add_argument("--negative-prompt", default=None, help="text pipelines that take one")
+    p.add_argument("--height", type=_positive, default=None, help="output height where the pipeline takes one")
+    p.add_argument("--width", type=_positive, default=None, help="output width where the pipeline takes one")
+    p.add_argument("--num-frames", type=_positive, default=None, help="video pipelines: frames per sample")
+    p.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's own")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                   help="model dtype for the baseline and every method")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present)")
     p.add_argument("--repeats", type=_positive, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", default="bench-out", help="folder for results.json/.md, pareto.png, grids")
@@ -119,11 +151,20 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         out.mkdir(parents=True, exist_ok=True)
     env = report.environment(argv)
     env["processes"] = state.num_processes
+    device = _device(args.device)
+    dtype = DTYPES[args.dtype]
+    sizes = {"negative_prompt": args.negative_prompt, "height": args.height, "width": args.width,
+             "num_frames": args.num_frames}
+    env.update(device=device, dtype=args.dtype, **{k: v for k, v in sizes.items() if v is not None})
+    if args.prompts:
+        env["prompts"] = args.prompts
+    check_method_names(args.methods)  # a typo fails before any model loads
     records: list[Record] = []
     interrupted = False
     try:
         for model_name in args.model or ["digits-dit"]:
-            workload = build_workload(model_name, args.steps, args.labels, args.seeds, 1, args.guidance_scale)
+            workload = build_workload(model_name, args.steps, args.labels, args.seeds, 1, args.guidance_scale,
+                                      prompts=args.prompts, sizes=sizes, dtype=dtype, device=device)
             workload.batch = args.batch or DEFAULT_BATCH[workload.kind]
             methods = parse_methods(args.methods, applicable_methods(workload))
             if args.sweep:
@@ -189,8 +230,26 @@ def _write(out: Path, env: dict[str, Any], records: list[Record]) -> None:
     report.write_pareto(out / "pareto.png", records)
 
 
+#: Loggers whose messages a benchmark user cannot act on: torch's pytree deprecation notes that torchao's
+#: import triggers, diffusers' note about torchao-serialised checkpoints (none are loaded here) and
+#: FasterCache's experimental banner (it runs here as a baseline, on purpose).
+_NOISE_LOGGERS = ("torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer",
+                  "diffusers.hooks.faster_cache")
+
+
+def quiet_known_noise() -> None:
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    for name in _NOISE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars; the run has its own
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_known_noise()
     args = build_parser().parse_args(argv)
     if args.list_methods:
         for name, status in available_names().items():

@@ -103,32 +103,40 @@ def write_pareto(path: Path, records: list[Record]) -> None:
     plt.close(fig)
 
 
-def write_grid(path: Path, rows: dict[str, torch.Tensor], max_samples: int = 10) -> None:
-    """Side-by-side outputs: one row per method; video becomes a strip of frames per sample."""
+def grid_strip(outputs: torch.Tensor, max_samples: int = 10) -> torch.Tensor | None:
+    """One method's row of the grid as (C, H, W'): images side by side, or for videos the frames of
+    the first two samples side by side. ``None`` for outputs that are not pictures (logits)."""
+    outputs = outputs[:max_samples].float().clamp(0, 1)
+    if outputs.dim() == 4 and outputs.shape[1] in (1, 3):  # (N, C, H, W) images
+        return torch.cat(list(outputs), dim=2)
+    if outputs.dim() == 4:  # (N, F, H, W) single-channel videos
+        outputs = outputs.unsqueeze(2)
+    if outputs.dim() == 5:  # (N, F, C, H, W) videos
+        return torch.cat([frame for video in outputs[:2] for frame in video], dim=2)
+    return None
+
+
+def write_grid(path: Path, rows: dict[str, torch.Tensor], max_samples: int = 10, scale: int = 4) -> None:
+    """Side-by-side outputs: one labelled row per method, each sample enlarged ``scale`` times
+    (nearest neighbour, so pixels stay pixels)."""
     from PIL import Image, ImageDraw
 
-    tiles = []
-    for name, outputs in rows.items():
-        outputs = outputs[:max_samples].float().clamp(0, 1)
-        if outputs.dim() == 4 and outputs.shape[1] == 1:  # (N, 1, H, W) images
-            strip = torch.cat(list(outputs[:, 0]), dim=1)
-        elif outputs.dim() == 4:  # (N, F, H, W) videos: frames of the first samples, side by side
-            strip = torch.cat([torch.cat(list(video), dim=1) for video in outputs[:2]], dim=1)
-        else:
-            continue
-        tiles.append((name, strip))
+    tiles = [(name, strip) for name, outputs in rows.items()
+             if (strip := grid_strip(outputs, max_samples)) is not None]
     if not tiles:
         return
-    scale, label_w = 4, 150
-    width = max(t.shape[1] for _, t in tiles) * scale + label_w
-    height = sum(t.shape[0] for _, t in tiles) * scale
-    canvas = Image.new("L", (width, height), 255)
+    label_w = 150
+    width = max(t.shape[2] for _, t in tiles) * scale + label_w
+    height = sum(t.shape[1] for _, t in tiles) * scale
+    canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     y = 0
     for name, strip in tiles:
-        img = Image.fromarray((strip.numpy() * 255).astype("uint8")).resize(
-            (strip.shape[1] * scale, strip.shape[0] * scale), Image.NEAREST)
+        rgb = strip.expand(3, -1, -1) if strip.shape[0] == 1 else strip[:3]
+        array = (rgb.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        img = Image.fromarray(array, mode="RGB").resize((strip.shape[2] * scale, strip.shape[1] * scale),
+                                                        Image.NEAREST)
         canvas.paste(img, (label_w, y))
-        draw.text((4, y + 4), name[:24], fill=0)
-        y += strip.shape[0] * scale
+        draw.text((4, y + 4), name[:24], fill="black")
+        y += strip.shape[1] * scale
     canvas.save(path)

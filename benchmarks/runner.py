@@ -91,9 +91,7 @@ def prepare_config(config: Any, workload: Workload) -> Any:
         from accel.methods.bac import calibrate
 
         # The evaluation's batch (labels and size) on other seeds: a video call costs as much as the run.
-        labels = [label for label, _ in workload.batches()[0]]
-        calls = [{"class_labels": labels,
-                  "generator": [torch.Generator().manual_seed(10_000 + i) for i in range(len(labels))]}]
+        calls = workload.calibration_calls()
         path = tempfile.NamedTemporaryFile(suffix=".bac.json", delete=False).name
         # Probed sensitivities do not depend on the update budget: one probe pass serves a whole sweep.
         known = _SENSITIVITY.setdefault((id(workload.target), config.granularity), {})
@@ -141,7 +139,7 @@ def params_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _call(workload: Workload, applied: Applied, batch: list[tuple[int, int]]) -> torch.Tensor:
+def _call(workload: Workload, applied: Applied, batch: list[tuple[Any, int]]) -> torch.Tensor:
     applied.before_call()
     try:
         return workload.run_batch(batch)

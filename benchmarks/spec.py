@@ -110,6 +110,13 @@ def _pairs(item: str) -> dict[str, str]:
     return pairs
 
 
+def check_method_names(text: str) -> None:
+    """Fail on an unknown or unavailable name in ``--methods`` before any model is loaded."""
+    for item in (s.strip() for s in text.split(",")):
+        if item and item != "all":
+            parse_item(item)
+
+
 def parse_methods(text: str, applicable: list[str]) -> list[BenchMethod]:
     """The whole ``--methods`` value. ``all`` expands to ``none`` + ``applicable`` (available names only)."""
     items = [item for item in (s.strip() for s in text.split(",")) if item]

@@ -10,16 +10,22 @@ import torch
 
 @dataclass
 class Workload:
-    """A model plus the inputs a run covers. ``outputs`` are compared to the baseline's outputs."""
+    """A model plus the inputs a run covers. ``outputs`` are compared to the baseline's outputs.
+
+    ``samples`` are (condition, seed) pairs for generators (a prompt or class label each) and (label, index)
+    pairs for classifiers. ``extra`` holds the rest of each call (negative prompt, height/width, frames).
+    ``judged``: the digit judge scores the outputs (the embedded digit generators only).
+    """
 
     name: str
     target: Any
     kind: str  # "image" | "video" | "classifier"
     steps: int
-    samples: list[tuple[int, int]]  # (label, seed) pairs, or (label, index) for classifiers
+    samples: list[tuple[Any, int]]
     batch: int
-    guidance_scale: float = 4.0
+    guidance_scale: float | None = None
     extra: dict[str, Any] | None = None
+    judged: bool = False
 
     @property
     def model(self) -> torch.nn.Module:
@@ -32,10 +38,24 @@ class Workload:
     def is_denoiser(self) -> bool:
         return self.kind != "classifier"
 
-    def batches(self) -> list[list[tuple[int, int]]]:
+    def batches(self) -> list[list[tuple[Any, int]]]:
         return [self.samples[i : i + self.batch] for i in range(0, len(self.samples), self.batch)]
 
-    def run_batch(self, batch: list[tuple[int, int]]) -> torch.Tensor:
+    def call_kwargs(self, batch: list[tuple[Any, int]]) -> dict[str, Any]:
+        """The pipeline call for ``batch`` (what :meth:`run_batch` runs), built by the generation driver."""
+        from accel.pipelines.generation import build_call
+
+        return build_call(self.target, [c for c, _ in batch], [s for _, s in batch], self.steps,
+                          self.guidance_scale, **(self.extra or {}))
+
+    def calibration_calls(self, count: int = 1, seed_offset: int = 10_000) -> list[dict[str, Any]]:
+        """Calls like the evaluation's first batch (same conditions, size and steps) on seeds the
+        evaluation does not use: what offline calibration (BAC, QuEST, prune, MagCache) runs."""
+        first = self.batches()[0]
+        return [self.call_kwargs([(c, seed_offset + 1000 * k + i) for i, (c, _) in enumerate(first)])
+                for k in range(count)]
+
+    def run_batch(self, batch: list[tuple[Any, int]]) -> torch.Tensor:
         """One pipeline call (or classifier forward) over ``batch``; outputs in [0, 1] or logits."""
         if self.kind == "classifier":
             images = self.extra["images"][[index for _, index in batch]]
@@ -43,46 +63,74 @@ class Workload:
                 return self.target(images).float()
         from accel.pipelines import generate
 
-        labels = [label for label, _ in batch]
+        conditions = [c for c, _ in batch]
         seeds = [seed for _, seed in batch]
-        return generate(self.target, labels, seeds, self.steps, self.guidance_scale, **(self.extra or {}))
+        return generate(self.target, conditions, seeds, self.steps, self.guidance_scale, **(self.extra or {}))
 
     def run_all(self) -> torch.Tensor:
         return torch.cat([self.run_batch(batch) for batch in self.batches()])
 
     def quality(self, outputs: torch.Tensor, reference: torch.Tensor) -> dict[str, float | None]:
-        """PSNR/SSIM against the baseline outputs plus the task metric."""
+        """PSNR/SSIM against the baseline outputs plus the task metric where one exists."""
         from accel import metrics
 
-        labels = torch.tensor([label for label, _ in self.samples])
         if self.kind == "classifier":
+            labels = torch.tensor([label for label, _ in self.samples])
             agree = float((outputs.argmax(1) == reference.argmax(1)).float().mean())
             top1 = float((outputs.argmax(1) == labels).float().mean())
             return {"psnr": None, "ssim": None, "top1": top1, "agreement": agree}
-        return {
+        scores: dict[str, float | None] = {
             "psnr": float(metrics.psnr(reference, outputs)),
             "ssim": float(metrics.ssim(reference, outputs)),
-            "judge_acc": float(metrics.judge_accuracy(outputs, labels)),
         }
+        if self.judged:
+            labels = torch.tensor([label for label, _ in self.samples])
+            scores["judge_acc"] = float(metrics.judge_accuracy(outputs, labels))
+        return scores
 
 
 def build_workload(
-    model_name: str, steps: int, labels: list[int], seeds: list[int], batch: int, guidance_scale: float
+    model_name: str,
+    steps: int,
+    labels: list[int],
+    seeds: list[int],
+    batch: int,
+    guidance_scale: float | None,
+    *,
+    prompts: list[str] | None = None,
+    sizes: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | None = None,
 ) -> Workload:
-    """Load ``model_name`` (embedded name, local folder, hub id or timm name) and pick its workload."""
-    from accel.pipelines import load
+    """Load ``model_name`` (embedded name, local folder, hub id or timm name) and pick its workload.
 
-    target = load(model_name)
+    Text-conditioned pipelines run ``prompts`` (the built-in set when ``None``), class-conditional ones
+    ``labels``; ``sizes`` (negative_prompt, height, width, num_frames) override the embedded defaults.
+    """
+    from accel.pipelines import DigitsDiTPipeline, DigitsVideoPipeline, load
+    from accel.pipelines.generation import DEFAULT_PROMPTS, call_signature
+
+    target = load(model_name, device=device or "cpu", dtype=dtype)
     if isinstance(target, torch.nn.Module) and not hasattr(target, "transformer"):
         from accel.pipelines import classification_set
 
         images, targets = classification_set(model_name)
         samples = [(int(targets[i]), i) for i in range(len(targets))]
         return Workload(model_name, target.eval(), "classifier", 0, samples, batch,
-                        extra={"images": images})
-    kind = "video" if hasattr(target, "check_size") or "video" in type(target).__name__.lower() else "image"
-    samples = [(label, seed) for seed in seeds for label in labels]
-    return Workload(model_name, target, kind, steps, samples, batch, guidance_scale, extra=_size_kwargs(model_name))
+                        extra={"images": images.to(device=device or "cpu", dtype=dtype or torch.float32)})
+    sig = call_signature(target)
+    if sig.is_text:
+        conditions: list[Any] = list(prompts) if prompts else list(DEFAULT_PROMPTS)
+    elif prompts:
+        raise ValueError(f"{model_name!r} ({sig.pipeline}) is class-conditional: it takes --labels, not --prompts.")
+    else:
+        conditions = list(labels)
+    kind = "video" if sig.is_video else "image"
+    samples = [(condition, seed) for seed in seeds for condition in conditions]
+    extra = {**_size_kwargs(model_name), **{k: v for k, v in (sizes or {}).items() if v is not None}}
+    judged = isinstance(target, (DigitsDiTPipeline, DigitsVideoPipeline))
+    return Workload(model_name, target, kind, steps, samples, batch, guidance_scale, extra=extra or None,
+                    judged=judged)
 
 
 def _size_kwargs(model_name: str) -> dict[str, Any]:

@@ -25,34 +25,42 @@ HISTORY_COLUMNS = ["#", "model", "recipe", "steps", "seed", "label", "samples", 
 
 
 def _tile(frame: torch.Tensor, tile: int = TILE) -> np.ndarray:
-    """(H, W) in [0, 1] -> (tile', tile') uint8, enlarged by a whole factor (nearest neighbour)."""
-    array = (frame.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-    factor = max(1, tile // max(array.shape))
-    return np.kron(array, np.ones((factor, factor), dtype=np.uint8))
+    """(H, W) or (C, H, W) in [0, 1] -> uint8 (h, w) grey or (h, w, 3) colour, enlarged by a whole factor
+    (nearest neighbour)."""
+    if frame.dim() == 3:
+        frame = frame[0] if frame.shape[0] == 1 else frame[:3].permute(1, 2, 0)
+    array = (frame.float().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    factor = max(1, tile // max(array.shape[:2]))
+    block = np.ones((factor, factor) + (1,) * (array.ndim - 2), dtype=np.uint8)
+    return np.kron(array, block)
 
 
 def _grid(frames: list[torch.Tensor], tile: int = TILE, columns: int | None = None) -> Image.Image:
     """Frames in a near-square grid (or ``columns`` wide) on a light background, ``GAP`` px apart."""
     tiles = [_tile(frame, tile) for frame in frames]
+    colour = any(t.ndim == 3 for t in tiles)
+    if colour:
+        tiles = [t if t.ndim == 3 else np.repeat(t[..., None], 3, axis=2) for t in tiles]
     columns = columns or math.ceil(math.sqrt(len(tiles)))
     rows = math.ceil(len(tiles) / columns)
     side_h = max(t.shape[0] for t in tiles)
     side_w = max(t.shape[1] for t in tiles)
-    canvas = np.full((rows * side_h + GAP * (rows - 1), columns * side_w + GAP * (columns - 1)), 235, dtype=np.uint8)
+    shape = (rows * side_h + GAP * (rows - 1), columns * side_w + GAP * (columns - 1)) + ((3,) if colour else ())
+    canvas = np.full(shape, 235, dtype=np.uint8)
     for index, t in enumerate(tiles):
         y, x = divmod(index, columns)
         y, x = y * (side_h + GAP), x * (side_w + GAP)
         canvas[y : y + t.shape[0], x : x + t.shape[1]] = t
-    return Image.fromarray(canvas, mode="L")
+    return Image.fromarray(canvas, mode="RGB" if colour else "L")
 
 
 def image_grid(images: torch.Tensor) -> Image.Image:
-    """Images (N, 1, H, W) -> one enlarged near-square grid of the N samples (seed order, row by row)."""
-    return _grid([image[0] for image in images])
+    """Images (N, C, H, W) -> one enlarged near-square grid of the N samples (seed order, row by row)."""
+    return _grid(list(images))
 
 
 def video_gif(video: torch.Tensor, folder: str | Path | None = None) -> str:
-    """Videos (N, F, H, W) -> an animated GIF (samples in a grid) on disk; returns its path."""
+    """Videos (N, F, H, W) or (N, F, C, H, W) -> an animated GIF (samples in a grid) on disk; returns its path."""
     frames = [_grid([sample[f] for sample in video]).convert("P") for f in range(video.shape[1])]
     folder = Path(folder or tempfile.mkdtemp(prefix="accel-demo-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -68,7 +76,7 @@ def frame_strip(baseline: torch.Tensor, accelerated: torch.Tensor, max_frames: i
     picks = sorted({round(i * (count - 1) / max(max_frames - 1, 1)) for i in range(min(max_frames, count))})
     top = _grid([baseline[0, f] for f in picks], tile=64, columns=len(picks))
     bottom = _grid([accelerated[0, f] for f in picks], tile=64, columns=len(picks))
-    strip = Image.new("L", (top.width, top.height + bottom.height + GAP), 255)
+    strip = Image.new(top.mode, (top.width, top.height + bottom.height + GAP), "white")
     strip.paste(top, (0, 0))
     strip.paste(bottom, (0, top.height + GAP))
     return strip

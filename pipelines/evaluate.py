@@ -48,7 +48,7 @@ def eval_video(count: int, steps: int, guidance: float, num_frames: int) -> dict
     kwargs.update(steps=steps, guidance_scale=guidance, num_frames=num_frames)
     labels = [i % 10 for i in range(count)]
     start = time.perf_counter()
-    frames = generate(pipe, labels, seeds=list(range(count)), **kwargs)
+    frames = generate(pipe, labels, seeds=list(range(count)), **kwargs)[:, :, 0]  # one channel: (N, F, H, W)
     seconds = time.perf_counter() - start
     tag = f"f{num_frames}"
     save_grid(frames[: min(count, 10)], FIGURES / f"digits_video_frames_{tag}.png")

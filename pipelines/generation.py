@@ -1,7 +1,15 @@
-"""Generation adapters the benchmark and demo drive: one call, tensors in [0, 1], per-sample seeds.
+"""One generation driver for any diffusers pipeline: the call is built from the pipeline's own
+``__call__`` signature, outputs come back as float tensors in [0, 1].
 
+    pipe = load("/models/pixart-512")                         # any local diffusers folder
+    images = generate(pipe, ["a red fox", "a lighthouse"], seeds=[0, 1], steps=20)   # (2, 3, H, W)
     pipe = load("digits-dit")
-    images = generate(pipe, labels=[0, 1, 2], seeds=[0, 1, 2], **default_generation_kwargs("digits-dit"))
+    images = generate(pipe, [3, 7], seeds=[0, 1], **default_generation_kwargs("digits-dit"))  # (2, 1, 16, 16)
+
+Conditions are prompts (``str``) for text-conditioned pipelines and class labels (``int``) for
+class-conditional ones (diffusers' ``DiTPipeline``, the embedded digit models). Each sample gets its own
+``torch.Generator``, so a sample depends only on its seed, not on the batch it ran in. Images come back
+(N, C, H, W), videos (N, F, C, H, W).
 """
 
 from __future__ import annotations
@@ -9,9 +17,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
-from accel.pipelines.digits_dit import DigitsDiTPipeline
-from accel.pipelines.digits_video import DigitsVideoPipeline
+from accel.calls import (  # noqa: F401 - re-exported: the driver's public names
+    DEFAULT_PROMPTS,
+    CallSignature,
+    Condition,
+    UnsupportedPipelineError,
+    build_call,
+    call_signature,
+)
 
 #: Defaults per embedded generator: 50 steps and guidance 4 as in the reported targets; the video runs at
 #: 16 frames x 32x32 px = 4,096 tokens so that sparse attention has work to do.
@@ -28,37 +43,71 @@ def default_generation_kwargs(name: str) -> dict[str, Any]:
     return dict(_DEFAULTS[name])
 
 
-def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
-    # One generator per sample: a sample depends only on its own seed, not on the batch it ran in.
-    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+def _pil_to_tensor(image: Any) -> torch.Tensor:
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    if array.ndim == 2:
+        array = array[..., None]
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def as_tensor_output(output: Any, video: bool) -> torch.Tensor:
+    """A pipeline's ``images`` / ``frames`` as float32 CPU tensors: images (N, C, H, W), videos
+    (N, F, C, H, W). Accepts torch ``pt`` outputs, numpy (channels last) and PIL lists."""
+    if isinstance(output, (list, tuple)) and output and not torch.is_tensor(output[0]):
+        if isinstance(output[0], (list, tuple)):  # videos as lists of PIL frames
+            return torch.stack([torch.stack([_pil_to_tensor(f) for f in v]) for v in output])
+        if isinstance(output[0], np.ndarray):
+            output = np.stack(output)
+        else:
+            return torch.stack([_pil_to_tensor(im) for im in output])
+    if isinstance(output, (list, tuple)):
+        output = torch.stack(list(output))
+    if isinstance(output, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(output)).float()
+        if x.ndim == 4 and not video and x.shape[-1] in (1, 3, 4):  # (N, H, W, C)
+            x = x.permute(0, 3, 1, 2)
+        elif x.ndim == 5 and x.shape[-1] in (1, 3, 4):  # (N, F, H, W, C)
+            x = x.permute(0, 1, 4, 2, 3)
+    else:
+        x = output.detach().float().cpu()
+    if video and x.ndim == 4:  # (N, F, H, W) single-channel videos
+        x = x.unsqueeze(2)
+    if x.ndim != (5 if video else 4):
+        raise ValueError(f"Expected {'videos' if video else 'images'} from the pipeline, got shape {tuple(x.shape)}.")
+    return x.contiguous()
 
 
 @torch.no_grad()
-def generate(pipe: Any, labels: Sequence[int], seeds: Sequence[int], steps: int = 50,
-             guidance_scale: float = 4.0, **kw: Any) -> torch.Tensor:
+def generate(
+    pipe: Any,
+    conditions: Sequence[Condition],
+    seeds: Sequence[int],
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    **kw: Any,
+) -> torch.Tensor:
     """Runs one batched pipeline call and returns float32 CPU tensors in [0, 1].
 
     Args:
-        pipe: a ``DigitsDiTPipeline`` or ``DigitsVideoPipeline`` (possibly patched by accel).
-        labels: class label per sample.
-        seeds: noise seed per sample (same length as ``labels``).
-        steps: sampler steps.
-        guidance_scale: classifier-free guidance weight.
-        **kw: passed to the pipeline (e.g. ``num_frames``, ``height``, ``width`` for video).
+        pipe: any diffusers pipeline taking ``prompt`` or ``class_labels`` (possibly patched by accel).
+        conditions: one prompt (str) or class label (int) per sample.
+        seeds: noise seed per sample (same length as ``conditions``).
+        steps: sampler steps (``None``: the pipeline's default).
+        guidance_scale: classifier-free guidance weight (``None``: the pipeline's default).
+        **kw: ``negative_prompt``, ``height``, ``width``, ``num_frames`` (passed where the pipeline takes
+            them) and any other keyword of the pipeline's call.
 
     Returns:
-        Images (N, 1, H, W) or videos (N, F, H, W).
+        Images (N, C, H, W) or videos (N, F, C, H, W).
     """
-    if len(labels) != len(seeds):
-        raise ValueError(f"generate needs one seed per label, got {len(labels)} labels and {len(seeds)} seeds.")
-    common = dict(class_labels=list(labels), num_inference_steps=steps, guidance_scale=guidance_scale,
-                  generator=_generators(seeds), output_type="pt", **kw)
-    if isinstance(pipe, DigitsVideoPipeline):
-        return pipe(**common).frames.float().cpu()
-    if isinstance(pipe, DigitsDiTPipeline):
-        return pipe(**common).images.float().cpu()
-    raise TypeError(f"generate supports DigitsDiTPipeline and DigitsVideoPipeline, got {type(pipe).__name__}; "
-                    "call other pipelines directly.")
+    kwargs = build_call(pipe, conditions, seeds, steps, guidance_scale, **kw)
+    out = pipe(**kwargs)
+    if hasattr(out, "frames"):
+        return as_tensor_output(out.frames, video=True).clamp_(0, 1)
+    if hasattr(out, "images"):
+        return as_tensor_output(out.images, video=False).clamp_(0, 1)
+    raise UnsupportedPipelineError(f"{type(pipe).__name__} returned {type(out).__name__} without `images` "
+                                   "or `frames`.")
 
 
 def classification_set(name: str, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:

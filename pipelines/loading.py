@@ -71,12 +71,7 @@ def _load_folder(path: Path, device: str | torch.device, dtype: torch.dtype | No
     """A diffusers pipeline folder (ours or any diffusers class) or one of our classifier folders."""
     index = path / "model_index.json"
     if index.is_file():
-        class_name = json.loads(index.read_text()).get("_class_name", "")
-        cls = OWN_PIPELINES.get(class_name)
-        if cls is None:
-            import diffusers
-
-            cls = diffusers.DiffusionPipeline
+        cls = _pipeline_class(index)
         pipe = cls.from_pretrained(str(path), **_dtype_kwarg(dtype))
         pipe.set_progress_bar_config(disable=True)  # callers drive their own progress bars
         return pipe.to(device)
@@ -92,6 +87,24 @@ def _load_folder(path: Path, device: str | torch.device, dtype: torch.dtype | No
                                 f"{WEIGHTS_DIR}. Reinstall accel or retrain with accel.pipelines.train.")
     raise ValueError(f"{str(path)!r} is not a model folder: it has neither model_index.json nor "
                      f"config.json + {WEIGHTS_FILE}. Accepted: {ACCEPTED}.")
+
+
+def _pipeline_class(index: Path) -> type:
+    """The class to load a pipeline folder with: ours by name, else diffusers' (which must know it)."""
+    import diffusers
+
+    from accel.artifacts import read_json
+
+    remake = "Save the pipeline again with pipe.save_pretrained(folder)."
+    class_name = read_json(index, "diffusers model index", remake).get("_class_name")
+    if not isinstance(class_name, str) or not class_name:
+        raise ValueError(f"{index} names no pipeline class (`_class_name`). {remake}")
+    if class_name in OWN_PIPELINES:
+        return OWN_PIPELINES[class_name]
+    if not hasattr(diffusers, class_name):
+        raise ValueError(f"{index} names the pipeline class {class_name!r}, which diffusers "
+                         f"{diffusers.__version__} does not have: update diffusers, or fix `_class_name`.")
+    return diffusers.DiffusionPipeline
 
 
 def _dtype_kwarg(dtype: torch.dtype | None) -> dict[str, torch.dtype]:

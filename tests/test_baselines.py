@@ -134,7 +134,7 @@ def test_torchao_int8_quantizes_and_restores_the_same_weights() -> None:
     pipe = TinyPipe()
     reference = call(pipe)
     weights = {name: (id(p), p.clone()) for name, p in pipe.transformer.named_parameters()}
-    handle = BASELINES["torchao-int8"].apply(pipe, {}, STEPS)
+    handle = BASELINES["torchao-int8"].apply(pipe, {"compile": False}, STEPS)  # compiling: slow, same restore
     quantized = call(pipe, handle)
     assert torch.isfinite(quantized).all() and not torch.equal(quantized, reference)
     assert type(pipe.transformer.transformer_blocks[0].attn1.to_q.weight) is not torch.nn.Parameter

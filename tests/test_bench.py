@@ -131,3 +131,23 @@ def test_attention_share_counts_only_the_sdpa_kernels():
 
     attention, total = attention_share(call)
     assert 0 < attention < total
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 16, 16), (3, 3, 12, 20), (2, 4, 1, 8, 8)])
+def test_grid_cell_equals_the_image_it_shows(tmp_path, shape):
+    """Each row of the benchmark grid shows every sample once, pixel for pixel (enlarged 4x)."""
+    import numpy as np
+    from PIL import Image
+
+    from accel.benchmarks.report import write_grid
+
+    outputs = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    write_grid(tmp_path / "grid.png", {"none": outputs, "other": 1 - outputs}, scale=4)
+    grid = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB")).astype(int)
+    cells = list(outputs) if outputs.dim() == 4 else [frame for video in outputs for frame in video]
+    h, w = cells[0].shape[-2:]
+    for row, sign in enumerate((0, 1)):
+        for i, cell in enumerate(cells):
+            expect = (cell if sign == 0 else 1 - cell).expand(3, -1, -1).permute(1, 2, 0).numpy()
+            shown = grid[row * 4 * h : (row + 1) * 4 * h : 4, 150 + i * 4 * w : 150 + (i + 1) * 4 * w : 4]
+            assert np.abs(shown - np.round(expect * 255)).max() <= 1, (row, i)

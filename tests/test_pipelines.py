@@ -84,9 +84,11 @@ def test_generate_helper(dit: P.DigitsDiTPipeline, video: P.DigitsVideoPipeline)
     assert torch.allclose(images[1:], alone, atol=1e-5)
     kw = P.default_generation_kwargs("digits-video-dit") | {"steps": 1, "num_frames": 2}
     frames = P.generate(video, [3], seeds=[0], **kw)
-    assert frames.shape == (1, 2, 32, 32)
-    with pytest.raises(ValueError, match="one seed per label, got 2 labels and 1 seeds"):
+    assert frames.shape == (1, 2, 1, 32, 32)  # videos (N, F, C, H, W)
+    with pytest.raises(ValueError, match="one seed per sample, got 2 conditions and 1 seeds"):
         P.generate(dit, [1, 2], seeds=[0])
+    with pytest.raises(ValueError, match=r"conditioned on class_labels: pass class labels \(int\), got 'a fox'"):
+        P.generate(dit, ["a fox"], seeds=[0])
     with pytest.raises(ValueError, match="No generation defaults for 'digits-vit'"):
         P.default_generation_kwargs("digits-vit")
 

@@ -36,7 +36,10 @@ class TinyPipe:
     def __call__(self, class_labels, num_inference_steps: int = 10, generator=None, output_type: str = "pt"):
         self.scheduler.set_timesteps(num_inference_steps)
         generator = generator or torch.Generator().manual_seed(0)
-        x = torch.randn(len(class_labels), 1, 8, 8, generator=generator)
+        if isinstance(generator, list):  # one per sample, as diffusers pipelines take them
+            x = torch.cat([torch.randn(1, 1, 8, 8, generator=g) for g in generator])
+        else:
+            x = torch.randn(len(class_labels), 1, 8, 8, generator=generator)
         labels = torch.tensor(class_labels)
         with torch.no_grad():
             for t in self.scheduler.timesteps:

@@ -465,10 +465,11 @@ def _check_units(schedule: BACSchedule, units: list[_Branch], config: BACConfig)
 
 
 def default_calls(pipe: Any, seeds: Sequence[int] = (101, 102)) -> list[dict[str, Any]]:
-    """Calibration calls for class-conditional pipelines: every class, a few seeds unlike the benchmark's."""
-    return [
-        {"class_labels": list(range(10)), "generator": torch.Generator().manual_seed(seed)} for seed in seeds
-    ]
+    """Calibration calls when none are given: built-in prompts or spread class labels, other seeds than
+    a benchmark's (see :func:`accel.calls.default_calls`)."""
+    from accel.calls import default_calls as calls_for
+
+    return calls_for(pipe, seeds)
 
 
 def calibrate(
@@ -540,7 +541,7 @@ def _probe(runtime: BAC, pipe: Any, kwargs: dict[str, Any], steps: int, states: 
 
 def _run(pipe: Any, kwargs: dict[str, Any], steps: int) -> np.ndarray:
     """One pipeline call; its first output (images / frames) as float64."""
-    result = pipe(**kwargs, num_inference_steps=steps, output_type="np")
+    result = pipe(**{**kwargs, "num_inference_steps": steps, "output_type": "np"})
     if hasattr(result, "to_tuple"):  # diffusers BaseOutput
         result = result.to_tuple()
     if isinstance(result, (tuple, list)):

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from accel.artifacts import read_json
 from accel.errors import ArtifactMismatchError
 
 SCHEDULE_FORMAT = "accel.bac.schedule"
@@ -170,7 +171,7 @@ class BACSchedule:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"BAC schedule {str(path)!r} does not exist; write one with BACSchedule.save().")
-        data = json.loads(path.read_text())
+        data = read_json(path, "BAC schedule", "Calibrate again with accel.methods.bac.calibrate(..., save_to=path).")
         if data.get("format") != SCHEDULE_FORMAT:
             raise ArtifactMismatchError(f"{path} is not a BAC schedule (format {data.get('format')!r}).")
         return cls(

@@ -287,10 +287,11 @@ def prune(
 def default_pool(pipe: Any | None, model: torch.nn.Module, per_class: int = 2, steps: int = 50,
                  guidance_scale: float = 4.0) -> InputPool:
     """Distillation inputs when none are given (see ``accel.prune.distill`` for why the trajectory)."""
-    if pipe is not None and type(pipe).__name__ in ("DigitsDiTPipeline", "DiTPipeline"):
-        calls = [{"class_labels": list(range(10)) * per_class, "num_inference_steps": steps,
-                  "guidance_scale": guidance_scale, "generator": torch.Generator().manual_seed(500),
-                  "output_type": "pt"}]
+    if pipe is not None:
+        from accel.calls import default_calls, default_conditions
+
+        calls = default_calls(pipe, [500], steps, default_conditions(pipe) * per_class,
+                              guidance_scale=guidance_scale)
         return record_inputs(pipe, calls)
     if not find_adapter(model).is_denoiser and hasattr(model, "patch_embed"):
         from accel.pipelines.data import load_digit_images

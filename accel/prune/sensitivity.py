@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from accel.artifacts import read_json
 from accel.methods.bac_schedule import model_fingerprint
 from accel.prune.distill import InputPool, model_output
 from accel.prune.structure import PrunableBlock, pinned_blocks, prunable_blocks, swap_blocks
@@ -137,7 +138,7 @@ class SensitivityProfile:
         if not path.is_file():
             raise FileNotFoundError(f"Sensitivity profile {str(path)!r} does not exist; write one with "
                                     "analyze_blocks(...).save(path).")
-        return cls.from_json(json.loads(path.read_text()))
+        return cls.from_json(read_json(path, "sensitivity profile", "Write one with analyze_blocks(...).save(path)."))
 
 
 def _fmt(value: float) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from accel.artifacts import read_json
 from accel.errors import ArtifactMismatchError
 from accel.quant.qlinear import LayerSpec, QuantLinear
 
@@ -101,7 +102,7 @@ class QuantizedModel:
                 f"No QuEST artifact at {str(folder)!r}: expected {JSON_NAME} and "
                 f"{TENSORS_NAME} there. Write one with QuantizedModel.save(path)."
             )
-        data = json.loads((folder / JSON_NAME).read_text())
+        data = read_json(folder / JSON_NAME, "QuEST artifact", "Write one with QuantizedModel.save(path).")
         if data.get("format") != FORMAT:
             raise ArtifactMismatchError(f"{folder} is not a QuEST artifact (format {data.get('format')!r}).")
         if data.get("version", 0) > VERSION:

@@ -48,27 +48,18 @@ def _split(target: Any) -> tuple[Any | None, torch.nn.Module]:
 
 
 def default_calls(pipe: Any, seeds: int, steps: int | None) -> list[dict[str, Any]]:
-    """Calibration calls for class-conditional pipelines: every class label, ``seeds`` seeds (unlike
-    the benchmark's seeds). Text pipelines pass their own ``calls`` with prompts."""
-    classes = getattr(pipe, "num_classes", None)
-    if classes is None:  # diffusers' DiT: the label embedding's size (without the CFG null label)
-        config = getattr(getattr(pipe, "transformer", None), "config", None)
-        classes = getattr(config, "num_embeds_ada_norm", None)
-    if classes is None:
+    """Calibration calls when none are given: ``seeds`` calls over the built-in prompts (text pipelines)
+    or up to ten class labels spread over the classes, on other seeds than a benchmark's."""
+    from accel.calls import UnsupportedPipelineError
+    from accel.calls import default_calls as calls_for
+
+    try:
+        return calls_for(pipe, [1 + s for s in range(seeds)], steps)
+    except UnsupportedPipelineError as exc:
         raise UnsupportedModelError(
-            f"QuEST cannot guess calibration inputs for {type(pipe).__name__}: pass calls=[{{'prompt': ...}}, ...] "
+            f"QuEST cannot build calibration inputs for {type(pipe).__name__} ({exc}) Pass calls=[{{...}}, ...] "
             "to accel.methods.quest.calibrate(pipe, config, calls=...)."
-        )
-    extra = {} if steps is None else {"num_inference_steps": steps}
-    return [
-        {
-            "class_labels": list(range(int(classes))),
-            "generator": torch.Generator().manual_seed(1000 + s),
-            "output_type": "np",
-            **extra,
-        }
-        for s in range(seeds)
-    ]
+        ) from None
 
 
 def calibrate(

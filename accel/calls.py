@@ -1,0 +1,187 @@
+"""Pipeline calls built from the pipeline's own ``__call__`` signature: the one place that knows how to
+call any diffusers pipeline (prompts or class labels, per-sample seeds, steps, guidance, sizes).
+
+The benchmark, the demo and every offline step (BAC schedules, QuEST calibration, HierarchicalPrune's
+sensitivity and distillation) build their calls here, so they run on the same kind of inputs.
+
+    kwargs = build_call(pipe, ["a red fox"], seeds=[0], steps=20, height=512, width=512)
+    calls = default_calls(pipe, seeds=[101, 102])   # calibration: built-in prompts or class labels
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+#: Prompts used when a text-conditioned pipeline is benchmarked without a prompt file: varied subjects,
+#: counts, colours and layouts, so that caches and sparse patterns are not tuned to one scene.
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "a red fox sitting in fresh snow, morning light",
+    "a lighthouse on a rocky coast at dusk, waves crashing",
+    "three ripe lemons on a blue ceramic plate, studio photo",
+    "a busy night market street in the rain, neon signs",
+    "an astronaut riding a horse on the moon, wide shot",
+    "a watercolor painting of a quiet mountain lake",
+    "a close-up portrait of an old fisherman, detailed wrinkles",
+    "a vintage red bicycle leaning against a yellow wall",
+)
+
+Condition = int | str
+
+
+class UnsupportedPipelineError(ValueError):
+    """A pipeline whose call accel cannot build (it needs an input accel does not know how to make)."""
+
+
+@dataclass(frozen=True)
+class CallSignature:
+    """What one pipeline's ``__call__`` takes, read from its signature."""
+
+    pipeline: str
+    conditioning: str  # "prompt" | "class_labels"
+    parameters: frozenset[str]
+    required: tuple[str, ...]  # parameters without a default (beyond the conditioning)
+    defaults: dict[str, Any]
+
+    @property
+    def is_text(self) -> bool:
+        return self.conditioning == "prompt"
+
+    def accepts(self, name: str) -> bool:
+        return name in self.parameters
+
+    @property
+    def is_video(self) -> bool:
+        return "num_frames" in self.parameters
+
+
+def call_signature(pipe: Any) -> CallSignature:
+    """Read ``pipe.__call__``'s signature; a pipeline without prompts or class labels is refused."""
+    call = getattr(pipe, "__call__", None)
+    name = type(pipe).__name__
+    try:
+        params = inspect.signature(call).parameters
+    except (TypeError, ValueError):
+        raise UnsupportedPipelineError(f"{name} has no inspectable __call__; accel drives diffusers pipelines.") from None
+    names = frozenset(params)
+    if "prompt" in names:
+        conditioning = "prompt"
+    elif "class_labels" in names:
+        conditioning = "class_labels"
+    else:
+        raise UnsupportedPipelineError(
+            f"{name}'s call takes neither `prompt` nor `class_labels` (it takes: {', '.join(params) or 'nothing'}); "
+            "accel can drive text-conditioned and class-conditional pipelines. Call it yourself and patch its "
+            "denoiser with accel.patch(pipe.transformer or pipe.unet).")
+    required = tuple(
+        p.name for p in params.values()
+        if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        and p.name not in (conditioning, "self")
+    )
+    if required:
+        raise UnsupportedPipelineError(
+            f"{name}'s call needs {', '.join(required)}, which accel cannot build (it makes prompts or class "
+            "labels, seeds, steps, guidance and sizes). Call the pipeline yourself and patch it with accel.patch.")
+    defaults = {p.name: p.default for p in params.values() if p.default is not inspect.Parameter.empty}
+    return CallSignature(name, conditioning, names, required, defaults)
+
+
+def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    # One generator per sample: a sample depends only on its own seed, not on the batch it ran in.
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def _check_conditions(sig: CallSignature, conditions: Sequence[Condition]) -> list[Condition]:
+    conditions = list(conditions)
+    if not conditions:
+        raise ValueError("generate needs at least one prompt or class label.")
+    want = str if sig.is_text else int
+    wrong = [c for c in conditions if not isinstance(c, want) or isinstance(c, bool)]
+    if wrong:
+        what = "prompts (str)" if sig.is_text else "class labels (int)"
+        raise ValueError(f"{sig.pipeline} is conditioned on {sig.conditioning}: pass {what}, got {wrong[0]!r}.")
+    return conditions
+
+
+def build_call(
+    pipe: Any,
+    conditions: Sequence[Condition],
+    seeds: Sequence[int],
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    *,
+    negative_prompt: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_frames: int | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The keyword arguments of one pipeline call over ``conditions`` (one sample each).
+
+    ``None`` leaves a setting at the pipeline's own default. ``negative_prompt``, sizes and frames are passed
+    only where the pipeline takes them (a negative prompt given to a pipeline without one is an error, a
+    size is not: class-conditional pipelines generate at their trained size).
+    """
+    sig = call_signature(pipe)
+    conditions = _check_conditions(sig, conditions)
+    if len(conditions) != len(seeds):
+        raise ValueError(f"generate needs one seed per sample, got {len(conditions)} conditions and "
+                         f"{len(seeds)} seeds.")
+    kwargs: dict[str, Any] = {sig.conditioning: conditions, "generator": _generators(seeds)}
+    if steps is not None:
+        kwargs["num_inference_steps"] = int(steps)
+    if guidance_scale is not None and sig.accepts("guidance_scale"):
+        kwargs["guidance_scale"] = float(guidance_scale)
+    if negative_prompt is not None:
+        if not sig.accepts("negative_prompt"):
+            raise ValueError(f"{sig.pipeline} takes no negative_prompt.")
+        kwargs["negative_prompt"] = [negative_prompt] * len(conditions)
+    for key, value in (("height", height), ("width", width), ("num_frames", num_frames)):
+        if value is not None and sig.accepts(key):
+            kwargs[key] = int(value)
+    if sig.accepts("output_type"):
+        kwargs["output_type"] = "pt"
+    unknown = [k for k in extra if not sig.accepts(k)]
+    if unknown and not any(p == "kwargs" for p in sig.parameters):
+        raise ValueError(f"{sig.pipeline} takes no {', '.join(unknown)}.")
+    kwargs.update(extra)
+    return kwargs
+
+
+
+def class_count(pipe: Any) -> int | None:
+    """Number of classes of a class-conditional pipeline (ours: ``num_classes``; diffusers' DiT: the label
+    embedding's size without the CFG null label, or ``id2label``)."""
+    classes = getattr(pipe, "num_classes", None)
+    if classes is None:
+        config = getattr(getattr(pipe, "transformer", None), "config", None)
+        classes = getattr(config, "num_embeds_ada_norm", None)
+    if classes is None and getattr(pipe, "labels", None):
+        classes = len(pipe.labels)
+    return None if classes is None else int(classes)
+
+
+def default_conditions(pipe: Any, count: int = 10) -> list[Condition]:
+    """Calibration conditions when the caller gives none: the built-in prompts for text pipelines,
+    ``count`` class labels spread over the classes for class-conditional ones."""
+    sig = call_signature(pipe)
+    if sig.is_text:
+        return list(DEFAULT_PROMPTS[: min(count, len(DEFAULT_PROMPTS))])
+    classes = class_count(pipe) or 10
+    count = min(count, classes)
+    return [round(i * (classes - 1) / max(count - 1, 1)) for i in range(count)] if count > 1 else [0]
+
+
+def default_calls(
+    pipe: Any, seeds: Sequence[int], steps: int | None = None, conditions: Sequence[Condition] | None = None,
+    **kw: Any,
+) -> list[dict[str, Any]]:
+    """One call per seed over ``conditions`` (default: :func:`default_conditions`), each sample with its
+    own generator seeded ``seed * 1000 + i`` (other seeds than a benchmark's small ones)."""
+    conditions = list(conditions) if conditions is not None else default_conditions(pipe)
+    return [build_call(pipe, conditions, [int(seed) * 1000 + i for i in range(len(conditions))], steps, **kw)
+            for seed in seeds]
