@@ -182,6 +182,8 @@ class Patch:
         scheduler = getattr(self.pipeline, "scheduler", None)
         if scheduler is not None and hasattr(scheduler, "set_timesteps"):
             self._own_hooks.set_attr(scheduler, "set_timesteps", self._wrap_set_timesteps(scheduler))
+        if scheduler is not None and callable(getattr(scheduler, "step", None)):
+            self._own_hooks.set_attr(scheduler, "step", self._wrap_step(scheduler))
         self._own_hooks.set_attr(self.model, _PATCH_ATTR, self)
 
     def _wrap_set_timesteps(self, scheduler: Any) -> Callable[..., Any]:
@@ -197,6 +199,17 @@ class Patch:
             return result
 
         return set_timesteps
+
+    def _wrap_step(self, scheduler: Any) -> Callable[..., Any]:
+        original = scheduler.step
+
+        @functools.wraps(original)
+        def step(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            self.tracker.end_step()
+            return result
+
+        return step
 
     def reset(self, num_steps: int | None = None) -> None:
         """Forget all step state and caches (e.g. before driving a bare model with a new schedule)."""

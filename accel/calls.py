@@ -33,6 +33,10 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
 Condition = int | str
 
 
+#: Call parameters of pipelines that transform an input (image-to-image, inpainting, control, video-to-video).
+INPUT_PARAMETERS = ("image", "mask_image", "control_image", "video")
+
+
 class UnsupportedPipelineError(ValueError):
     """A pipeline whose call accel cannot build (it needs an input accel does not know how to make)."""
 
@@ -77,6 +81,12 @@ def call_signature(pipe: Any) -> CallSignature:
             f"{name}'s call takes neither `prompt` nor `class_labels` (it takes: {', '.join(params) or 'nothing'}); "
             "accel can drive text-conditioned and class-conditional pipelines. Call it yourself and patch its "
             "denoiser with accel.patch(pipe.transformer or pipe.unet).")
+    needs = [p for p in INPUT_PARAMETERS if p in names]
+    if needs:
+        raise UnsupportedPipelineError(
+            f"{name}'s call takes {', '.join(needs)}: it transforms an input accel cannot make up. accel drives "
+            "text-to-image/video and class-conditional pipelines; call this one yourself and patch it with "
+            "accel.patch.")
     required = tuple(
         p.name for p in params.values()
         if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)

@@ -5,7 +5,9 @@ The tracker is fed by a pre-forward hook on the denoiser. It needs no pipeline c
   (pipelines such as Wan and Flux true-CFG run cond and uncond as separate forwards);
 - a higher timestep, a step past the known step count, or another input size starts a new sequence;
 - on a pipeline, ``scheduler.set_timesteps`` (called at the start of every pipeline call) resets it
-  and tells the step count.
+  and tells the step count, and ``scheduler.step`` ends each step: once the scheduler has stepped, forwards
+  between two of its steps are branches of one step whatever their timesteps (PNDM runs its first
+  timestep twice, as two steps).
 diffusers' ``cache_context`` is used when a pipeline sets it (its name becomes the branch name), but
 not required: DiT, PixArt and SD3 pipelines never set it.
 """
@@ -47,6 +49,9 @@ class StepTracker:
         self.state = StepState()
         self._reset_callbacks: list[Callable[[], None]] = []
         self.forwards = 0
+        # None until the scheduler steps in this sequence (then step boundaries come from it), else
+        # whether it stepped since the last forward.
+        self._stepped: bool | None = None
 
     def on_reset(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` whenever a new sequence starts (methods drop their caches there)."""
@@ -55,8 +60,13 @@ class StepTracker:
     def reset(self, num_steps: int | None = None) -> None:
         """Start a new sequence; ``num_steps`` is the step count when the caller knows it."""
         self.state = StepState(num_steps=num_steps, sequence=self.state.sequence + 1)
+        self._stepped = None
         for callback in self._reset_callbacks:
             callback()
+
+    def end_step(self) -> None:
+        """The sampler finished a step (``scheduler.step`` returned): the next forward starts the next."""
+        self._stepped = True
 
     def begin_forward(
         self, timestep: float | None, batch_size: int, layout: TokenLayout | None, branch_name: str | None = None
@@ -73,12 +83,16 @@ class StepTracker:
                 self.reset(prev.num_steps if restart == "finished" else None)
                 prev = self.state
                 started = False
+        same_step = (not self._stepped) if self._stepped is not None else (
+            timestep is not None and timestep == prev.timestep)
         if not started:
             state = dataclasses.replace(prev, step_index=0, timestep=timestep, branch=0)
-        elif timestep is not None and timestep == prev.timestep:
+        elif same_step:
             state = dataclasses.replace(prev, branch=prev.branch + 1)
         else:
             state = dataclasses.replace(prev, step_index=prev.step_index + 1, timestep=timestep, branch=0)
+        if self._stepped is not None:
+            self._stepped = False
         self.state = dataclasses.replace(state, batch_size=batch_size, layout=layout, branch_name=branch_name)
         return self.state
 

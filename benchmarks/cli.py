@@ -61,6 +61,31 @@ def _prompt_file(path: str) -> list[str]:
     return prompts
 
 
+#: Call keywords the benchmark builds itself, and where the user sets them instead.
+_DRIVEN = {
+    "prompt": "use --prompts", "class_labels": "use --labels", "generator": "use --seeds",
+    "num_inference_steps": "use --steps", "guidance_scale": "use --guidance-scale",
+    "negative_prompt": "use --negative-prompt", "height": "use --height", "width": "use --width",
+    "num_frames": "use --num-frames", "output_type": "outputs are always tensors",
+}
+
+
+def _call_arg(text: str) -> tuple[str, Any]:
+    import json
+
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with a keyword name, got {text!r}")
+    if key in _DRIVEN:
+        raise argparse.ArgumentTypeError(f"{key} is set by accel-bench itself; {_DRIVEN[key]}")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = {"True": True, "False": False, "None": None}.get(value, value)
+    return key, parsed
+
+
 def _device(text: str | None) -> str:
     if text is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -88,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=_positive, default=None, help="output height where the pipeline takes one")
     p.add_argument("--width", type=_positive, default=None, help="output width where the pipeline takes one")
     p.add_argument("--num-frames", type=_positive, default=None, help="video pipelines: frames per sample")
+    p.add_argument("--call-arg", type=_call_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="another keyword of the pipeline's call, repeatable; VALUE is read as JSON when it "
+                   "parses (true, 16, 0.5), else as text: e.g. --call-arg max_sequence_length=120")
     p.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's own")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                    help="model dtype for the baseline and every method")
@@ -138,7 +166,13 @@ def applicable_methods(workload: Workload) -> list[str]:
 
 def _fits(name: str, workload: Workload) -> bool:
     # sparse attention only pays off on long sequences; the image DiT has tens of tokens
-    return not (name in ("adaspa", "vmoba", "flex-window") and workload.kind == "image")
+    if name in ("adaspa", "vmoba", "flex-window") and workload.kind == "image":
+        return False
+    if name == "delta-dit" and workload.is_denoiser:  # a Δ over a block range needs one residual chain
+        from accel.registry import find_adapter
+
+        return getattr(find_adapter(workload.model), "sequential_blocks", True)
+    return True
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -154,7 +188,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     device = _device(args.device)
     dtype = DTYPES[args.dtype]
     sizes = {"negative_prompt": args.negative_prompt, "height": args.height, "width": args.width,
-             "num_frames": args.num_frames}
+             "num_frames": args.num_frames, **dict(args.call_arg)}
     env.update(device=device, dtype=args.dtype, **{k: v for k, v in sizes.items() if v is not None})
     if args.prompts:
         env["prompts"] = args.prompts
@@ -245,6 +279,12 @@ def quiet_known_noise() -> None:
     for name in _NOISE_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars; the run has its own
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # text encoders' "Loading weights" bars
+    except ImportError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

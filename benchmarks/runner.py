@@ -99,7 +99,21 @@ def prepare_config(config: Any, workload: Workload) -> Any:
                              save_to=path, sensitivity=known)
         known.update(schedule.sensitivity)
         return config.replace(schedule=path, calibrate_online=False)
+    if _is_quest(config) and config.artifact is None and config.needs_calibration and workload.is_denoiser:
+        import tempfile
+
+        from accel.methods.quest import quantize
+
+        # Calibrated on the evaluation's kind of call (its conditions, size, steps) on other seeds.
+        calls = workload.calibration_calls(config.calib_seeds)
+        folder = tempfile.mkdtemp(suffix=".quest")
+        quantize(workload.target, config, calls=calls, progress=False).save(folder)
+        return config.replace(artifact=folder)
     return config
+
+
+def _is_quest(config: Any) -> bool:
+    return type(config).__name__ == "QuESTConfig"
 
 
 def _compute_fraction(patch: accel.Patch) -> dict[str, Any]:

@@ -4,7 +4,8 @@
     accel-demo --host 0.0.0.0 --port 8080
 
 Pick a model (an embedded generator or a local diffusers folder), a method or a composed recipe with
-its settings (the ``accel-bench --methods`` syntax), steps, seed and digit label; Compare runs the
+its settings (the ``accel-bench --methods`` syntax), steps, seed and a prompt (text pipelines) or class
+label, and optionally the size and frame count; Compare runs the
 baseline and the accelerated pipeline on the same seeds and shows both outputs, each latency, the
 speedup, PSNR/SSIM against the baseline and the judge's accuracy. Every run of the session goes into a
 history table and a speedup-vs-PSNR Pareto plot.
@@ -27,7 +28,7 @@ import gradio as gr
 from accel.demos import render
 from accel.demos.compare import (
     MAX_REPEATS, MAX_SAMPLES, MAX_STEPS, CompareRequest, CompareResult, DemoError, ModelCache, build_recipe,
-    compare, generator_names, method_choices,
+    compare, generator_names, is_text_model, method_choices,
 )
 from accel.errors import AccelError
 
@@ -42,7 +43,8 @@ USER_ERRORS = (DemoError, AccelError, ValueError, TypeError, FileNotFoundError, 
 def run_compare(
     model: str, method: str, settings: str, steps: float, seed: float, label: float, samples: float,
     guidance_scale: float, repeats: float, history: list[dict[str, Any]] | None, cache: ModelCache,
-    progress: Any = None,
+    progress: Any = None, prompt: str = "", negative_prompt: str = "", height: float | None = 0,
+    width: float | None = 0, num_frames: float | None = 0,
 ) -> tuple[Any, ...]:
     """The Compare button: one comparison, then what the page shows: (baseline view, accelerated view,
     frame strip update, numbers, status, details, history rows, Pareto figure, history).
@@ -56,6 +58,9 @@ def run_compare(
             model=(model or "").strip(), recipe=build_recipe(method, settings), steps=_whole(steps, "Steps"),
             seed=_whole(seed, "Seed"), label=_whole(label, "Label"), samples=_whole(samples, "Samples"),
             guidance_scale=float(guidance_scale), repeats=_whole(repeats, "Repeats"),
+            prompt=(prompt or "").strip(), negative_prompt=(negative_prompt or "").strip(),
+            height=_whole(height or 0, "Height"), width=_whole(width or 0, "Width"),
+            num_frames=_whole(num_frames or 0, "Frames"),
         )
         result = compare(request, cache, _progress_fn(progress))
     except USER_ERRORS as exc:
@@ -128,10 +133,11 @@ def build_app(cache: ModelCache | None = None) -> gr.Blocks:
     methods = method_choices()
 
     def on_compare(model, method, settings, steps, seed, label, samples, guidance_scale, repeats, history,
+                   prompt, negative_prompt, height, width, num_frames,
                    progress=gr.Progress()):  # noqa: B008 - Gradio injects the tracker through this default
         try:
             return run_compare(model, method, settings, steps, seed, label, samples, guidance_scale, repeats,
-                               history, cache, progress)
+                               history, cache, progress, prompt, negative_prompt, height, width, num_frames)
         except gr.Error as exc:  # into the status box; the last results stay on screen
             return (*[gr.skip()] * 4, error_status(exc), *[gr.skip()] * 4)
 
@@ -145,6 +151,8 @@ def build_app(cache: ModelCache | None = None) -> gr.Blocks:
                                     allow_custom_value=True, info="An embedded generator, or a local diffusers folder.")
                 method = gr.Dropdown(methods, value=DEFAULT_METHOD if DEFAULT_METHOD in methods else methods[0],
                                      label="Method", info="'none' compares the baseline with itself.")
+                prompt = gr.Textbox(value="", label="Prompt", placeholder="a red fox sitting in fresh snow", visible=False,
+                                    info="Text-to-image/video pipelines.", elem_id="prompt")
                 settings = gr.Textbox(label="Settings", placeholder="interval=3   or a recipe: delta-dit:interval=3+bac",
                                       info="key=value pairs for the method, or a whole recipe.", elem_id="settings")
                 steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="steps")
@@ -156,6 +164,11 @@ def build_app(cache: ModelCache | None = None) -> gr.Blocks:
                                         elem_id="samples")
                     guidance_scale = gr.Slider(0, 15, value=4.0, step=0.5, label="Guidance scale")
                     repeats = gr.Slider(1, MAX_REPEATS, value=1, step=1, label="Timed repeats (median)")
+                    negative_prompt = gr.Textbox(value="", label="Negative prompt", visible=False, elem_id="negative-prompt")
+                    with gr.Row():
+                        height = gr.Number(value=0, precision=0, minimum=0, label="Height (0: model default)")
+                        width = gr.Number(value=0, precision=0, minimum=0, label="Width (0: model default)")
+                        num_frames = gr.Number(value=0, precision=0, minimum=0, label="Frames (video; 0: default)")
                 run = gr.Button("Compare", variant="primary", elem_id="compare-button")
                 # Progress and errors show here (and errors in a message box), so a failed request leaves
                 # the previous results on screen.
@@ -180,8 +193,13 @@ def build_app(cache: ModelCache | None = None) -> gr.Blocks:
         with gr.Accordion("Methods and recipe syntax", open=False):
             gr.Markdown(methods_markdown())
 
+        def on_model(name: str) -> tuple[Any, Any, Any]:
+            text = is_text_model(name)
+            return gr.update(visible=text), gr.update(visible=text), gr.update(visible=not text)
+
+        model.change(on_model, inputs=[model], outputs=[prompt, negative_prompt, label], api_name=False)
         run.click(on_compare, inputs=[model, method, settings, steps, seed, label, samples, guidance_scale, repeats,
-                                      history],
+                                      history, prompt, negative_prompt, height, width, num_frames],
                   outputs=[baseline, accelerated, strip, numbers, status, details, table, pareto, history],
                   api_name="compare", concurrency_limit=1, show_progress_on=[status])
         clear.click(clear_history, outputs=[table, pareto, history], api_name="clear_history")

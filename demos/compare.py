@@ -60,6 +60,26 @@ def generator_names() -> list[str]:
     return names
 
 
+def is_text_model(name: str) -> bool:
+    """Whether ``name`` (embedded or a local diffusers folder) takes prompts, read from its
+    model_index.json and its pipeline class's call, without loading any weights."""
+    import inspect
+    import json
+
+    from accel.pipelines import EMBEDDED
+
+    index = Path(name or "").expanduser() / "model_index.json"
+    if name in EMBEDDED or not index.is_file():
+        return False
+    try:
+        import diffusers
+
+        cls = getattr(diffusers, json.loads(index.read_text()).get("_class_name", ""), None)
+        return cls is not None and "prompt" in inspect.signature(cls.__call__).parameters
+    except (ValueError, TypeError, AttributeError):  # a broken index is reported when the model loads
+        return False
+
+
 def method_choices() -> list[str]:
     """Names the method dropdown offers: available accel methods and baselines, then ``none``."""
     names = [name for name, status in available_names().items() if status.startswith("available")]
@@ -103,6 +123,8 @@ class CachedModel:
     pipe: Any
     kind: str  # "image" | "video"
     extra: dict[str, Any]
+    text: bool = False  # conditioned on prompts (else on class labels)
+    judged: bool = False  # the digit judge scores its outputs
     lock: threading.Lock = field(default_factory=threading.Lock)
     warm: bool = False
 
@@ -126,32 +148,29 @@ class ModelCache:
             return self._models[key]
 
     def _load(self, name: str) -> CachedModel:
+        from accel.calls import UnsupportedPipelineError, call_signature
         from accel.pipelines import DigitsDiTPipeline, DigitsVideoPipeline, default_generation_kwargs, load
 
         try:
             pipe = (self._loader or load)(name)
         except (OSError, ValueError) as exc:  # missing folder, unknown name, unreachable hub
             raise DemoError(str(exc)) from exc
-        if isinstance(pipe, DigitsVideoPipeline):
-            extra = default_generation_kwargs("digits-video-dit")
-            kind = "video"
-        elif isinstance(pipe, DigitsDiTPipeline):
-            extra, kind = {}, "image"
-        else:
-            raise DemoError(
-                f"{name!r} loads as {type(pipe).__name__}; the demo compares the generators that "
-                f"accel.pipelines.generate drives (DigitsDiTPipeline, DigitsVideoPipeline), e.g. "
-                f"{', '.join(generator_names())}. Use accel-bench for other models."
-            )
+        try:
+            sig = call_signature(pipe)
+        except UnsupportedPipelineError as exc:
+            raise DemoError(f"{name!r} loads as {type(pipe).__name__}, which the demo cannot drive: {exc}") from None
+        extra = default_generation_kwargs("digits-video-dit") if isinstance(pipe, DigitsVideoPipeline) else {}
         for key in ("steps", "guidance_scale"):
             extra.pop(key, None)
         logger.info("accel-demo: loaded %s (%s)", name, type(pipe).__name__)
-        return CachedModel(name=name, pipe=pipe, kind=kind, extra=extra)
+        return CachedModel(name=name, pipe=pipe, kind="video" if sig.is_video else "image", extra=extra,
+                           text=sig.is_text, judged=isinstance(pipe, (DigitsDiTPipeline, DigitsVideoPipeline)))
 
 
 @dataclass(frozen=True)
 class CompareRequest:
-    """One comparison: ``samples`` outputs of digit ``label`` with seeds ``seed, seed + 1, ...``."""
+    """One comparison: ``samples`` outputs of ``prompt`` (text pipelines) or class ``label`` with seeds
+    ``seed, seed + 1, ...``. Sizes and frames of ``None`` (or 0) leave the pipeline's own defaults."""
 
     model: str = "digits-dit"
     recipe: str = "delta-dit"
@@ -161,6 +180,16 @@ class CompareRequest:
     samples: int = 4
     guidance_scale: float = 4.0
     repeats: int = 1
+    prompt: str = ""
+    negative_prompt: str = ""
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+
+    def sizes(self) -> dict[str, Any]:
+        """The call's size settings that were given (the rest stay at the model's defaults)."""
+        given = {"height": self.height, "width": self.width, "num_frames": self.num_frames}
+        return {key: int(value) for key, value in given.items() if value}
 
     def check(self) -> None:
         def whole(name: str, value: Any, low: int, high: int) -> None:
@@ -168,7 +197,10 @@ class CompareRequest:
                 raise DemoError(f"{name} must be a whole number from {low} to {high}, got {value!r}.")
 
         whole("Steps", self.steps, 1, MAX_STEPS)
-        whole("Label", self.label, 0, 9)
+        whole("Label", self.label, 0, 999)
+        for name, value in (("Height", self.height), ("Width", self.width), ("Frames", self.num_frames)):
+            if value:
+                whole(name, value, 1, 4096)
         whole("Samples", self.samples, 1, MAX_SAMPLES)
         whole("Repeats", self.repeats, 1, MAX_REPEATS)
         whole("Seed", self.seed, 0, 2**63 - MAX_SAMPLES)
@@ -178,7 +210,7 @@ class CompareRequest:
 
 @dataclass
 class CompareResult:
-    """Both outputs (in [0, 1]; images (N, 1, H, W) or video (N, F, H, W)) and the numbers."""
+    """Both outputs (in [0, 1]; images (N, C, H, W) or videos (N, F, C, H, W)) and the numbers."""
 
     request: CompareRequest
     method: str  # the recipe as parsed, e.g. "delta-dit"
@@ -204,7 +236,8 @@ class CompareResult:
         r = self.request
         return {
             "model": r.model, "recipe": r.recipe, "method": self.method, "settings": self.settings,
-            "steps": r.steps, "seed": r.seed, "label": r.label, "samples": r.samples, "repeats": r.repeats,
+            "steps": r.steps, "seed": r.seed, "label": r.prompt or r.label, "samples": r.samples,
+            "repeats": r.repeats, **r.sizes(),
             "baseline_s": round(self.baseline_latency_s, 4), "accelerated_s": round(self.accelerated_latency_s, 4),
             "speedup": round(self.speedup, 3),
             "psnr_db": None if math.isinf(self.psnr) else round(self.psnr, 2),
@@ -264,10 +297,13 @@ def _timed_calls(workload: Workload, applied: Applied, repeats: int) -> tuple[to
     return output, statistics.median(times)
 
 
-def _judge(outputs: torch.Tensor, labels: list[int], notes: list[str]) -> float | None:
-    """Judge accuracy, or ``None`` with a note when the judge model is not available."""
+def _judge(outputs: torch.Tensor, labels: list[int] | None, notes: list[str]) -> float | None:
+    """Judge accuracy (digit models only: ``labels`` is ``None`` otherwise), or ``None`` with a note
+    when the judge model is not available."""
     from accel import metrics
 
+    if labels is None:
+        return None
     try:
         return round(float(metrics.judge_accuracy(outputs, labels)), 4)
     except (OSError, ValueError) as exc:
@@ -290,9 +326,21 @@ def compare(request: CompareRequest, cache: ModelCache, progress: ProgressFn | N
     method = parse_recipe(request.recipe)  # fail fast, before loading anything
     report_progress(0.0, f"Loading {request.model}")
     model = cache.get(request.model)
-    samples = [(int(request.label), int(request.seed) + i) for i in range(int(request.samples))]
+    if not model.text:
+        from accel.calls import class_count
+
+        classes = class_count(model.pipe) or 1000
+        if request.label >= classes:
+            raise DemoError(f"Label must be a whole number from 0 to {classes - 1}, got {request.label}.")
+    if model.text and not request.prompt.strip():
+        raise DemoError(f"{request.model} is a text-to-{model.kind} pipeline: type a prompt.")
+    condition: Any = request.prompt.strip() if model.text else int(request.label)
+    samples = [(condition, int(request.seed) + i) for i in range(int(request.samples))]
+    extra = {**model.extra, **request.sizes()}
+    if model.text and request.negative_prompt.strip():
+        extra["negative_prompt"] = request.negative_prompt.strip()
     workload = Workload(model.name, model.pipe, model.kind, int(request.steps), samples, len(samples),
-                        float(request.guidance_scale), extra=dict(model.extra) or None)
+                        float(request.guidance_scale), extra=extra or None, judged=model.judged)
     tracker = _CallProgress(report_progress, 2 * request.repeats + (0 if model.warm else 1))
     none = Applied(remove=lambda: None, report=dict)
 
@@ -318,7 +366,7 @@ def compare(request: CompareRequest, cache: ModelCache, progress: ProgressFn | N
             applied.remove()
     report_progress(0.97, "Scoring")
     notes: list[str] = []
-    labels = [label for label, _ in samples]
+    labels = [label for label, _ in samples] if model.judged else None
     return CompareResult(
         request=request, method=method.family, settings=method.settings_text(), kind=model.kind,
         baseline=baseline, accelerated=fast, baseline_latency_s=base_s, accelerated_latency_s=fast_s,

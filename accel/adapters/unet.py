@@ -64,3 +64,8 @@ class UNetAdapter(ModelAdapter):
         sample = self.sample(args, kwargs)  # (B, C, H, W)
         return TokenLayout(frames=1, height=sample.shape[-2], width=sample.shape[-1],
                            text_tokens=self.context_tokens(args, kwargs), text_position="none")
+
+    def default_recipe(self) -> tuple[str, ...]:
+        # The blocks are no single residual chain, so the stack-Δ default cannot apply; BAC's own
+        # per-branch caching (its paper evaluates UNets) reuses each attention/FFN output instead.
+        return ("bac:granularity=branch:weighting=snr:update_fraction=0.5",)

@@ -510,27 +510,35 @@ def calibrate(
                 _run(pipe, kwargs, steps)
                 bar.update()
             runtime.force_record = False
-            runs = runtime.take_records()[steps]
-            weights = list(known[steps]) if weighted and steps in known else runtime.noise.get(steps)
+            records = runtime.take_records()
+            # Schedules are keyed by the denoiser steps a call runs, which some samplers make differ
+            # from num_inference_steps (PNDM runs one more).
+            key = next(iter(records)) if steps not in records and len(records) == 1 else steps
+            if key not in records:
+                raise RuntimeError(f"BAC calibration recorded no complete {steps}-step run (recorded: "
+                                   f"{sorted(records) or 'none'}); does the pipeline call its denoiser each step?")
+            runs = records[key]
+            weights = list(known[key]) if weighted and key in known else runtime.noise.get(key)
             if weighted and weights is None:
-                errors = _probe(runtime, pipe, calls[0], steps, states, reference, bar)
-                features = [np.stack([runs[0][u.key][t] for t in range(steps)]) for u in runtime.branches]
+                errors = _probe(runtime, pipe, calls[0], steps, key, states, reference, bar)
+                features = [np.stack([runs[0][u.key][t] for t in range(key)]) for u in runtime.branches]
                 weights = step_sensitivity(errors, features)
-            runtime.build(steps, runs, weights)
+            runtime.build(key, runs, weights)
         schedule = runtime.schedule
     if save_to is not None:
         schedule.save(save_to)
     return schedule
 
 
-def _probe(runtime: BAC, pipe: Any, kwargs: dict[str, Any], steps: int, states: list[torch.Tensor],
-           reference: np.ndarray, bar: Any) -> dict[int, float]:
-    """Mean squared output change when every unit reuses step t − 1's value at step t, for each t ≥ 1."""
+def _probe(runtime: BAC, pipe: Any, kwargs: dict[str, Any], steps: int, forwards: int,
+           states: list[torch.Tensor], reference: np.ndarray, bar: Any) -> dict[int, float]:
+    """Mean squared output change when every unit reuses step t − 1's value at step t, for each t ≥ 1
+    of the ``forwards`` denoiser steps a ``steps``-step call runs."""
     errors = {}
     runtime.order = 0  # probes measure plain reuse; the DP's distances are order-0 distances
     try:
-        for t in range(1, steps):
-            runtime.override = {u.key: frozenset(s for s in range(steps) if s != t) for u in runtime.branches}
+        for t in range(1, forwards):
+            runtime.override = {u.key: frozenset(s for s in range(forwards) if s != t) for u in runtime.branches}
             _restore_generators(kwargs, states)
             errors[t] = float(np.mean((_run(pipe, kwargs, steps) - reference) ** 2))
             bar.update()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -302,6 +303,13 @@ def default_pool(pipe: Any | None, model: torch.nn.Module, per_class: int = 2, s
                      "accel.prune.distill.record_inputs(pipe, calls) (a few pipeline calls), or set distill_steps=0.")
 
 
+UNDISTILLED_WARNING = (
+    "hierarchical-prune without an artifact: blocks {removed} removed by {source}, with no distillation, so "
+    "quality drops more than it needs to. accel.methods.hierarchical_prune.prune(pipe, config, "
+    "save_to=folder) distills the kept blocks; then patch with HierarchicalPruneConfig(artifact=folder)."
+)
+
+
 class HierarchicalPrune:
     """Runtime of one patch: what was removed, and the memory it saved."""
 
@@ -317,6 +325,8 @@ class HierarchicalPrune:
                "parameter_bytes": f"{self.bytes_before:,} -> {self.bytes_after:,}"}
         if self.latency is not None:
             out["predicted_latency"] = round(self.latency, 3)
+        if not self.source.startswith("artifact"):
+            out["warning"] = UNDISTILLED_WARNING.format(removed=self.removed, source=self.source)
         return out
 
 
@@ -361,8 +371,7 @@ def _apply(ctx: Any, config: HierarchicalPruneConfig) -> HierarchicalPrune:
             shares = profile.time_fraction if profile is not None and profile.time_fraction else \
                 block_param_fractions(model, blocks)
             latency = predicted_latency(shares, removed)
-        logger.info("hierarchical-prune: no artifact, blocks %s removed by %s without distillation; "
-                    "accel.methods.hierarchical_prune.prune(...) makes a distilled artifact.", removed, source)
+        warnings.warn(UNDISTILLED_WARNING.format(removed=removed, source=source), UserWarning, stacklevel=4)
     lengths = swap_blocks(model, blocks, removed, replacements, setter=ctx.hooks.set_attr)
     updates = config_updates(model, lengths, removed_by_container(blocks, removed))
     set_config(model, updates, setter=ctx.hooks.set_attr)  # config.num_layers follows the block list

@@ -217,7 +217,7 @@ def _apply(ctx: Any, config: QuESTConfig) -> QuEST:
         parent, child = _parent(ctx.model, name)
         original = parent._modules[child]
         replaced += _model_bytes(original)
-        ctx.hooks.set_attr(parent, child, layer.to(original.weight.device))
+        ctx.hooks.set_attr(parent, child, layer.take_place_of(original))
     quant_bytes = fp32_bytes - replaced + qmodel.nbytes()
     return QuEST(config, qmodel, fp32_bytes, quant_bytes)
 

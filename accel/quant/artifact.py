@@ -76,6 +76,7 @@ class QuantizedModel:
             f"{name}.{key}": buf.contiguous()
             for name, layer in self.layers.items()
             for key, buf in layer.state_dict().items()
+            if key != "dtype_anchor"
         }
         save_file(tensors, str(folder / TENSORS_NAME))
         payload = {

@@ -131,6 +131,10 @@ class QuantLinear(torch.nn.Module, _ActQuant):
         self.register_buffer("bias", torch.zeros(n) if spec.bias else None)
         self.register_buffer("a_scale", None if spec.a_dynamic else torch.ones(()))
         self.register_buffer("a_zero", None if spec.a_dynamic else torch.zeros((), dtype=torch.int32))
+        # Models read their dtype from their first parameter (diffusers' Wan does
+        # ``next(self.time_embedder.parameters()).dtype``); a module made only of quantized layers would have
+        # none. This empty parameter carries the replaced weight's dtype and is never saved.
+        self.dtype_anchor = torch.nn.Parameter(torch.empty(0), requires_grad=False)
         self.kernel = "fake"
         self._runtime: dict = {}  # derived data (column sums, oneDNN packed weight); never saved
 
@@ -163,6 +167,14 @@ class QuantLinear(torch.nn.Module, _ActQuant):
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
         self._runtime.clear()  # .to() / .cuda(): derived tensors are rebuilt on the new device
         return super()._apply(fn, recurse)
+
+    def take_place_of(self, linear: torch.nn.Module) -> QuantLinear:
+        """Move to ``linear``'s device and report its weight's dtype (what code reading parameters sees)."""
+        weight = linear.weight
+        self.to(weight.device)
+        self.dtype_anchor = torch.nn.Parameter(torch.empty(0, dtype=weight.dtype, device=weight.device),
+                                               requires_grad=False)
+        return self
 
     def int_weight(self) -> torch.Tensor:
         """(N, K) int8 weight integers (unpacked on the fly for 4-bit layers)."""
