@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from accel.benchmarks import report
-from accel.benchmarks.runner import Record, measure, score, select_fastest
+from accel.benchmarks.runner import Record, baseline_latency, measure, score, select_fastest
 from accel.benchmarks.spec import BenchMethod, available_names, check_method_names, parse_methods
 from accel.benchmarks.workloads import Workload, build_workload
 from accel.registry import get_method, method_names
@@ -226,18 +226,21 @@ def _run_model(workload, methods, args, state, gather_object, out, env, done) ->
     bar = tqdm(methods, desc=workload.name, disable=not state.is_main_process)
     for method in bar:
         bar.set_postfix_str(method.label[:40])
+        base = baseline_latency(workload, args.repeats) if records and method.kind != "none" else None
         record, outputs = measure(workload, method, args.warmup, args.repeats, shard)
-        gathered = gather_object([(mine, outputs, record.latency_s)])
+        gathered = gather_object([(mine, outputs, (record.latency_s, base))])
         outputs = _reassemble(gathered, len(batches))
-        latencies = [lat for _, _, lat in gathered if lat is not None]
+        latencies = [lat for _, _, (lat, _) in gathered if lat is not None]
         if latencies:
             record.latency_s = statistics.median(latencies)
+        bases = [b for _, _, (_, b) in gathered if b is not None]
         if method.kind == "none":
             reference = outputs
         score(record, workload, outputs, reference)
-        base_latency = records[0].latency_s if records else record.latency_s
-        if base_latency and record.latency_s:
-            record.speedup = base_latency / record.latency_s
+        record.baseline_latency_s = statistics.median(bases) if bases else (
+            records[0].latency_s if records else record.latency_s)
+        if record.baseline_latency_s and record.latency_s:
+            record.speedup = record.baseline_latency_s / record.latency_s
         records.append(record)
         if outputs is not None and (method.kind == "none" or not args.sweep):
             rows[method.label] = outputs
@@ -251,7 +254,7 @@ def _run_model(workload, methods, args, state, gather_object, out, env, done) ->
 def _reassemble(gathered: list[tuple[list[int], list[torch.Tensor] | None, Any]], count: int) -> torch.Tensor | None:
     """Put every process's batch outputs back in sample order."""
     pieces: dict[int, torch.Tensor] = {}
-    for indices, outputs, _ in gathered:
+    for indices, outputs, _timings in gathered:
         if outputs is None:
             return None
         pieces.update(zip(indices, outputs))

@@ -47,6 +47,7 @@ class Record:
     peak_mem_mb: float | None = None
     params_bytes: int | None = None
     repeats: int = 0
+    baseline_latency_s: float | None = None  # ``none`` timed right before this method: its speedup's base
     label: str = ""
     selected: bool = True
     error: str | None = None
@@ -159,6 +160,20 @@ def _call(workload: Workload, applied: Applied, batch: list[tuple[Any, int]]) ->
         return workload.run_batch(batch)
     finally:
         applied.after_call()
+
+
+def baseline_latency(workload: Workload, repeats: int) -> float:
+    """Median latency of ``repeats`` unaccelerated calls of the first batch. Timed right before each
+    method, so a speedup compares calls made within a minute of each other: on a shared machine a
+    neighbour's load drifts over a run, and one baseline timing at its start skews every later ratio."""
+    none = Applied(remove=lambda: None, report=dict)
+    first = workload.batches()[0]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _call(workload, none, first)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def measure(

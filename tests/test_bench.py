@@ -86,6 +86,10 @@ def test_end_to_end_writes_every_field(tiny_model_dir, tmp_path, capsys):
         assert r["latency_s"] > 0 and r["speedup"] > 0 and r["params_bytes"] > 0
         assert 0.0 <= r["judge_acc"] <= 1.0
     assert records[0]["psnr"] is None and records[0]["speedup"] == 1.0
+    # Each method's speedup is against the baseline timed right before it, not the run's first timing.
+    for r in records[1:]:
+        assert r["baseline_latency_s"] > 0 and r["baseline_latency_s"] != records[0]["latency_s"]
+        assert r["speedup"] == pytest.approx(r["baseline_latency_s"] / r["latency_s"])
     assert records[1]["psnr"] > 0 and records[1]["compute_fraction"] < 1.0
     assert (out / "pareto.png").stat().st_size > 0 and (out / "results.md").exists()
     assert "delta-dit" in capsys.readouterr().out
