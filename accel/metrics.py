@@ -155,15 +155,30 @@ def _rgb(x: torch.Tensor, size: int) -> torch.Tensor:
     return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
 
 
-def lpips(baseline: torch.Tensor, other: torch.Tensor, video: bool | None = None) -> float | str:
-    """LPIPS (AlexNet) when torchvision's AlexNet weights are already cached, else ``"lpips: skipped..."``."""
-    if _hub_checkpoint(_LPIPS_BACKBONE) is None:
-        return f"lpips: {SKIPPED_OFFLINE}"
+def lpips(baseline: torch.Tensor, other: torch.Tensor, video: bool | None = None,
+          weights: str | os.PathLike | None = None) -> float | str:
+    """LPIPS (AlexNet) against the baseline, lower is closer. ``weights``: torchvision's AlexNet
+    checkpoint file (``alexnet-owt-7be5be79.pth``); by default the copy in torch's hub cache. Without
+    either, ``"lpips: skipped..."`` (nothing is downloaded)."""
+    source = Path(weights) if weights is not None else _hub_checkpoint(_LPIPS_BACKBONE)
+    if source is None or not source.is_file():
+        return f"lpips: {SKIPPED_OFFLINE}" if weights is None else f"lpips: skipped: no file {str(weights)!r}"
+    import tempfile
+
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
     a, b = _pair(baseline, other, video)
-    metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
-    return float(metric(_rgb(b, 64), _rgb(a, 64)))
+    previous = torch.hub.get_dir()
+    with tempfile.TemporaryDirectory() as hub:  # torchvision looks up the backbone by name in the hub dir
+        (Path(hub) / "checkpoints").mkdir()
+        (Path(hub) / "checkpoints" / _LPIPS_BACKBONE).symlink_to(source.resolve())
+        torch.hub.set_dir(hub)
+        try:
+            metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
+        finally:
+            torch.hub.set_dir(previous)
+    size = max(64, min(a.shape[-1], 256))
+    return float(metric(_rgb(b, size), _rgb(a, size)))
 
 
 def fid(real: torch.Tensor, fake: torch.Tensor) -> float | str:
@@ -178,14 +193,36 @@ def fid(real: torch.Tensor, fake: torch.Tensor) -> float | str:
     return float(metric.compute())
 
 
-def clip_score(images: torch.Tensor, prompts: list[str]) -> float | str:
-    """CLIP score when the CLIP model is in the local model cache, else ``"clip: skipped..."``."""
-    from huggingface_hub import try_to_load_from_cache
+def clip_score(images: torch.Tensor, prompts: list[str], model: str | os.PathLike | None = None) -> float | str:
+    """CLIP score (100 x the mean of max(cos, 0) between image and prompt embeddings, as torchmetrics
+    defines it) of images against their prompts. ``model``: a local CLIP folder (transformers format); by
+    default the hub cache's copy of ``openai/clip-vit-base-patch16``. Without either, ``"clip: skipped..."``
+    (nothing is downloaded)."""
+    if model is not None:
+        if not (Path(model) / "config.json").is_file():
+            return f"clip: skipped: {str(model)!r} is not a CLIP model folder (no config.json)"
+        folder = Path(model)
+    else:
+        from huggingface_hub import try_to_load_from_cache
 
-    if not isinstance(try_to_load_from_cache(_CLIP_MODEL, "config.json"), str):
-        return f"clip: {SKIPPED_OFFLINE}"
-    from torchmetrics.multimodal.clip_score import CLIPScore
+        config = try_to_load_from_cache(_CLIP_MODEL, "config.json")
+        if not isinstance(config, str):
+            return f"clip: {SKIPPED_OFFLINE}"
+        folder = Path(config).parent
+    from transformers import CLIPModel, CLIPProcessor
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the cached copy only; never a download
-    metric = CLIPScore(model_name_or_path=_CLIP_MODEL)
-    return float(metric((_rgb(as_images(images), 224) * 255).to(torch.uint8), prompts))
+    clip = CLIPModel.from_pretrained(folder).eval()
+    processor = CLIPProcessor.from_pretrained(folder)
+    pixels = (_rgb(as_images(images), 224) * 255).to(torch.uint8)
+    inputs = processor(text=list(prompts), images=list(pixels), return_tensors="pt", padding=True, truncation=True)
+    with torch.no_grad():
+        image = _embedding(clip.get_image_features(pixel_values=inputs["pixel_values"]))
+        text = _embedding(clip.get_text_features(input_ids=inputs["input_ids"],
+                                                 attention_mask=inputs.get("attention_mask")))
+    cosine = torch.nn.functional.cosine_similarity(image, text, dim=-1)
+    return float(100 * cosine.clamp(min=0).mean())
+
+
+def _embedding(output: Any) -> torch.Tensor:
+    """transformers 5 returns an output object whose pooler_output is the projected embedding; 4.x a tensor."""
+    return output if torch.is_tensor(output) else output.pooler_output

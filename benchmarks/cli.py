@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another keyword of the pipeline's call, repeatable; VALUE is read as JSON when it "
                    "parses (true, 16, 0.5), else as text: e.g. --call-arg max_sequence_length=120")
     p.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's own")
+    p.add_argument("--lpips-weights", default=None, metavar="FILE",
+                   help="torchvision AlexNet checkpoint for LPIPS (default: torch's hub cache; skipped without)")
+    p.add_argument("--clip", default=None, metavar="FOLDER",
+                   help="local CLIP model folder for the CLIP score of prompt pipelines (default: the hub cache)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                    help="model dtype for the baseline and every method")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present)")
@@ -200,6 +204,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             workload = build_workload(model_name, args.steps, args.labels, args.seeds, 1, args.guidance_scale,
                                       prompts=args.prompts, sizes=sizes, dtype=dtype, device=device)
             workload.batch = args.batch or DEFAULT_BATCH[workload.kind]
+            workload.lpips_weights, workload.clip_model = args.lpips_weights, args.clip
             methods = parse_methods(args.methods, applicable_methods(workload))
             if args.sweep:
                 methods = expand_sweep(methods, args.steps)
@@ -236,7 +241,12 @@ def _run_model(workload, methods, args, state, gather_object, out, env, done) ->
         bases = [b for _, _, (_, b) in gathered if b is not None]
         if method.kind == "none":
             reference = outputs
-        score(record, workload, outputs, reference)
+        for reason in score(record, workload, outputs, reference):
+            skipped = env.setdefault("skipped_metrics", [])
+            if reason not in skipped:
+                skipped.append(reason)
+                if state.is_main_process:
+                    print(f"accel-bench: {reason}", file=sys.stderr)
         record.baseline_latency_s = statistics.median(bases) if bases else (
             records[0].latency_s if records else record.latency_s)
         if record.baseline_latency_s and record.latency_s:

@@ -17,7 +17,7 @@ COLUMNS = (
     ("steps", "steps", "{}"), ("batch", "batch", "{}"), ("latency_s", "latency s", "{:.3f}"),
     ("latency_spread_s", "spread s", "{:.3f}"), ("baseline_latency_s", "none s", "{:.3f}"),
     ("speedup", "speedup", "{:.2f}x"), ("psnr", "PSNR", "{:.2f}"),
-    ("ssim", "SSIM", "{:.4f}"), ("judge_acc", "judge", "{:.3f}"), ("top1", "top1", "{:.3f}"),
+    ("ssim", "SSIM", "{:.4f}"), ("lpips", "LPIPS", "{:.4f}"), ("clip_score", "CLIP", "{:.2f}"), ("judge_acc", "judge", "{:.3f}"), ("top1", "top1", "{:.3f}"),
     ("compute_fraction", "compute", "{:.3f}"), ("peak_mem_mb", "peak MB", "{:.0f}"),
     ("params_bytes", "params MB", "{}"),
 )
@@ -104,16 +104,22 @@ def write_pareto(path: Path, records: list[Record]) -> None:
     plt.close(fig)
 
 
+def _side_by_side(cells: list[torch.Tensor]) -> torch.Tensor:
+    """(C, H, W) cells in a row, one white pixel column between neighbours (so each reads as one picture)."""
+    gap = torch.ones(cells[0].shape[0], cells[0].shape[1], 1)
+    return torch.cat([piece for cell in cells for piece in (cell, gap)][:-1], dim=2)
+
+
 def grid_strip(outputs: torch.Tensor, max_samples: int = 10) -> torch.Tensor | None:
     """One method's row of the grid as (C, H, W'): images side by side, or for videos the frames of
     the first two samples side by side. ``None`` for outputs that are not pictures (logits)."""
     outputs = outputs[:max_samples].float().clamp(0, 1)
     if outputs.dim() == 4 and outputs.shape[1] in (1, 3):  # (N, C, H, W) images
-        return torch.cat(list(outputs), dim=2)
+        return _side_by_side(list(outputs))
     if outputs.dim() == 4:  # (N, F, H, W) single-channel videos
         outputs = outputs.unsqueeze(2)
     if outputs.dim() == 5:  # (N, F, C, H, W) videos
-        return torch.cat([frame for video in outputs[:2] for frame in video], dim=2)
+        return _side_by_side([frame for video in outputs[:2] for frame in video])
     return None
 
 
@@ -126,9 +132,9 @@ def write_grid(path: Path, rows: dict[str, torch.Tensor], max_samples: int = 10,
              if (strip := grid_strip(outputs, max_samples)) is not None]
     if not tiles:
         return
-    label_w = 150
+    label_w, row_gap = 150, scale  # rows apart, so that similar rows do not read as one tall picture
     width = max(t.shape[2] for _, t in tiles) * scale + label_w
-    height = sum(t.shape[1] for _, t in tiles) * scale
+    height = sum(t.shape[1] * scale + row_gap for _, t in tiles) - row_gap
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     y = 0
@@ -139,5 +145,5 @@ def write_grid(path: Path, rows: dict[str, torch.Tensor], max_samples: int = 10,
                                                         Image.NEAREST)
         canvas.paste(img, (label_w, y))
         draw.text((4, y + 4), name[:24], fill="black")
-        y += strip.shape[1] * scale
+        y += strip.shape[1] * scale + row_gap
     canvas.save(path)

@@ -41,6 +41,8 @@ class Record:
     speedup: float | None = None
     psnr: float | None = None
     ssim: float | None = None
+    lpips: float | None = None
+    clip_score: float | None = None
     judge_acc: float | None = None
     top1: float | None = None
     compute_fraction: float | None = None
@@ -220,16 +222,23 @@ def measure(
     return record, outputs
 
 
-def score(record: Record, workload: Workload, outputs: torch.Tensor | None, reference: torch.Tensor | None) -> None:
+def score(record: Record, workload: Workload, outputs: torch.Tensor | None,
+          reference: torch.Tensor | None) -> list[str]:
     """Fill the quality fields from all outputs (gathered from every process) against the baseline's.
 
     The baseline itself is scored against its own outputs (PSNR infinite, stored as null in JSON).
+    Returns the metrics that were skipped, each with why (missing weights).
     """
+    skipped: list[str] = []
     if outputs is None:
-        return
+        return skipped
     for key, value in workload.quality(outputs, reference if reference is not None else outputs).items():
+        if isinstance(value, str):
+            skipped.append(value)
+            continue
         if hasattr(record, key):
             setattr(record, key, None if isinstance(value, float) and value == float("inf") else value)
+    return skipped
 
 
 def select_fastest(records: list[Record], min_psnr: float | None) -> list[Record]:

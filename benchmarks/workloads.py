@@ -26,6 +26,8 @@ class Workload:
     guidance_scale: float | None = None
     extra: dict[str, Any] | None = None
     judged: bool = False
+    lpips_weights: str | None = None  # AlexNet checkpoint for LPIPS (else torch's hub cache, else skipped)
+    clip_model: str | None = None  # local CLIP folder for the CLIP score of prompt pipelines
 
     @property
     def model(self) -> torch.nn.Module:
@@ -83,6 +85,12 @@ class Workload:
             "psnr": float(metrics.psnr(reference, outputs)),
             "ssim": float(metrics.ssim(reference, outputs)),
         }
+        scores["lpips"] = metrics.lpips(reference, outputs, weights=self.lpips_weights)
+        conditions = [c for c, _ in self.samples]
+        if conditions and isinstance(conditions[0], str):
+            frames = outputs.shape[1] if outputs.dim() == 5 else 1  # a video's frames share its prompt
+            prompts = [c for c in conditions for _ in range(frames)]
+            scores["clip_score"] = metrics.clip_score(outputs, prompts, self.clip_model)
         if self.judged:
             labels = torch.tensor([label for label, _ in self.samples])
             scores["judge_acc"] = float(metrics.judge_accuracy(outputs, labels))

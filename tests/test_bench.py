@@ -151,7 +151,10 @@ def test_grid_cell_equals_the_image_it_shows(tmp_path, shape):
     cells = list(outputs) if outputs.dim() == 4 else [frame for video in outputs for frame in video]
     h, w = cells[0].shape[-2:]
     for row, sign in enumerate((0, 1)):
+        y = row * (4 * h + 4)  # rows 4 px apart
         for i, cell in enumerate(cells):
+            x = 150 + i * 4 * (w + 1)  # samples one (enlarged) white column apart
             expect = (cell if sign == 0 else 1 - cell).expand(3, -1, -1).permute(1, 2, 0).numpy()
-            shown = grid[row * 4 * h : (row + 1) * 4 * h : 4, 150 + i * 4 * w : 150 + (i + 1) * 4 * w : 4]
+            shown = grid[y : y + 4 * h : 4, x : x + 4 * w : 4]
             assert np.abs(shown - np.round(expect * 255)).max() <= 1, (row, i)
+            assert (grid[y : y + 4 * h, x + 4 * w : x + 4 * w + 4] == 255).all()  # the gap is white

@@ -85,3 +85,37 @@ def test_weight_hungry_metrics_skip_offline() -> None:
     x = torch.zeros(1, 3, 16, 16)
     for result in (metrics.lpips(x, x), metrics.fid(x, x), metrics.clip_score(x, ["a digit"])):
         assert isinstance(result, float) or metrics.SKIPPED_OFFLINE in result
+
+
+def test_lpips_from_a_given_alexnet_file(tmp_path):
+    """--lpips-weights: the backbone comes from the file given (here random weights), nothing downloads."""
+    import torchvision
+
+    path = tmp_path / "alexnet.pth"
+    torch.save(torchvision.models.alexnet().state_dict(), path)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert metrics.lpips(x, x, weights=path) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.lpips(x, 1 - x, weights=path) > 0
+    assert "no file" in metrics.lpips(x, x, weights=tmp_path / "missing.pth")
+
+
+def test_clip_score_from_a_local_folder(tmp_path):
+    """--clip: a CLIP model folder on disk (a tiny random one, with a tokenizer built offline)."""
+    from tiny_pipelines import clip_tokenizer
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = clip_tokenizer()
+    config = CLIPConfig(
+        text_config={"vocab_size": tokenizer.vocab_size + 8, "hidden_size": 16, "intermediate_size": 32,
+                     "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 77},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "image_size": 224, "patch_size": 32},
+        projection_dim=8,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tokenizer).save_pretrained(tmp_path / "clip")
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    score = metrics.clip_score(images, ["a red fox", "a blue car"], model=tmp_path / "clip")
+    assert isinstance(score, float)
+    assert "not a CLIP model folder" in metrics.clip_score(images, ["a", "b"], model=tmp_path)

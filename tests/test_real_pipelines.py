@@ -115,7 +115,11 @@ def test_default_patch_follows_calls_and_removes_exactly(family):
         for _ in range(2):  # online BAC: the first call at a step count records, the second reuses
             calls["n"] = 0
             _run(pipe, family, steps=4)
+            if _ == 0:
+                assert "recorded a" in patch.report().methods["bac"]["schedules"]
         assert calls["n"] < full, "the default recipe ran every block"
+        facts = patch.report().methods["bac"]
+        assert facts["compute_fraction_last_call"] < facts["compute_fraction"] < 1.0  # the first call ran all
         _run(pipe, family, steps=3, count=1)  # another step count and batch
         size = {k: v * 2 for k, v in _sizes(family).items() if k in ("height", "width")}
         if size:

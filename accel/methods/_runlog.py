@@ -47,8 +47,20 @@ class RunLog:
             rows.append(f"{label}: ran {len(ran)}/{len(ran) + len(skipped)}; {detail}")
         return rows
 
+    @property
+    def last_call_fraction(self) -> float | None:
+        """Fraction of cached-unit compute executed in the latest sequence (what ``per_step`` lists)."""
+        ran = sum(self.cost.get(u, 1.0) for units in self._ran.values() for u in units)
+        skipped = sum(self.cost.get(u, 1.0) for units in self._skipped.values() for u in units)
+        return ran / (ran + skipped) if ran + skipped else None
+
     def report(self) -> dict[str, Any]:
-        return {"compute_fraction": round(self.compute_fraction, 4), "per_step": self.per_step()}
+        last = self.last_call_fraction
+        return {
+            "compute_fraction": round(self.compute_fraction, 4),  # over every call since patching
+            "compute_fraction_last_call": None if last is None else round(last, 4),
+            "per_step": self.per_step(),  # the last call
+        }
 
 
 def _compact(names: list[str]) -> str:

@@ -340,7 +340,15 @@ class BAC:
         for num_steps in calibrated:
             counts = [len(steps) for steps in self.schedule.steps[num_steps].values()]
             summary[num_steps] = f"{min(counts)}-{max(counts)} updates per branch over {len(counts)} branches"
-        return {"schedules": summary or "none yet (calibrates on the first call)", **self.log.report()}
+        pending = sorted(k for k, runs in self._records.items() if k is not None and runs)
+        if summary:
+            schedules: Any = summary
+        elif pending:
+            schedules = (f"recorded a {', '.join(map(str, pending))}-step call; its schedule is built when the "
+                         "next call starts")
+        else:
+            schedules = "none yet (calibrates on the first call)"
+        return {"schedules": schedules, **self.log.report()}
 
 
 class _Cached:
