@@ -116,7 +116,8 @@ def bench_dit(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
             from accel.methods import quest
 
             qpipe = result.pipeline(pipe)
-            qconfig = quest.QuESTConfig(bits="w4a8", act_granularity="per_token", finetune_iters=0)
+            qconfig = quest.QuESTConfig(bits="w4a8", act_granularity="per_token", finetune_iters=0,
+                                        keep_float_when_faster=False)  # memory first: every layer 4-bit
             with accel.patch(qpipe, qconfig) as patch:
                 q = {item.spec.name: item.handle for item in patch._attached}["quest"]
                 rows.append(measure("hierarchical+int4", qpipe, ratio, result.removed,

@@ -32,6 +32,7 @@ def _config(**kw) -> quest.QuESTConfig:
         "finetune_iters": 0,
         "max_inputs": 8,
         "sensitive_layers": 2,
+        "keep_float_when_faster": False,  # which layers stay float depends on timings; tested on its own
     }
     return quest.QuESTConfig(**{**defaults, **kw})
 
@@ -480,7 +481,8 @@ def test_timm_vit_dynamic_without_data_and_calibrated_with_images(tmp_path):
     with torch.no_grad():
         reference = model(images)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with accel.patch(model, quest.QuESTConfig(act_granularity="per_token", finetune_iters=0)) as patch:
+    dynamic = quest.QuESTConfig(act_granularity="per_token", finetune_iters=0, keep_float_when_faster=False)
+    with accel.patch(model, dynamic) as patch:
         with torch.no_grad():
             out = model(images)
         assert patch.report().methods["quest"]["bits"]["w8a8"] == 9
@@ -503,3 +505,33 @@ def test_import_stays_lean():
         "bad = [m for m in ('triton', 'torchao') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_default_keeps_layers_in_float_where_no_integer_kernel_is_faster(monkeypatch):
+    """Speed first: layers whose float Linear beats every integer kernel stay nn.Linear, said in the report;
+    keep_float_when_faster=False quantizes them all. Timings are stubbed: the choice, not the clock, is tested."""
+    real_measure = kernels.measure
+
+    def measure(layer, rows, *args, **kw):
+        timings = real_measure(layer, rows, *args, repeats=1, **kw)
+        small = layer.spec.out_features < 64  # the "too small to gain" shapes of this test
+        timings.update(fp32=1.0, bf16=1.0, fake=3.0, int_mm=2.0 if small else 0.5)
+        timings.pop("onednn", None)
+        return timings
+
+    monkeypatch.setattr(kernels, "measure", measure)
+    monkeypatch.setattr(kernels, "_WRONG", {("int_mm", "cpu"): None})  # int_mm counts as correct here
+    pipe = TinyPipe(layers=2)
+    model = pipe.transformer
+    reference = _run(pipe)
+    with accel.patch(pipe, _config(keep_float_when_faster=True)) as patch:
+        kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, QuantLinear))}
+        report = patch.report().methods["quest"]
+    small = {n for n, k in kinds.items() if k is torch.nn.Linear}
+    assert small and len(small) < len(kinds)
+    assert all(model.get_submodule(n).out_features < 64 for n in small)
+    assert report["kept_float"].startswith(f"{len(small)} of {len(kinds)} layers kept in fp32: too small to gain")
+    assert torch.equal(_run(pipe), reference)
+    with accel.patch(pipe, _config(keep_float_when_faster=False)) as patch:
+        assert all(isinstance(m, QuantLinear) for n, m in model.named_modules() if n in kinds)
+        assert "kept_float" not in patch.report().methods["quest"]

@@ -61,6 +61,9 @@ class QuESTConfig(MethodConfig):
         max_inputs: model calls kept from calibration for the sensitivity scan and finetuning.
         kernel: ``"auto"`` (fastest correct, measured at the model's shapes), ``"int_mm"``,
             ``"onednn"`` or ``"fake"``; layers a kernel cannot run fall back to fake-quant.
+        keep_float_when_faster: with ``kernel="auto"``, a layer whose float ``Linear`` measured faster than
+            every integer kernel at its shape stays unquantized, so quantizing never slows the model down
+            (reported as kept in float). ``False`` quantizes every layer: the memory saving first.
         artifact: folder of a saved quantized model (``QuantizedModel.save``); skips all calibration.
     """
 
@@ -80,6 +83,7 @@ class QuESTConfig(MethodConfig):
     step_lr: float = 1e-3
     max_inputs: int = 48
     kernel: Kernel = Kernel.AUTO
+    keep_float_when_faster: bool = True
     artifact: str | None = None
 
     def __post_init__(self) -> None:
@@ -126,15 +130,17 @@ class QuEST:
     """One QuEST patch: the quantized layers in place and what to report about them."""
 
     def __init__(
-        self, config: QuESTConfig, qmodel: QuantizedModel, fp32_bytes: int, quant_bytes: int
+        self, config: QuESTConfig, qmodel: QuantizedModel, fp32_bytes: int, quant_bytes: int,
+        kept: set[str] | None = None,
     ) -> None:
         self.config = config
         self.qmodel = qmodel
         self.fp32_bytes = fp32_bytes
         self.quant_bytes = quant_bytes
+        self.kept = kept or set()
 
     def report(self) -> dict[str, Any]:
-        layers = self.qmodel.layers.values()
+        layers = [layer for name, layer in self.qmodel.layers.items() if name not in self.kept]
         kernels: dict[str, int] = {}
         bits: dict[str, int] = {}
         for layer in layers:
@@ -153,6 +159,15 @@ class QuEST:
             "finetune_run": meta.get("finetune"),
             "float": "attention matmuls, norms, embeddings and convolutions stay in float",
         }
+        if self.kept:
+            facts["kept_float"] = (
+                f"{len(self.kept)} of {len(self.qmodel.layers)} layers kept in fp32: too small to gain (their float "
+                "Linear measured faster than every integer kernel here; keep_float_when_faster=False quantizes them "
+                "for the memory)"
+            )
+            if not layers:
+                facts["warning"] = ("no layer is quantized: this model's layers are too small for an integer speedup "
+                                    "here (or this CPU has no correct int8 kernel); the patch changes nothing")
         fake = [layer for layer in layers if layer.kernel == "fake"]
         if fake:
             no_kernel = sum(
@@ -170,7 +185,7 @@ class QuEST:
                 )
                 why.append(f"{len(fake) - no_kernel} {how}")
             facts["warning"] = (
-                f"{len(fake)} of {len(self.qmodel.layers)} quantized layers run fake-quant "
+                f"{len(fake)} of {len(layers)} quantized layers run fake-quant "
                 f"({'; '.join(why)}): quantized accuracy, no speedup there."
             )
         return facts
@@ -198,11 +213,15 @@ def _apply(ctx: Any, config: QuESTConfig) -> QuEST:
                 f"The QuEST artifact {config.artifact!r} holds a {saved} model but the config asks for "
                 f"bits={config.bits.value!r}; pass bits={saved!r} or make a {config.bits.value} artifact."
             )
+        # Kernels saved with the artifact were measured on the machine that made it: re-measure where one
+        # cannot run here or computes wrong products here (e.g. int8 without VNNI).
         if config.kernel is not Kernel.AUTO or any(
-            qkernels.unavailable(layer.kernel, layer.spec, layer.qweight.device)
+            not qkernels.runnable(layer.kernel, layer.spec, layer.qweight.device)
             for layer in qmodel.layers.values()
         ):
-            choose_kernels(qmodel.layers, qmodel.meta.get("rows", {}), config.kernel)
+            qmodel.meta["kernel_timings"] = choose_kernels(
+                qmodel.layers, qmodel.meta.get("rows", {}), config.kernel
+            )
     else:
         if config.needs_calibration and ctx.pipeline is None:
             raise UnsupportedModelError(
@@ -212,14 +231,31 @@ def _apply(ctx: Any, config: QuESTConfig) -> QuEST:
                 "QuESTConfig(artifact=path). Or use act_granularity='per_token', finetune_iters=0 (no data needed)."
             )
         qmodel = quantize(ctx.pipeline if ctx.pipeline is not None else ctx.model, config)
+    kept = _kept_in_float(qmodel, config)
     replaced = 0
     for name, layer in qmodel.layers.items():
+        if name in kept:
+            continue
         parent, child = _parent(ctx.model, name)
         original = parent._modules[child]
         replaced += _model_bytes(original)
         ctx.hooks.set_attr(parent, child, layer.take_place_of(original))
-    quant_bytes = fp32_bytes - replaced + qmodel.nbytes()
-    return QuEST(config, qmodel, fp32_bytes, quant_bytes)
+    quant_bytes = fp32_bytes - replaced + qmodel.nbytes(exclude=kept)
+    return QuEST(config, qmodel, fp32_bytes, quant_bytes, kept)
+
+
+def _kept_in_float(qmodel: QuantizedModel, config: QuESTConfig) -> set[str]:
+    """Layers whose float ``Linear`` measured faster than every integer kernel at their shape (auto mode)."""
+    if config.kernel is not Kernel.AUTO or not config.keep_float_when_faster:
+        return set()
+    timings = qmodel.meta.get("kernel_timings", {})
+    rows = qmodel.meta.get("rows", {})
+    kept = set()
+    for name, layer in qmodel.layers.items():
+        measured = timings.get(qkernels.timing_label(layer.spec, rows.get(name, qkernels.DEFAULT_ROWS)), {})
+        if qkernels.float_is_faster(measured):
+            kept.add(name)
+    return kept
 
 
 __all__ = [

@@ -62,9 +62,10 @@ class QuantizedModel:
                 "accel.methods.quest.finetune(pipe, calib, config).save(path)."
             )
 
-    def nbytes(self) -> int:
-        """Bytes of the quantized layers (packed weights, scales, zero points, biases)."""
-        return sum(b.numel() * b.element_size() for layer in self.layers.values() for b in layer.buffers())
+    def nbytes(self, exclude: set[str] | None = None) -> int:
+        """Bytes of the quantized layers (packed weights, scales, zero points, biases), but ``exclude``."""
+        return sum(b.numel() * b.element_size() for name, layer in self.layers.items()
+                   if name not in (exclude or ()) for b in layer.buffers())
 
     def save(self, path: str | Path) -> Path:
         """Write ``path/quest.json`` and ``path/quest.safetensors``; returns the folder."""

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from accel.steps import timestep_value
+from accel.steps import StepTracker, timestep_value
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,8 @@ def collect(
     layers = linear_layers(model)
     observers = {name: RangeObserver(reservoir, gen) for name in layers}
     order: list[str] = []
-    state = {"step": -1, "timestep": None, "record": False}
+    tracker = StepTracker()  # the patch's own step logic: a new timestep starts a step, a repeat is a branch
+    state = {"step": -1, "record": False}
     timesteps: set[float] = set()
     kept: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
     kept_steps: list[int] = []
@@ -138,9 +139,8 @@ def collect(
 
     def model_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         t = timestep_value(adapter.timestep(args, kwargs)) if adapter.timestep_arg else None
-        if state["step"] < 0 or t != state["timestep"]:
-            state["step"] += 1
-            state["timestep"] = t
+        # A model without timesteps (a classifier) runs one step per call.
+        state["step"] = tracker.begin_forward(t, batch_size=0, layout=None).step_index if t is not None else 0
         state["record"] = wanted is None or state["step"] in wanted
         if not state["record"]:
             return
@@ -169,7 +169,8 @@ def collect(
     handles += [layer.register_forward_pre_hook(layer_hook(name)) for name, layer in layers.items()]
     try:
         for run in tqdm(runs, desc=desc, disable=not progress):
-            state.update(step=-1, timestep=None, record=False)
+            tracker.reset()
+            state.update(step=-1, record=False)
             run()
             steps_per_call.append(state["step"] + 1)
     finally:

@@ -166,14 +166,11 @@ def choose_kernels(layers: dict[str, QuantLinear], rows: dict[str, int], kernel:
             fits = qkernels.unavailable(kernel.value, layer.spec, layer.qweight.device) is None
             layer.set_kernel(kernel.value if fits else "fake")  # a wrong kernel falls back, warned once
             continue
-        key = (layer.spec, rows.get(name, 256))
+        key = (layer.spec, rows.get(name, qkernels.DEFAULT_ROWS))
         if key not in measured:
             measured[key] = qkernels.measure(layer, key[1])
         layer.set_kernel(qkernels.fastest(measured[key]))
-    return {
-        f"{s.in_features}x{s.out_features} w{s.w_bits}a{s.a_bits} rows={r}": t
-        for (s, r), t in measured.items()
-    }
+    return {qkernels.timing_label(s, r): t for (s, r), t in measured.items()}
 
 
 def finetune(
