@@ -195,3 +195,19 @@ def default_calls(
     conditions = list(conditions) if conditions is not None else default_conditions(pipe)
     return [build_call(pipe, conditions, [int(seed) * 1000 + i for i in range(len(conditions))], steps, **kw)
             for seed in seeds]
+
+
+def call_shape(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What an artifact records of the call it was calibrated on: conditioning, batch, steps, guidance and
+    sizes (so a user can see what a schedule or quantizer was fitted to)."""
+    shape: dict[str, Any] = {}
+    for key in ("prompt", "class_labels"):
+        if key in kwargs:
+            value = kwargs[key]
+            shape["conditioning"] = key
+            shape["batch"] = len(value) if isinstance(value, (list, tuple)) else 1
+    for key in ("num_inference_steps", "guidance_scale", "height", "width", "num_frames"):
+        value = kwargs.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            shape[key] = value
+    return shape

@@ -247,16 +247,40 @@ class CompareResult:
         }
 
 
+class _StepBar:
+    """Stands in for a pipeline's tqdm bar in both uses diffusers makes of it: ``for t in bar(timesteps)``
+    and ``with bar(total=n) as bar: ... bar.update()``."""
+
+    def __init__(self, on_step: Callable[[int, int], None], iterable: Any = None, total: int | None = None) -> None:
+        self.items = list(iterable) if iterable is not None else None
+        self.total = len(self.items) if self.items is not None else int(total or 0)
+        self.on_step, self.done = on_step, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for index, item in enumerate(self.items if self.items is not None else range(self.total)):
+            self.on_step(index, self.total)
+            yield item
+        self.on_step(self.total, self.total)
+
+    def __enter__(self) -> _StepBar:
+        self.on_step(0, self.total)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.on_step(self.total, self.total)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.done < self.total:
+            self.on_step(self.done, self.total)
+
+
 @contextmanager
 def _step_progress(pipe: Any, on_step: Callable[[int, int], None]) -> Iterator[None]:
     """Report denoising steps through the pipeline's own ``progress_bar`` hook (removed afterwards)."""
 
-    def progress_bar(iterable: Any = None, total: int | None = None) -> Iterator[Any]:
-        items = list(iterable) if iterable is not None else list(range(total or 0))
-        for index, item in enumerate(items):
-            on_step(index, len(items))
-            yield item
-        on_step(len(items), len(items))
+    def progress_bar(iterable: Any = None, total: int | None = None) -> _StepBar:
+        return _StepBar(on_step, iterable, total)
 
     pipe.progress_bar = progress_bar  # an instance attribute shadows the class method while we run
     try:

@@ -153,6 +153,27 @@ def test_local_model_folder(tmp_path):
     assert result.baseline.shape == (1, 1, 16, 16) and result.kind == "image"
 
 
+def test_text_pipeline_folder_with_a_prompt(tmp_path):
+    """A saved PixArt folder: the prompt box appears for it, a run takes the prompt and the size, shows RGB
+    outputs, and an empty prompt is refused with a message."""
+    from tiny_pipelines import save_pipeline
+
+    folder = save_pipeline("pixart", tmp_path / "pixart")
+    assert compare.is_text_model(str(folder)) and not compare.is_text_model(MODEL)
+    cache = compare.ModelCache()
+    # The tiny model's 8 px side is not one of PixArt's aspect-ratio bins: ask for no binning.
+    assert type(cache.get(str(folder)).pipe).__name__ == "PixArtAlphaPipeline"  # diffusers' own class
+    request = compare.CompareRequest(model=str(folder), recipe="bac", prompt="a red fox", height=8, width=8,
+                                     **{**FAST, "steps": 3, "samples": 2})
+    cache.get(str(folder)).extra.update(use_resolution_binning=False, max_sequence_length=16)
+    result = compare.compare(request, cache)
+    assert result.baseline.shape == (2, 3, 8, 8) and result.judge_baseline is None
+    assert result.record()["label"] == "a red fox" and result.record()["height"] == 8
+    assert app.views(result)[0].mode == "RGB"
+    with pytest.raises(compare.DemoError, match="text-to-image pipeline: type a prompt"):
+        compare.compare(compare.CompareRequest(model=str(folder), recipe="bac", **FAST), cache)
+
+
 def test_recipe_box_and_render_helpers():
     assert compare.build_recipe("delta-dit", "interval = 3, warmup_steps=1") == "delta-dit:interval=3:warmup_steps=1"
     assert compare.build_recipe("bac", "delta-dit:interval=3") == "delta-dit:interval=3"  # a whole recipe wins

@@ -159,8 +159,11 @@ def test_calibration_runs_on_prompts(family, tmp_path):
     assert call_signature(pipe).conditioning in calls[0]
     schedule = calibrate(pipe, num_inference_steps=3, config=accel.BACConfig(), calls=calls, save_to=tmp_path / "s")
     assert set(schedule.steps) == {3}
+    conditioning = call_signature(pipe).conditioning
+    assert schedule.call["conditioning"] == conditioning and schedule.call["batch"] == len(calls[0][conditioning])
     qconfig = quest.QuESTConfig(finetune_iters=0, calib_steps=3)
     qm = quest.finetune(pipe, quest.calibrate(pipe, qconfig, calls=calls, progress=False), qconfig, progress=False)
+    assert qm.meta["calibration"]["call"]["num_inference_steps"] == 3
     with accel.patch(pipe, qconfig.replace(artifact=str(qm.save(tmp_path / "q")))):
         assert torch.isfinite(_run(pipe, family, steps=3)).all()
     model = pipe.transformer

@@ -202,7 +202,9 @@ class BAC:
             calibrated = sorted(self.schedule.steps) or "none"
             raise ArtifactMismatchError(
                 f"BAC has no schedule for {num_steps if num_steps is not None else 'an unknown number of'} steps "
-                f"(calibrated: {calibrated}). Calibrate with accel.methods.bac.calibrate(pipe, "
+                f"(calibrated: {calibrated}"
+                + (f", on calls {self.schedule.call}" if self.schedule.call else "")
+                + "). Calibrate with accel.methods.bac.calibrate(pipe, "
                 f"num_inference_steps={num_steps or 'N'}, config=...)"
                 + (", or set calibrate_online=True." if self.config.weighting is not Weighting.SENSITIVITY
                    else " (weighting='sensitivity' probes the pipeline, which online calibration cannot).")
@@ -348,7 +350,8 @@ class BAC:
                          "next call starts")
         else:
             schedules = "none yet (calibrates on the first call)"
-        return {"schedules": schedules, **self.log.report()}
+        calibrated_on = {"calibrated_on": self.schedule.call} if self.schedule.call else {}
+        return {"schedules": schedules, **calibrated_on, **self.log.report()}
 
 
 class _Cached:
@@ -533,6 +536,9 @@ def calibrate(
                 weights = step_sensitivity(errors, features)
             runtime.build(key, runs, weights)
         schedule = runtime.schedule
+        from accel.calls import call_shape
+
+        schedule.call = call_shape(calls[0])
     if save_to is not None:
         schedule.save(save_to)
     return schedule

@@ -140,6 +140,7 @@ class BACSchedule:
     steps: dict[int, dict[str, list[int]]] = field(default_factory=dict)
     volatility: dict[int, dict[str, float]] = field(default_factory=dict)
     sensitivity: dict[int, list[float]] = field(default_factory=dict)  # per step, when probed
+    call: dict[str, Any] = field(default_factory=dict)  # the call calibrated on (accel.calls.call_shape)
 
     def for_steps(self, num_steps: int) -> dict[str, list[int]] | None:
         return self.steps.get(num_steps)
@@ -159,6 +160,7 @@ class BACSchedule:
             "steps": {str(k): v for k, v in self.steps.items()},
             "volatility": {str(k): v for k, v in self.volatility.items()},
             "sensitivity": {str(k): v for k, v in self.sensitivity.items()},
+            "call": self.call,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -179,6 +181,7 @@ class BACSchedule:
             steps={int(k): v for k, v in data["steps"].items()},
             volatility={int(k): v for k, v in data.get("volatility", {}).items()},
             sensitivity={int(k): v for k, v in data.get("sensitivity", {}).items()},
+            call=data.get("call", {}),
         )
 
 

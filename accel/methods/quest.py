@@ -61,9 +61,10 @@ class QuESTConfig(MethodConfig):
         max_inputs: model calls kept from calibration for the sensitivity scan and finetuning.
         kernel: ``"auto"`` (fastest correct, measured at the model's shapes), ``"int_mm"``,
             ``"onednn"`` or ``"fake"``; layers a kernel cannot run fall back to fake-quant.
-        keep_float_when_faster: with ``kernel="auto"``, a layer whose float ``Linear`` measured faster than
-            every integer kernel at its shape stays unquantized, so quantizing never slows the model down
-            (reported as kept in float). ``False`` quantizes every layer: the memory saving first.
+        keep_float_when_faster: with ``kernel="auto"``, a layer no integer kernel can speed up (none is
+            correct on this CPU, or none beats dequantizing at its shape) stays an unquantized float layer
+            instead of running fake-quant, which is always slower (reported as kept in fp32). ``False``
+            quantizes every layer: the memory saving first.
         artifact: folder of a saved quantized model (``QuantizedModel.save``); skips all calibration.
     """
 
@@ -161,9 +162,9 @@ class QuEST:
         }
         if self.kept:
             facts["kept_float"] = (
-                f"{len(self.kept)} of {len(self.qmodel.layers)} layers kept in fp32: too small to gain (their float "
-                "Linear measured faster than every integer kernel here; keep_float_when_faster=False quantizes them "
-                "for the memory)"
+                f"{len(self.kept)} of {len(self.qmodel.layers)} layers kept in fp32: too small to gain (no integer "
+                "kernel here is correct or faster than dequantizing at their shape, so fake-quant would only slow "
+                "them; keep_float_when_faster=False quantizes them for the memory)"
             )
             if not layers:
                 facts["warning"] = ("no layer is quantized: this model's layers are too small for an integer speedup "
@@ -245,17 +246,12 @@ def _apply(ctx: Any, config: QuESTConfig) -> QuEST:
 
 
 def _kept_in_float(qmodel: QuantizedModel, config: QuESTConfig) -> set[str]:
-    """Layers whose float ``Linear`` measured faster than every integer kernel at their shape (auto mode)."""
+    """Layers left on fake-quant by the auto choice: no integer kernel is correct here or faster than
+    dequantizing, so the float layer is faster. Layers on an integer kernel stay quantized even where a
+    per-shape timing puts the float layer ahead: whole-model runs gained from them (RESULTS, QuEST)."""
     if config.kernel is not Kernel.AUTO or not config.keep_float_when_faster:
         return set()
-    timings = qmodel.meta.get("kernel_timings", {})
-    rows = qmodel.meta.get("rows", {})
-    kept = set()
-    for name, layer in qmodel.layers.items():
-        measured = timings.get(qkernels.timing_label(layer.spec, rows.get(name, qkernels.DEFAULT_ROWS)), {})
-        if qkernels.float_is_faster(measured):
-            kept.add(name)
-    return kept
+    return {name for name, layer in qmodel.layers.items() if layer.kernel == "fake"}
 
 
 __all__ = [

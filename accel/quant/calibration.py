@@ -79,11 +79,13 @@ class Calibration:
     steps_per_call: list[int]
     inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
     recorded_steps: list[int] = field(default_factory=list)
+    call: dict[str, Any] = field(default_factory=dict)  # the pipeline call it ran (accel.calls.call_shape)
 
     def summary(self) -> dict[str, Any]:
         return {
             "layers": len(self.observers),
             "calls": len(self.steps_per_call),
+            **({"call": self.call} if self.call else {}),
             "timesteps": len(self.timesteps),
             "steps_recorded": sorted(set(self.recorded_steps)),
             "kept_inputs": len(self.inputs),

@@ -301,13 +301,6 @@ def timing_label(spec: LayerSpec, rows: int) -> str:
     return f"{spec.in_features}x{spec.out_features} w{spec.w_bits}a{spec.a_bits} rows={rows}"
 
 
-def float_is_faster(timings: dict[str, Any]) -> bool:
-    """The float ``Linear`` measured faster than every kernel that ran correctly (fake included)."""
-    fp32 = timings.get("fp32")
-    runnable = [v for k, v in timings.items() if k in KERNELS and isinstance(v, float)]
-    return isinstance(fp32, float) and (not runnable or fp32 < min(runnable))
-
-
 def fastest(timings: dict[str, Any]) -> str:
     """The fastest correct candidate in a :func:`measure` result."""
     runnable = {k: v for k, v in timings.items() if k in KERNELS and isinstance(v, float)}

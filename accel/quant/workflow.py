@@ -102,9 +102,14 @@ def calibrate(
     was_training = model.training
     model.eval()
     try:
-        return collect(model, adapter, runs, steps=steps, max_inputs=config.max_inputs, progress=progress)
+        calib = collect(model, adapter, runs, steps=steps, max_inputs=config.max_inputs, progress=progress)
     finally:
         model.train(was_training)
+    if images is None and inputs is None and calls:
+        from accel.calls import call_shape
+
+        calib.call = call_shape(calls[0])
+    return calib
 
 
 def _specs(
