@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from accel.steps import StepTracker
+
 Settings = dict[str, Any]
 _CONTEXT_HOOK = "accel.baseline.context"
 _BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks", "layers")
@@ -208,7 +210,8 @@ class _CacheHandle(BaselineHandle):
 
         super().__init__(_Snapshot(model))
         self.model, self.num_inference_steps = model, num_inference_steps
-        self._step, self._branch, self._last_t, self._branch_name = -1, 0, None, "cond"
+        self._tracker = StepTracker()  # accel's own step/branch logic, so baselines see steps as methods do
+        self._branch_name = "cond"
         self._branch_states: dict[tuple[int, str], Any] = {}
         self._fraction: float | None = None
         handle = self
@@ -241,7 +244,8 @@ class _CacheHandle(BaselineHandle):
 
     def _timestep(self) -> float:
         # The first step of a branch always computes: FasterCache would otherwise read an empty cache.
-        return float("inf") if self._step <= 0 or self._last_t is None else self._last_t
+        state = self._tracker.state
+        return float("inf") if state.step_index <= 0 or state.timestep is None else state.timestep
 
     @torch.compiler.disable
     def _on_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -249,16 +253,13 @@ class _CacheHandle(BaselineHandle):
 
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t if t is not None else 0.0)
-        if self._last_t is not None and t > self._last_t:  # a new call that skipped before_call
+        last = self._tracker.state.timestep
+        if last is not None and t > last:  # a new call that skipped before_call
             self.before_call()
-        if self._last_t is not None and t == self._last_t:
-            self._branch += 1  # same timestep again: the next CFG branch of this step
-        else:
-            self._step, self._branch = self._step + 1, 0
-        self._last_t = t
-        name = ("cond", "uncond")[self._branch] if self._branch < 2 else f"branch{self._branch}"
+        state = self._tracker.begin_forward(t, batch_size=0, layout=None)  # same timestep: next CFG branch
+        name = ("cond", "uncond")[state.branch] if state.branch < 2 else f"branch{state.branch}"
         self._branch_name = name
-        _set_cache_context(self.model, CacheContext(name, step_index=self._step,
+        _set_cache_context(self.model, CacheContext(name, step_index=state.step_index,
                                                     num_inference_steps=self.num_inference_steps, timestep=t))
         for hook in self._single_state_hooks:
             hook.state = self._branch_states.setdefault((id(hook), name), type(hook.state)())
@@ -271,7 +272,7 @@ class _CacheHandle(BaselineHandle):
         self._finish_call()
         HookRegistry.check_if_exists_or_initialize(self.model).reset_stateful_hooks(recurse=True)
         self._branch_states.clear()
-        self._step, self._branch, self._last_t = -1, 0, None
+        self._tracker.reset()
 
     def after_call(self) -> None:
         self._finish_call()
