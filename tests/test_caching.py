@@ -82,11 +82,22 @@ def test_delta_dit_skips_blocks_and_reports():
     p.remove()
 
 
-def test_delta_dit_needs_step_count_on_bare_loop():
-    model = tiny_dit()
-    with accel.patch(model, "delta-dit"):
-        with pytest.raises(RuntimeError, match=r"needs the step count .* patch.reset\(num_steps=N\)"):
-            loop(model, steps=4)
+@pytest.mark.parametrize("steps", [4, 6, 9])
+def test_delta_dit_places_its_boundary_by_timestep_without_a_step_count(steps):
+    """A hand-written loop that never calls patch.reset(num_steps=N): the boundary comes from the noise
+    level, which on these uniform schedules puts every cached step in the same range as the step count."""
+    model = tiny_dit(layers=4)
+    config = DeltaDiTConfig(cached_blocks=2, interval=2, boundary=0.5)
+    with accel.patch(model, config) as p:
+        p.reset(num_steps=steps)
+        by_count = loop(model, steps=steps)
+        assert p.report().methods["delta-dit"]["boundary_by"] == "step count"
+    with accel.patch(model, config) as p:
+        by_timestep = loop(model, steps=steps)
+        facts = p.report().methods["delta-dit"]
+    assert facts["boundary_by"].startswith("timestep (the step count is unknown")
+    assert facts["compute_fraction"] < 1.0
+    assert torch.equal(by_timestep, by_count)
 
 
 def test_delta_dit_bad_settings():
