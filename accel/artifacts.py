@@ -20,7 +20,8 @@ def read_json(path: str | Path, what: str, remake: str) -> dict[str, Any]:
         raise ArtifactMismatchError(f"{path} is not a {what}: it is not UTF-8 text. {remake}") from None
     except json.JSONDecodeError as exc:
         raise ArtifactMismatchError(
-            f"{path} is not a {what}: invalid JSON ({exc.msg}: line {exc.lineno}, column {exc.colno}). {remake}"
+            f"{path} is not a {what}: invalid JSON ({exc.msg}: line {exc.lineno}, column {exc.colno}). "
+            f"{remake}"
         ) from None
     if not isinstance(data, dict):
         raise ArtifactMismatchError(f"{path} is not a {what}: it holds a JSON {type(data).__name__}, not an "

@@ -70,7 +70,8 @@ def call_signature(pipe: Any) -> CallSignature:
     try:
         params = inspect.signature(call).parameters
     except (TypeError, ValueError):
-        raise UnsupportedPipelineError(f"{name} has no inspectable __call__; accel drives diffusers pipelines.") from None
+        raise UnsupportedPipelineError(
+            f"{name} has no inspectable __call__; accel drives diffusers pipelines.") from None
     names = frozenset(params)
     if "prompt" in names:
         conditioning = "prompt"
@@ -78,15 +79,16 @@ def call_signature(pipe: Any) -> CallSignature:
         conditioning = "class_labels"
     else:
         raise UnsupportedPipelineError(
-            f"{name}'s call takes neither `prompt` nor `class_labels` (it takes: {', '.join(params) or 'nothing'}); "
-            "accel can drive text-conditioned and class-conditional pipelines. Call it yourself and patch its "
-            "denoiser with accel.patch(pipe.transformer or pipe.unet).")
+            f"{name}'s call takes neither `prompt` nor `class_labels` (it takes: "
+            f"{', '.join(params) or 'nothing'}); accel can drive text-conditioned and class-conditional "
+            "pipelines. Call it yourself and patch its denoiser with accel.patch(pipe.transformer or "
+            "pipe.unet).")
     needs = [p for p in INPUT_PARAMETERS if p in names]
     if needs:
         raise UnsupportedPipelineError(
-            f"{name}'s call takes {', '.join(needs)}: it transforms an input accel cannot make up. accel drives "
-            "text-to-image/video and class-conditional pipelines; call this one yourself and patch it with "
-            "accel.patch.")
+            f"{name}'s call takes {', '.join(needs)}: it transforms an input accel cannot make up. accel "
+            "drives text-to-image/video and class-conditional pipelines; call this one yourself and patch "
+            "it with accel.patch.")
     required = tuple(
         p.name for p in params.values()
         if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
@@ -95,7 +97,8 @@ def call_signature(pipe: Any) -> CallSignature:
     if required:
         raise UnsupportedPipelineError(
             f"{name}'s call needs {', '.join(required)}, which accel cannot build (it makes prompts or class "
-            "labels, seeds, steps, guidance and sizes). Call the pipeline yourself and patch it with accel.patch.")
+            "labels, seeds, steps, guidance and sizes). Call the pipeline yourself and patch it with "
+            "accel.patch.")
     defaults = {p.name: p.default for p in params.values() if p.default is not inspect.Parameter.empty}
     return CallSignature(name, conditioning, names, required, defaults)
 
@@ -113,7 +116,8 @@ def _check_conditions(sig: CallSignature, conditions: Sequence[Condition]) -> li
     wrong = [c for c in conditions if not isinstance(c, want) or isinstance(c, bool)]
     if wrong:
         what = "prompts (str)" if sig.is_text else "class labels (int)"
-        raise ValueError(f"{sig.pipeline} is conditioned on {sig.conditioning}: pass {what}, got {wrong[0]!r}.")
+        raise ValueError(f"{sig.pipeline} is conditioned on {sig.conditioning}: pass {what}, "
+                         f"got {wrong[0]!r}.")
     return conditions
 
 

@@ -193,7 +193,8 @@ def fid(real: torch.Tensor, fake: torch.Tensor) -> float | str:
     return float(metric.compute())
 
 
-def clip_score(images: torch.Tensor, prompts: list[str], model: str | os.PathLike | None = None) -> float | str:
+def clip_score(images: torch.Tensor, prompts: list[str],
+               model: str | os.PathLike | None = None) -> float | str:
     """CLIP score (100 x the mean of max(cos, 0) between image and prompt embeddings, as torchmetrics
     defines it) of images against their prompts. ``model``: a local CLIP folder (transformers format); by
     default the hub cache's copy of ``openai/clip-vit-base-patch16``. Without either, ``"clip: skipped..."``
@@ -214,7 +215,8 @@ def clip_score(images: torch.Tensor, prompts: list[str], model: str | os.PathLik
     clip = CLIPModel.from_pretrained(folder).eval()
     processor = CLIPProcessor.from_pretrained(folder)
     pixels = (_rgb(as_images(images), 224) * 255).to(torch.uint8)
-    inputs = processor(text=list(prompts), images=list(pixels), return_tensors="pt", padding=True, truncation=True)
+    inputs = processor(text=list(prompts), images=list(pixels), return_tensors="pt", padding=True,
+                       truncation=True)
     with torch.no_grad():
         image = _embedding(clip.get_image_features(pixel_values=inputs["pixel_values"]))
         text = _embedding(clip.get_text_features(input_ids=inputs["input_ids"],
@@ -224,5 +226,6 @@ def clip_score(images: torch.Tensor, prompts: list[str], model: str | os.PathLik
 
 
 def _embedding(output: Any) -> torch.Tensor:
-    """transformers 5 returns an output object whose pooler_output is the projected embedding; 4.x a tensor."""
+    """transformers 5 returns an output object whose pooler_output is the projected embedding; 4.x a
+    tensor."""
     return output if torch.is_tensor(output) else output.pooler_output

@@ -55,9 +55,11 @@ def _prompt_file(path: str) -> list[str]:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise argparse.ArgumentTypeError(f"cannot read prompt file {path!r}: {exc}") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    prompts = [line.strip() for line in text.splitlines()
+               if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
-        raise argparse.ArgumentTypeError(f"prompt file {path!r} has no prompts (one per line; '#' starts a comment)")
+        raise argparse.ArgumentTypeError(f"prompt file {path!r} has no prompts "
+                                         "(one per line; '#' starts a comment)")
     return prompts
 
 
@@ -91,8 +93,8 @@ def _device(text: str | None) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if text == "cpu" or (text.startswith("cuda") and torch.cuda.is_available()):
         return text
-    raise ValueError(f"--device {text!r} is not available here; accepted: cpu"
-                     f"{', cuda, cuda:N' if torch.cuda.is_available() else ' (no CUDA device on this machine)'}.")
+    cuda = ", cuda, cuda:N" if torch.cuda.is_available() else " (no CUDA device on this machine)"
+    raise ValueError(f"--device {text!r} is not available here; accepted: cpu{cuda}.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=_prompt_file, default=None, metavar="FILE",
                    help="text pipelines: one prompt per line (default: a small built-in set)")
     p.add_argument("--negative-prompt", default=None, help="text pipelines that take one")
-    p.add_argument("--height", type=_positive, default=None, help="output height where the pipeline takes one")
+    p.add_argument("--height", type=_positive, default=None,
+                   help="output height where the pipeline takes one")
     p.add_argument("--width", type=_positive, default=None, help="output width where the pipeline takes one")
     p.add_argument("--num-frames", type=_positive, default=None, help="video pipelines: frames per sample")
     p.add_argument("--call-arg", type=_call_arg, action="append", default=[], metavar="KEY=VALUE",
@@ -118,9 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "parses (true, 16, 0.5), else as text: e.g. --call-arg max_sequence_length=120")
     p.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's own")
     p.add_argument("--lpips-weights", default=None, metavar="FILE",
-                   help="torchvision AlexNet checkpoint for LPIPS (default: torch's hub cache; skipped without)")
+                   help="torchvision AlexNet checkpoint for LPIPS "
+                   "(default: torch's hub cache; skipped without)")
     p.add_argument("--clip", default=None, metavar="FOLDER",
-                   help="local CLIP model folder for the CLIP score of prompt pipelines (default: the hub cache)")
+                   help="local CLIP model folder for the CLIP score of prompt pipelines "
+                   "(default: the hub cache)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                    help="model dtype for the baseline and every method")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when present)")

@@ -323,7 +323,8 @@ def vit_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     ]
     for bits in args.bits:
         # Every layer quantized: this benchmark compares the quantizers, not the speed-first default.
-        config = quest.QuESTConfig(bits=bits, finetune_iters=args.iters, max_inputs=16, keep_float_when_faster=False)
+        config = quest.QuESTConfig(bits=bits, finetune_iters=args.iters, max_inputs=16,
+                                   keep_float_when_faster=False)
         calib = quest.calibrate(model, config, images=calib_images, batch_size=16)
         for method, iters in (("ptq", 0), ("quest", args.iters)):
             qm = quest.finetune(model, calib, config, iters=iters)

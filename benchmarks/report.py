@@ -17,7 +17,8 @@ COLUMNS = (
     ("steps", "steps", "{}"), ("batch", "batch", "{}"), ("latency_s", "latency s", "{:.3f}"),
     ("latency_spread_s", "spread s", "{:.3f}"), ("baseline_latency_s", "none s", "{:.3f}"),
     ("speedup", "speedup", "{:.2f}x"), ("psnr", "PSNR", "{:.2f}"),
-    ("ssim", "SSIM", "{:.4f}"), ("lpips", "LPIPS", "{:.4f}"), ("clip_score", "CLIP", "{:.2f}"), ("judge_acc", "judge", "{:.3f}"), ("top1", "top1", "{:.3f}"),
+    ("ssim", "SSIM", "{:.4f}"), ("lpips", "LPIPS", "{:.4f}"), ("clip_score", "CLIP", "{:.2f}"),
+    ("judge_acc", "judge", "{:.3f}"), ("top1", "top1", "{:.3f}"),
     ("compute_fraction", "compute", "{:.3f}"), ("peak_mem_mb", "peak MB", "{:.0f}"),
     ("params_bytes", "params MB", "{}"),
 )

@@ -130,7 +130,8 @@ def build_workload(
     if sig.is_text:
         conditions: list[Any] = list(prompts) if prompts else list(DEFAULT_PROMPTS)
     elif prompts:
-        raise ValueError(f"{model_name!r} ({sig.pipeline}) is class-conditional: it takes --labels, not --prompts.")
+        raise ValueError(f"{model_name!r} ({sig.pipeline}) is class-conditional: it takes --labels, "
+                         "not --prompts.")
     else:
         conditions = list(labels)
     kind = "video" if sig.is_video else "image"

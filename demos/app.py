@@ -151,8 +151,8 @@ def build_app(cache: ModelCache | None = None) -> gr.Blocks:
                                     allow_custom_value=True, info="An embedded generator, or a local diffusers folder.")
                 method = gr.Dropdown(methods, value=DEFAULT_METHOD if DEFAULT_METHOD in methods else methods[0],
                                      label="Method", info="'none' compares the baseline with itself.")
-                prompt = gr.Textbox(value="", label="Prompt", placeholder="a red fox sitting in fresh snow", visible=False,
-                                    info="Text-to-image/video pipelines.", elem_id="prompt")
+                prompt = gr.Textbox(value="", label="Prompt", placeholder="a red fox sitting in fresh snow",
+                                    visible=False, info="Text-to-image/video pipelines.", elem_id="prompt")
                 settings = gr.Textbox(label="Settings", placeholder="interval=3   or a recipe: delta-dit:interval=3+bac",
                                       info="key=value pairs for the method, or a whole recipe.", elem_id="settings")
                 steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="steps")
@@ -164,11 +164,13 @@ def build_app(cache: ModelCache | None = None) -> gr.Blocks:
                                         elem_id="samples")
                     guidance_scale = gr.Slider(0, 15, value=4.0, step=0.5, label="Guidance scale")
                     repeats = gr.Slider(1, MAX_REPEATS, value=1, step=1, label="Timed repeats (median)")
-                    negative_prompt = gr.Textbox(value="", label="Negative prompt", visible=False, elem_id="negative-prompt")
+                    negative_prompt = gr.Textbox(value="", label="Negative prompt", visible=False,
+                                                 elem_id="negative-prompt")
                     with gr.Row():
                         height = gr.Number(value=0, precision=0, minimum=0, label="Height (0: model default)")
                         width = gr.Number(value=0, precision=0, minimum=0, label="Width (0: model default)")
-                        num_frames = gr.Number(value=0, precision=0, minimum=0, label="Frames (video; 0: default)")
+                        num_frames = gr.Number(value=0, precision=0, minimum=0,
+                                               label="Frames (video; 0: default)")
                 run = gr.Button("Compare", variant="primary", elem_id="compare-button")
                 # Progress and errors show here (and errors in a message box), so a failed request leaves
                 # the previous results on screen.

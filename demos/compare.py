@@ -158,13 +158,15 @@ class ModelCache:
         try:
             sig = call_signature(pipe)
         except UnsupportedPipelineError as exc:
-            raise DemoError(f"{name!r} loads as {type(pipe).__name__}, which the demo cannot drive: {exc}") from None
+            raise DemoError(f"{name!r} loads as {type(pipe).__name__}, which the demo cannot drive: "
+                            f"{exc}") from None
         extra = default_generation_kwargs("digits-video-dit") if isinstance(pipe, DigitsVideoPipeline) else {}
         for key in ("steps", "guidance_scale"):
             extra.pop(key, None)
         logger.info("accel-demo: loaded %s (%s)", name, type(pipe).__name__)
         return CachedModel(name=name, pipe=pipe, kind="video" if sig.is_video else "image", extra=extra,
-                           text=sig.is_text, judged=isinstance(pipe, (DigitsDiTPipeline, DigitsVideoPipeline)))
+                           text=sig.is_text,
+                           judged=isinstance(pipe, (DigitsDiTPipeline, DigitsVideoPipeline)))
 
 
 @dataclass(frozen=True)
@@ -251,7 +253,8 @@ class _StepBar:
     """Stands in for a pipeline's tqdm bar in both uses diffusers makes of it: ``for t in bar(timesteps)``
     and ``with bar(total=n) as bar: ... bar.update()``."""
 
-    def __init__(self, on_step: Callable[[int, int], None], iterable: Any = None, total: int | None = None) -> None:
+    def __init__(self, on_step: Callable[[int, int], None], iterable: Any = None,
+                 total: int | None = None) -> None:
         self.items = list(iterable) if iterable is not None else None
         self.total = len(self.items) if self.items is not None else int(total or 0)
         self.on_step, self.done = on_step, 0

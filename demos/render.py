@@ -45,7 +45,8 @@ def _grid(frames: list[torch.Tensor], tile: int = TILE, columns: int | None = No
     rows = math.ceil(len(tiles) / columns)
     side_h = max(t.shape[0] for t in tiles)
     side_w = max(t.shape[1] for t in tiles)
-    shape = (rows * side_h + GAP * (rows - 1), columns * side_w + GAP * (columns - 1)) + ((3,) if colour else ())
+    shape = ((rows * side_h + GAP * (rows - 1), columns * side_w + GAP * (columns - 1))
+             + ((3,) if colour else ()))
     canvas = np.full(shape, 235, dtype=np.uint8)
     for index, t in enumerate(tiles):
         y, x = divmod(index, columns)
@@ -60,7 +61,8 @@ def image_grid(images: torch.Tensor) -> Image.Image:
 
 
 def video_gif(video: torch.Tensor, folder: str | Path | None = None) -> str:
-    """Videos (N, F, H, W) or (N, F, C, H, W) -> an animated GIF (samples in a grid) on disk; returns its path."""
+    """Videos (N, F, H, W) or (N, F, C, H, W) -> an animated GIF (samples in a grid) on disk; returns its
+    path."""
     frames = [_grid([sample[f] for sample in video]).convert("P") for f in range(video.shape[1])]
     folder = Path(folder or tempfile.mkdtemp(prefix="accel-demo-"))
     folder.mkdir(parents=True, exist_ok=True)

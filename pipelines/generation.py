@@ -73,7 +73,8 @@ def as_tensor_output(output: Any, video: bool) -> torch.Tensor:
     if video and x.ndim == 4:  # (N, F, H, W) single-channel videos
         x = x.unsqueeze(2)
     if x.ndim != (5 if video else 4):
-        raise ValueError(f"Expected {'videos' if video else 'images'} from the pipeline, got shape {tuple(x.shape)}.")
+        raise ValueError(f"Expected {'videos' if video else 'images'} from the pipeline, "
+                         f"got shape {tuple(x.shape)}.")
     return x.contiguous()
 
 

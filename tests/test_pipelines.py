@@ -87,7 +87,8 @@ def test_generate_helper(dit: P.DigitsDiTPipeline, video: P.DigitsVideoPipeline)
     assert frames.shape == (1, 2, 1, 32, 32)  # videos (N, F, C, H, W)
     with pytest.raises(ValueError, match="one seed per sample, got 2 conditions and 1 seeds"):
         P.generate(dit, [1, 2], seeds=[0])
-    with pytest.raises(ValueError, match=r"conditioned on class_labels: pass class labels \(int\), got 'a fox'"):
+    with pytest.raises(ValueError,
+                       match=r"conditioned on class_labels: pass class labels \(int\), got 'a fox'"):
         P.generate(dit, ["a fox"], seeds=[0])
     with pytest.raises(ValueError, match="No generation defaults for 'digits-vit'"):
         P.default_generation_kwargs("digits-vit")

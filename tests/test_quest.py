@@ -525,12 +525,14 @@ def test_default_keeps_layers_in_float_where_no_integer_kernel_helps(monkeypatch
     model = pipe.transformer
     reference = _run(pipe)
     with accel.patch(pipe, _config(keep_float_when_faster=True)) as patch:
-        kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, QuantLinear))}
+        kinds = {n: type(m) for n, m in model.named_modules()
+                 if isinstance(m, (torch.nn.Linear, QuantLinear))}
         report = patch.report().methods["quest"]
     small = {n for n, k in kinds.items() if k is torch.nn.Linear}
     assert small and len(small) < len(kinds)
     assert all(model.get_submodule(n).out_features < 64 for n in small)
-    assert report["kept_float"].startswith(f"{len(small)} of {len(kinds)} layers kept in fp32: too small to gain")
+    assert report["kept_float"].startswith(
+        f"{len(small)} of {len(kinds)} layers kept in fp32: too small to gain")
     assert torch.equal(_run(pipe), reference)
     with accel.patch(pipe, _config(keep_float_when_faster=False)) as patch:
         assert all(isinstance(m, QuantLinear) for n, m in model.named_modules() if n in kinds)

@@ -101,7 +101,8 @@ def test_default_patch_follows_calls_and_removes_exactly(family):
     skipped, and after remove() the pipeline gives bit-identical outputs again."""
     pipe = build_pipeline(family)
     reference = _run(pipe, family, steps=4)
-    blocks = accel.registry.find_adapter(pipe.transformer if hasattr(pipe, "transformer") else pipe.unet).blocks()
+    denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    blocks = accel.registry.find_adapter(denoiser).blocks()
     calls = {"n": 0}
     # A skipped block or branch is still called (its hook returns the cached value); its projections are not.
     inner = [b.self_attn.to_q for b in blocks]
@@ -157,12 +158,15 @@ def test_calibration_runs_on_prompts(family, tmp_path):
     pipe = build_pipeline(family)
     calls = default_calls(pipe, seeds=[5], steps=3, **_sizes(family), **_extra(family))
     assert call_signature(pipe).conditioning in calls[0]
-    schedule = calibrate(pipe, num_inference_steps=3, config=accel.BACConfig(), calls=calls, save_to=tmp_path / "s")
+    schedule = calibrate(pipe, num_inference_steps=3, config=accel.BACConfig(), calls=calls,
+                         save_to=tmp_path / "s")
     assert set(schedule.steps) == {3}
     conditioning = call_signature(pipe).conditioning
-    assert schedule.call["conditioning"] == conditioning and schedule.call["batch"] == len(calls[0][conditioning])
+    assert (schedule.call["conditioning"] == conditioning
+            and schedule.call["batch"] == len(calls[0][conditioning]))
     qconfig = quest.QuESTConfig(finetune_iters=0, calib_steps=3)
-    qm = quest.finetune(pipe, quest.calibrate(pipe, qconfig, calls=calls, progress=False), qconfig, progress=False)
+    qm = quest.finetune(pipe, quest.calibrate(pipe, qconfig, calls=calls, progress=False), qconfig,
+                        progress=False)
     assert qm.meta["calibration"]["call"]["num_inference_steps"] == 3
     with accel.patch(pipe, qconfig.replace(artifact=str(qm.save(tmp_path / "q")))):
         assert torch.isfinite(_run(pipe, family, steps=3)).all()

@@ -346,8 +346,8 @@ class BAC:
         if summary:
             schedules: Any = summary
         elif pending:
-            schedules = (f"recorded a {', '.join(map(str, pending))}-step call; its schedule is built when the "
-                         "next call starts")
+            schedules = (f"recorded a {', '.join(map(str, pending))}-step call; its schedule is built when "
+                         "the next call starts")
         else:
             schedules = "none yet (calibrates on the first call)"
         calibrated_on = {"calibrated_on": self.schedule.call} if self.schedule.call else {}
@@ -527,7 +527,8 @@ def calibrate(
             key = next(iter(records)) if steps not in records and len(records) == 1 else steps
             if key not in records:
                 raise RuntimeError(f"BAC calibration recorded no complete {steps}-step run (recorded: "
-                                   f"{sorted(records) or 'none'}); does the pipeline call its denoiser each step?")
+                                   f"{sorted(records) or 'none'}); does the pipeline call its denoiser "
+                                   "each step?")
             runs = records[key]
             weights = list(known[key]) if weighted and key in known else runtime.noise.get(key)
             if weighted and weights is None:
@@ -552,7 +553,8 @@ def _probe(runtime: BAC, pipe: Any, kwargs: dict[str, Any], steps: int, forwards
     runtime.order = 0  # probes measure plain reuse; the DP's distances are order-0 distances
     try:
         for t in range(1, forwards):
-            runtime.override = {u.key: frozenset(s for s in range(forwards) if s != t) for u in runtime.branches}
+            runtime.override = {u.key: frozenset(s for s in range(forwards) if s != t)
+                                for u in runtime.branches}
             _restore_generators(kwargs, states)
             errors[t] = float(np.mean((_run(pipe, kwargs, steps) - reference) ** 2))
             bar.update()

@@ -173,7 +173,8 @@ class BACSchedule:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"BAC schedule {str(path)!r} does not exist; write one with BACSchedule.save().")
-        data = read_json(path, "BAC schedule", "Calibrate again with accel.methods.bac.calibrate(..., save_to=path).")
+        data = read_json(path, "BAC schedule",
+                         "Calibrate again with accel.methods.bac.calibrate(..., save_to=path).")
         if data.get("format") != SCHEDULE_FORMAT:
             raise ArtifactMismatchError(f"{path} is not a BAC schedule (format {data.get('format')!r}).")
         return cls(

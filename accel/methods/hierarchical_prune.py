@@ -405,8 +405,8 @@ def prune_then_quantize(target: Any, prune_config: HierarchicalPruneConfig, quan
     _, model = _split(target)
     before = parameter_bytes(model)
     # Memory is the point here: every layer 4-bit, even where a float layer would run faster.
-    quant_config = quant_config or quest.QuESTConfig(bits="w4a8", act_granularity="per_token", finetune_iters=0,
-                                                     keep_float_when_faster=False)
+    quant_config = quant_config or quest.QuESTConfig(bits="w4a8", act_granularity="per_token",
+                                                     finetune_iters=0, keep_float_when_faster=False)
     patch = accel.patch(target, prune_config, quant_config)
     handles = {item.spec.name: item.handle for item in patch._attached}
     pruned = handles["hierarchical-prune"].bytes_after

@@ -162,17 +162,19 @@ class QuEST:
         }
         if self.kept:
             facts["kept_float"] = (
-                f"{len(self.kept)} of {len(self.qmodel.layers)} layers kept in fp32: too small to gain (no integer "
-                "kernel here is correct or faster than dequantizing at their shape, so fake-quant would only slow "
-                "them; keep_float_when_faster=False quantizes them for the memory)"
+                f"{len(self.kept)} of {len(self.qmodel.layers)} layers kept in fp32: too small to gain (no "
+                "integer kernel here is correct or faster than dequantizing at their shape, so fake-quant "
+                "would only slow them; keep_float_when_faster=False quantizes them for the memory)"
             )
             if not layers:
-                facts["warning"] = ("no layer is quantized: this model's layers are too small for an integer speedup "
-                                    "here (or this CPU has no correct int8 kernel); the patch changes nothing")
+                facts["warning"] = ("no layer is quantized: this model's layers are too small for an integer "
+                                    "speedup here (or this CPU has no correct int8 kernel); the patch "
+                                    "changes nothing")
         fake = [layer for layer in layers if layer.kernel == "fake"]
         if fake:
             no_kernel = sum(
-                not any(qkernels.runnable(k, layer.spec, layer.qweight.device) for k in qkernels.INTEGER_KERNELS)
+                not any(qkernels.runnable(k, layer.spec, layer.qweight.device)
+                        for k in qkernels.INTEGER_KERNELS)
                 for layer in fake
             )
             why = []

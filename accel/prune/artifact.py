@@ -97,7 +97,8 @@ class PruneArtifact:
         if not meta_path.is_file():
             raise FileNotFoundError(f"No hierarchical-prune artifact at {str(path)!r} (expected {JSON_NAME} and "
                                     f"{WEIGHTS_NAME} in a folder); make one with prune(..., save_to=folder).")
-        meta = read_json(meta_path, "hierarchical-prune artifact", "Make one with prune(..., save_to=folder).")
+        meta = read_json(meta_path, "hierarchical-prune artifact",
+                         "Make one with prune(..., save_to=folder).")
         if meta.get("format") != ARTIFACT_FORMAT:
             raise ArtifactMismatchError(f"{meta_path} is not a hierarchical-prune artifact "
                                         f"(format {meta.get('format')!r}).")

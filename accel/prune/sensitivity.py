@@ -138,7 +138,8 @@ class SensitivityProfile:
         if not path.is_file():
             raise FileNotFoundError(f"Sensitivity profile {str(path)!r} does not exist; write one with "
                                     "analyze_blocks(...).save(path).")
-        return cls.from_json(read_json(path, "sensitivity profile", "Write one with analyze_blocks(...).save(path)."))
+        return cls.from_json(read_json(path, "sensitivity profile",
+                                       "Write one with analyze_blocks(...).save(path)."))
 
 
 def _fmt(value: float) -> str:

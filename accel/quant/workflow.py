@@ -57,8 +57,8 @@ def default_calls(pipe: Any, seeds: int, steps: int | None) -> list[dict[str, An
         return calls_for(pipe, [1 + s for s in range(seeds)], steps)
     except UnsupportedPipelineError as exc:
         raise UnsupportedModelError(
-            f"QuEST cannot build calibration inputs for {type(pipe).__name__} ({exc}) Pass calls=[{{...}}, ...] "
-            "to accel.methods.quest.calibrate(pipe, config, calls=...)."
+            f"QuEST cannot build calibration inputs for {type(pipe).__name__} ({exc}) Pass "
+            "calls=[{...}, ...] to accel.methods.quest.calibrate(pipe, config, calls=...)."
         ) from None
 
 
