@@ -227,3 +227,19 @@ def test_bench_refuses_bad_inputs_in_one_line(tmp_path, folders, capsys):
     assert "takes image" in err and "Traceback" not in err and err.count("\n") == 1
     assert bench_main(["--model", str(folders["dit"]), "--methods", "none,delt-dit"]) == 2
     assert "Did you mean 'delta-dit'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sweep_with_a_quality_floor_on_a_saved_pipeline(folders, tmp_path):
+    """--sweep / --min-psnr on a checkpoint: calibration runs on prompts, one point per family is selected."""
+    out = tmp_path / "sweep"
+    args = _bench_args("pixart", folders["pixart"], "none,delta-dit,bac", out, tmp_path / "unused")
+    args = [a for a in args if a != str(tmp_path / "unused") and a != "--prompts"]
+    assert bench_main([*args, "--sweep", "--min-psnr", "30"]) == 0
+    records = json.loads((out / "results.json").read_text())["records"]
+    # The Δ-DiT grid's 4-block points do not fit this 2-block model: recorded as such, not crashed.
+    errors = {r["error"] for r in records if r["error"]}
+    assert len(records) > 3 and all("cached_blocks must be <= the model's 2 blocks" in e for e in errors)
+    selected = [r["method"] for r in records if r["selected"]]
+    assert sorted(selected) == ["bac", "delta-dit", "none"]
+    assert (out / "pareto.png").stat().st_size > 0
