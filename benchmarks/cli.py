@@ -137,8 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def expand_sweep(methods: list[BenchMethod], steps: int) -> list[BenchMethod]:
-    """Each method that was not given explicit settings becomes one entry per grid point."""
+def _fits_blocks(point: dict[str, Any], num_blocks: int | None) -> bool:
+    """A grid point that caches more blocks than the model has cannot apply (small or pruned models)."""
+    return num_blocks is None or int(point.get("cached_blocks", 0)) <= num_blocks
+
+
+def expand_sweep(methods: list[BenchMethod], steps: int, num_blocks: int | None = None) -> list[BenchMethod]:
+    """Each method that was not given explicit settings becomes one entry per grid point (points that do
+    not fit a model of ``num_blocks`` blocks are left out)."""
     from accel.benchmarks.spec import parse_item
 
     out: list[BenchMethod] = []
@@ -153,7 +159,8 @@ def expand_sweep(methods: list[BenchMethod], steps: int) -> list[BenchMethod]:
         else:
             config_cls = type(method.configs[0])
             grid = config_cls.sweep_grid(steps) if hasattr(config_cls, "sweep_grid") else [{}]
-            out.extend(parse_item(_item(method.family, point)) for point in grid)
+            fitting = [point for point in grid if _fits_blocks(point, num_blocks)]
+            out.extend(parse_item(_item(method.family, point)) for point in fitting)
     return out
 
 
@@ -171,6 +178,14 @@ def applicable_methods(workload: Workload) -> list[str]:
     if not workload.is_denoiser:
         baselines = [n for n in baselines if n.startswith("torchao")]
     return names + [n for n in baselines if _fits(n, workload)]
+
+
+def _block_count(workload: Workload) -> int | None:
+    if not workload.is_denoiser:
+        return None
+    from accel.registry import find_adapter
+
+    return len(find_adapter(workload.model).blocks())
 
 
 def _fits(name: str, workload: Workload) -> bool:
@@ -212,7 +227,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             workload.lpips_weights, workload.clip_model = args.lpips_weights, args.clip
             methods = parse_methods(args.methods, applicable_methods(workload))
             if args.sweep:
-                methods = expand_sweep(methods, args.steps)
+                methods = expand_sweep(methods, args.steps, _block_count(workload))
             records.extend(_run_model(workload, methods, args, state, gather_object, out, env, records))
     except KeyboardInterrupt:
         interrupted = True
