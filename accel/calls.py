@@ -48,8 +48,7 @@ class CallSignature:
     pipeline: str
     conditioning: str  # "prompt" | "class_labels"
     parameters: frozenset[str]
-    required: tuple[str, ...]  # parameters without a default (beyond the conditioning)
-    defaults: dict[str, Any]
+    takes_any_keyword: bool  # the call has **kwargs
 
     @property
     def is_text(self) -> bool:
@@ -99,8 +98,8 @@ def call_signature(pipe: Any) -> CallSignature:
             f"{name}'s call needs {', '.join(required)}, which accel cannot build (it makes prompts or class "
             "labels, seeds, steps, guidance and sizes). Call the pipeline yourself and patch it with "
             "accel.patch.")
-    defaults = {p.name: p.default for p in params.values() if p.default is not inspect.Parameter.empty}
-    return CallSignature(name, conditioning, names, required, defaults)
+    any_keyword = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return CallSignature(name, conditioning, names, any_keyword)
 
 
 def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -160,11 +159,10 @@ def build_call(
     if sig.accepts("output_type"):
         kwargs["output_type"] = "pt"
     unknown = [k for k in extra if not sig.accepts(k)]
-    if unknown and not any(p == "kwargs" for p in sig.parameters):
+    if unknown and not sig.takes_any_keyword:
         raise ValueError(f"{sig.pipeline} takes no {', '.join(unknown)}.")
     kwargs.update(extra)
     return kwargs
-
 
 
 def class_count(pipe: Any) -> int | None:

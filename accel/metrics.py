@@ -12,6 +12,7 @@ optional and report ``skipped: weights not available offline`` instead of downlo
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -163,22 +164,30 @@ def lpips(baseline: torch.Tensor, other: torch.Tensor, video: bool | None = None
     source = Path(weights) if weights is not None else _hub_checkpoint(_LPIPS_BACKBONE)
     if source is None or not source.is_file():
         return f"lpips: {SKIPPED_OFFLINE}" if weights is None else f"lpips: skipped: no file {str(weights)!r}"
+    a, b = _pair(baseline, other, video)
+    metric = _lpips_metric(str(source.resolve()))
+    metric.reset()
+    size = max(64, min(a.shape[-1], 256))
+    return float(metric(_rgb(b, size), _rgb(a, size)))
+
+
+@functools.lru_cache(maxsize=2)
+def _lpips_metric(backbone: str) -> Any:
+    """The LPIPS network with its AlexNet backbone read from ``backbone``, built once per file (a benchmark
+    scores every method against the same baseline)."""
     import tempfile
 
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-    a, b = _pair(baseline, other, video)
     previous = torch.hub.get_dir()
     with tempfile.TemporaryDirectory() as hub:  # torchvision looks up the backbone by name in the hub dir
         (Path(hub) / "checkpoints").mkdir()
-        (Path(hub) / "checkpoints" / _LPIPS_BACKBONE).symlink_to(source.resolve())
+        (Path(hub) / "checkpoints" / _LPIPS_BACKBONE).symlink_to(backbone)
         torch.hub.set_dir(hub)
         try:
-            metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
+            return LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
         finally:
             torch.hub.set_dir(previous)
-    size = max(64, min(a.shape[-1], 256))
-    return float(metric(_rgb(b, size), _rgb(a, size)))
 
 
 def fid(real: torch.Tensor, fake: torch.Tensor) -> float | str:
@@ -210,10 +219,7 @@ def clip_score(images: torch.Tensor, prompts: list[str],
         if not isinstance(config, str):
             return f"clip: {SKIPPED_OFFLINE}"
         folder = Path(config).parent
-    from transformers import CLIPModel, CLIPProcessor
-
-    clip = CLIPModel.from_pretrained(folder).eval()
-    processor = CLIPProcessor.from_pretrained(folder)
+    clip, processor = _clip_model(str(folder))
     pixels = (_rgb(as_images(images), 224) * 255).to(torch.uint8)
     inputs = processor(text=list(prompts), images=list(pixels), return_tensors="pt", padding=True,
                        truncation=True)
@@ -223,6 +229,14 @@ def clip_score(images: torch.Tensor, prompts: list[str],
                                                  attention_mask=inputs.get("attention_mask")))
     cosine = torch.nn.functional.cosine_similarity(image, text, dim=-1)
     return float(100 * cosine.clamp(min=0).mean())
+
+
+@functools.lru_cache(maxsize=2)
+def _clip_model(folder: str) -> tuple[Any, Any]:
+    """CLIP model and processor from ``folder``, loaded once per folder."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    return CLIPModel.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
 
 
 def _embedding(output: Any) -> torch.Tensor:

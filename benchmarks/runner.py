@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from accel.benchmarks.spec import BenchMethod
 from accel.benchmarks.workloads import Workload
+from accel.timing import median_time
 
 import accel
 
@@ -102,7 +103,8 @@ def prepare_config(config: Any, workload: Workload) -> Any:
                              save_to=path, sensitivity=known)
         known.update(schedule.sensitivity)
         return config.replace(schedule=path, calibrate_online=False)
-    if _is_quest(config) and config.artifact is None and config.needs_calibration and workload.is_denoiser:
+    quest_to_calibrate = isinstance(config, accel.QuESTConfig) and config.artifact is None
+    if quest_to_calibrate and config.needs_calibration and workload.is_denoiser:
         import tempfile
 
         from accel.methods.quest import quantize
@@ -113,10 +115,6 @@ def prepare_config(config: Any, workload: Workload) -> Any:
         quantize(workload.target, config, calls=calls, progress=False).save(folder)
         return config.replace(artifact=folder)
     return config
-
-
-def _is_quest(config: Any) -> bool:
-    return type(config).__name__ == "QuESTConfig"
 
 
 def _compute_fraction(patch: accel.Patch) -> dict[str, Any]:
@@ -170,12 +168,7 @@ def baseline_latency(workload: Workload, repeats: int) -> float:
     neighbour's load drifts over a run, and one baseline timing at its start skews every later ratio."""
     none = Applied(remove=lambda: None, report=dict)
     first = workload.batches()[0]
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        _call(workload, none, first)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_time(lambda: _call(workload, none, first), repeats, warmup=0)[0]
 
 
 def measure(

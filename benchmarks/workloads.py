@@ -63,11 +63,9 @@ class Workload:
             images = self.extra["images"][[index for _, index in batch]]
             with torch.no_grad():
                 return self.target(images).float()
-        from accel.pipelines import generate
+        from accel.pipelines.generation import run_call
 
-        conditions = [c for c, _ in batch]
-        seeds = [seed for _, seed in batch]
-        return generate(self.target, conditions, seeds, self.steps, self.guidance_scale, **(self.extra or {}))
+        return run_call(self.target, self.call_kwargs(batch))
 
     def run_all(self) -> torch.Tensor:
         return torch.cat([self.run_batch(batch) for batch in self.batches()])

@@ -101,7 +101,12 @@ def generate(
     Returns:
         Images (N, C, H, W) or videos (N, F, C, H, W).
     """
-    kwargs = build_call(pipe, conditions, seeds, steps, guidance_scale, **kw)
+    return run_call(pipe, build_call(pipe, conditions, seeds, steps, guidance_scale, **kw))
+
+
+@torch.no_grad()
+def run_call(pipe: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+    """Run one call built by :func:`build_call`; its images or videos as float32 CPU tensors in [0, 1]."""
     out = pipe(**kwargs)
     if hasattr(out, "frames"):
         return as_tensor_output(out.frames, video=True).clamp_(0, 1)

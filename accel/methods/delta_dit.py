@@ -90,7 +90,6 @@ class DeltaDiT:
         self.deltas: dict[tuple[int, str], Streams] = {}
         self.log = RunLog(units=num_blocks)
         self.first_timestep: float | None = None  # of this sequence: the noise scale for the fallback
-        self.placed_by = "step count"
 
     def reset(self) -> None:
         self.inputs.clear()
@@ -107,14 +106,12 @@ class DeltaDiT:
         timestep already removed, which a uniform schedule makes equal to the fraction of steps done."""
         state = self.tracker.state
         if state.num_steps is not None:
-            self.placed_by = "step count"
             return self.rear if step < round(self.config.boundary * state.num_steps) else self.front
         if state.timestep is None or not self.first_timestep:
             raise RuntimeError(
                 "delta-dit needs the step count or the timesteps to place its boundary: this model's forward "
                 "passes no timestep. Call patch.reset(num_steps=N) before a hand-written denoising loop."
             )
-        self.placed_by = "timestep (the step count is unknown: a loop without patch.reset(num_steps=N))"
         progress = 1.0 - state.timestep / self.first_timestep
         return self.rear if progress < self.config.boundary - 1e-9 else self.front
 
@@ -151,7 +148,8 @@ class DeltaDiT:
     def report(self) -> dict[str, Any]:
         return {
             "ranges": {"front": [self.front.start, self.front.stop - 1], "rear": [self.rear.start, self.rear.stop - 1]},
-            "boundary_by": self.placed_by,
+            "boundary_by": "step count" if self.tracker.state.num_steps is not None else
+            "timestep (the step count is unknown: a loop without patch.reset(num_steps=N))",
             **self.log.report(),
         }
 

@@ -149,10 +149,7 @@ def _check_kernel(kernel: str, device: torch.device) -> str | None:
 
 def fallback_kernel(spec: LayerSpec, device: torch.device) -> str:
     """The first integer kernel that can run ``spec`` and computes exact products here, else fake."""
-    for kernel in INTEGER_KERNELS:
-        if unavailable(kernel, spec, device) is None and wrong_results(kernel, device) is None:
-            return kernel
-    return "fake"
+    return next((kernel for kernel in INTEGER_KERNELS if runnable(kernel, spec, device)), "fake")
 
 
 _WARNED: set[tuple[str, str]] = set()
