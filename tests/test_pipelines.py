@@ -153,3 +153,27 @@ def test_classification_set() -> None:
     assert images.shape == (len(labels), 1, 16, 16) and 0 <= float(images.min()) and float(images.max()) <= 1
     with pytest.raises(ValueError, match="No offline evaluation set for 'timm:vit_tiny_patch16_224'"):
         P.classification_set("timm:vit_tiny_patch16_224")
+
+
+def test_broken_folders_and_artifacts_name_the_file(tmp_path):
+    """A truncated model_index.json, an unknown pipeline class and a non-JSON schedule each get one clear
+    error naming the file, not a JSONDecodeError or a traceback from diffusers."""
+    from accel.errors import ArtifactMismatchError
+    from accel.methods.bac_schedule import BACSchedule
+
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "model_index.json").write_text('{"_class_name": "PixArtAlpha')
+    not_json = r"truncated/model_index.json is not a diffusers model index: invalid JSON"
+    with pytest.raises(ValueError, match=not_json):
+        P.load(truncated)
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "model_index.json").write_text('{"_class_name": "NoSuchPipeline"}')
+    unknown_class = r"names the pipeline class 'NoSuchPipeline', which diffusers .* does not"
+    with pytest.raises(ValueError, match=unknown_class):
+        P.load(unknown)
+    garbage = tmp_path / "schedule.json"
+    garbage.write_text("garbage")
+    with pytest.raises(ArtifactMismatchError, match=r"schedule.json is not a BAC schedule: invalid JSON"):
+        BACSchedule.load(garbage)

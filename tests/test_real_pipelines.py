@@ -243,3 +243,10 @@ def test_sweep_with_a_quality_floor_on_a_saved_pipeline(folders, tmp_path):
     selected = [r["method"] for r in records if r["selected"]]
     assert sorted(selected) == ["bac", "delta-dit", "none"]
     assert (out / "pareto.png").stat().st_size > 0
+
+
+def test_bench_refuses_a_device_this_machine_lacks(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert bench_main(["--device", "cuda", "--methods", "none"]) == 2
+    assert "--device 'cuda' is not available here; accepted: cpu (no CUDA device" in capsys.readouterr().err
