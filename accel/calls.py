@@ -10,9 +10,11 @@ sensitivity and distillation) build their calls here, so they run on the same ki
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -158,11 +160,40 @@ def build_call(
             kwargs[key] = int(value)
     if sig.accepts("output_type"):
         kwargs["output_type"] = "pt"
+    kwargs.update(_avoid_refusals(pipe, sig))
     unknown = [k for k in extra if not sig.accepts(k)]
     if unknown and not sig.takes_any_keyword:
         raise ValueError(f"{sig.pipeline} takes no {', '.join(unknown)}.")
     kwargs.update(extra)
     return kwargs
+
+
+#: PixArt's aspect-ratio bins exist for these transformer sample sizes (latent sides); others raise.
+_BINNED_SAMPLE_SIZES = (32, 64, 128, 256)
+
+
+def _avoid_refusals(pipe: Any, sig: CallSignature) -> dict[str, Any]:
+    """Defaults under which the pipeline would refuse or warn on every call, set to what it would fall back
+    to: PixArt's resolution binning on a model whose sample size has no bins ("Invalid sample size"), and
+    caption cleaning without the libraries it needs (diffusers warns, then skips it)."""
+    kwargs: dict[str, Any] = {}
+    sample_size = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "sample_size", None)
+    if sig.accepts("use_resolution_binning") and sample_size not in _BINNED_SAMPLE_SIZES:
+        kwargs["use_resolution_binning"] = False
+    if sig.accepts("clean_caption") and not all(importlib.util.find_spec(m) for m in ("bs4", "ftfy")):
+        kwargs["clean_caption"] = False
+    return kwargs
+
+
+def folder_prompts(pipe: Any) -> list[str] | None:
+    """The prompts a pipeline folder ships in ``prompts.txt`` beside ``model_index.json`` (one per line),
+    if any: a model's own benchmark and calibration prompts (digits-pixart's name digits and attributes)."""
+    folder = getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    path = Path(folder) / "prompts.txt" if isinstance(folder, str) and folder else None
+    if path is None or not path.is_file():
+        return None
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return prompts or None
 
 
 def class_count(pipe: Any) -> int | None:
@@ -178,11 +209,12 @@ def class_count(pipe: Any) -> int | None:
 
 
 def default_conditions(pipe: Any, count: int = 10) -> list[Condition]:
-    """Calibration conditions when the caller gives none: the built-in prompts for text pipelines,
-    ``count`` class labels spread over the classes for class-conditional ones."""
+    """Calibration conditions when the caller gives none: the folder's prompts or the built-in ones for
+    text pipelines, ``count`` class labels spread over the classes for class-conditional ones."""
     sig = call_signature(pipe)
     if sig.is_text:
-        return list(DEFAULT_PROMPTS[: min(count, len(DEFAULT_PROMPTS))])
+        prompts = folder_prompts(pipe) or list(DEFAULT_PROMPTS)
+        return prompts[: min(count, len(prompts))]
     classes = class_count(pipe) or 10
     count = min(count, classes)
     return [round(i * (classes - 1) / max(count - 1, 1)) for i in range(count)] if count > 1 else [0]

@@ -243,3 +243,75 @@ def _embedding(output: Any) -> torch.Tensor:
     """transformers 5 returns an output object whose pooler_output is the projected embedding; 4.x a
     tensor."""
     return output if torch.is_tensor(output) else output.pooler_output
+
+
+# ---- digits-pixart: does each picture show what its prompt says, and do the pictures vary like real ones ----
+
+def load_canvas_judge() -> torch.nn.Module:
+    """The judge of ``digits-pixart``'s 32x32 pictures (any size, position, slant, stroke), loaded once."""
+    if "canvas" not in _JUDGE:
+        from accel.pipelines import load
+
+        _JUDGE["canvas"] = load("digits-pixart-judge")
+    return _JUDGE["canvas"]
+
+
+@torch.no_grad()
+def judge_features(images: torch.Tensor, judge: torch.nn.Module | None = None) -> torch.Tensor:
+    """The judge's penultimate activations (N, 128) of (N, 1, H, W) pictures: the feature space of
+    FID-digits (an Inception network would have to be downloaded and knows nothing of digits)."""
+    judge = judge or load_canvas_judge()
+    x = as_images(torch.as_tensor(images).detach().float().cpu())[:, :1]
+    if x.shape[-1] != judge.image_size:
+        x = torch.nn.functional.interpolate(x, size=(judge.image_size,) * 2, mode="bilinear", align_corners=False)
+    return judge.head[:-1](judge.features(x * 2 - 1))
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (M, D): |mu_a - mu_b|^2 +
+    tr(C_a + C_b - 2 (C_a^1/2 C_b C_a^1/2)^1/2), in float64 through symmetric eigendecompositions."""
+    a, b = a.double(), b.double()
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"frechet_distance needs at least 2 samples per set, got {len(a)} and {len(b)}.")
+    mu = (a.mean(0) - b.mean(0)).square().sum()
+    ca, cb = torch.cov(a.T), torch.cov(b.T)
+    vals, vecs = torch.linalg.eigh(ca)
+    root_a = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
+    cross = torch.linalg.eigvalsh(root_a @ cb @ root_a).clamp(min=0).sqrt().sum()
+    return float(mu + ca.trace() + cb.trace() - 2 * cross)
+
+
+def fid_digits(generated: torch.Tensor, real: torch.Tensor, judge: torch.nn.Module | None = None) -> float:
+    """FID-digits: Fréchet distance of the canvas judge's features, generated vs real pictures. Collapsed
+    samples (every seed alike) score far above real-vs-real, even when each is classified right."""
+    judge = judge or load_canvas_judge()
+    return frechet_distance(judge_features(generated, judge), judge_features(real, judge))
+
+
+@torch.no_grad()
+def caption_scores(images: torch.Tensor, prompts: list[str], real_per_prompt: int = 8) -> dict[str, float]:
+    """digits-pixart's task metrics for pictures generated from ``prompts`` (one prompt per picture):
+    ``judge_acc`` (digit as prompted, by the canvas judge), one accuracy per stated attribute
+    (``thickness``, ``slant``, ``size``, ``position``, read back by the rules that drew the training data),
+    their mean ``attr_acc``, and ``fid_digits`` against held-out real digits drawn as the prompts say."""
+    from accel.pipelines import captions
+
+    x = as_images(torch.as_tensor(images).detach().float().cpu())[:, :1]
+    if len(x) != len(prompts):
+        raise ValueError(f"caption_scores got {len(prompts)} prompts for {len(x)} pictures.")
+    stated = [captions.parse(p) for p in prompts]
+    judge = load_canvas_judge()
+    scores: dict[str, float] = {}
+    with_digit = [i for i, s in enumerate(stated) if "digit" in s]
+    if with_digit:
+        labels = torch.tensor([stated[i]["digit"] for i in with_digit])
+        scores["judge_acc"] = top1(judge, x[with_digit], labels)
+    attributes = captions.attribute_accuracy(x, prompts)
+    scores.update(attributes)
+    if attributes:
+        scores["attr_acc"] = sum(attributes.values()) / len(attributes)
+    if len(x) >= 2:  # a covariance needs two samples
+        unique = list(dict.fromkeys(prompts))
+        real = captions.real_pictures(unique, real_per_prompt * max(1, len(prompts) // len(unique)))
+        scores["fid_digits"] = fid_digits(x, real, judge)
+    return scores

@@ -36,10 +36,30 @@ class StepState:
     batch_size: int = 0
     layout: TokenLayout | None = None
     sequence: int = 0
+    first_timestep: float | None = None  # of this sequence: the noise scale the progress is read against
 
     @property
     def is_last_step(self) -> bool:
         return self.num_steps is not None and self.step_index == self.num_steps - 1
+
+    @property
+    def progress(self) -> float | None:
+        """Fraction of the schedule done at this step: ``step / num_steps`` when the count is known, else
+        the fraction of the first timestep already removed (the noise level; a uniform schedule makes
+        the two equal), else None (no count and no timesteps)."""
+        if self.num_steps:
+            return self.step_index / self.num_steps
+        if self.timestep is None or not self.first_timestep:
+            return None
+        return 1.0 - self.timestep / self.first_timestep
+
+    @property
+    def progress_by(self) -> str:
+        """What :attr:`progress` is read from, for reports."""
+        if self.num_steps:
+            return "step count"
+        return ("timestep (the step count is unknown: a loop without patch.reset(num_steps=N))"
+                if self.first_timestep else "nothing (no step count, no timesteps)")
 
 
 class StepTracker:
@@ -86,7 +106,7 @@ class StepTracker:
         same_step = (not self._stepped) if self._stepped is not None else (
             timestep is not None and timestep == prev.timestep)
         if not started:
-            state = dataclasses.replace(prev, step_index=0, timestep=timestep, branch=0)
+            state = dataclasses.replace(prev, step_index=0, timestep=timestep, branch=0, first_timestep=timestep)
         elif same_step:
             state = dataclasses.replace(prev, branch=prev.branch + 1)
         else:

@@ -66,6 +66,7 @@ class Baseline:
     grid: list[dict[str, Any]]
     attach: Callable[[Any, Settings, int], BaselineHandle] = field(repr=False)
     requirement: Callable[[], str | None] = field(default=lambda: None, repr=False)
+    cheap_to_reattach: bool = True  # False where attaching again recompiles (torch.compile'd baselines)
 
     def available(self) -> str | None:
         """``None`` when usable on this install, else why not."""
@@ -533,7 +534,8 @@ BASELINES: dict[str, Baseline] = {b.name: b for b in [
     # Compiled by default: torchao's eager int8 path is one nobody would deploy (tens of times slower than
     # the unquantized model on CPU); compile=False stays available by name.
     Baseline("torchao-int8", "torchao int8 dynamic-activation int8-weight quantization of the denoiser, "
-             "torch.compile'd", {"compile": True}, [{"compile": True}], _torchao_int8, _torchao_missing),
+             "torch.compile'd", {"compile": True}, [{"compile": True}], _torchao_int8, _torchao_missing,
+             cheap_to_reattach=False),
     Baseline("flex-window", "dense-equivalent local-window attention (fixed band of key blocks at the "
              "given density) on FlexAttention", {"density": 0.3, "block_size": 64},
              [{"density": d} for d in (0.5, 0.3, 0.2, 0.1)], _flex_window),

@@ -1,7 +1,7 @@
 """``accel-bench``: accel methods vs. the baselines users would pick, at matched quality.
 
-    accel-bench --model digits-dit --methods all
-    accel-bench --model digits-dit --methods none,delta-dit,bac,fbcache,taylorseer --sweep --min-psnr 30
+    accel-bench --model digits-pixart --methods all
+    accel-bench --model digits-pixart --methods none,delta-dit,bac,fbcache,taylorseer --sweep --min-psnr 30
     accelerate launch --multi_gpu --num_processes 2 -m accel.benchmarks --model digits-dit --methods none,bac
 
 Under ``accelerate launch`` the samples are sharded across processes and one report is gathered on
@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from accel.benchmarks import report
-from accel.benchmarks.runner import Record, baseline_latency, measure, score, select_fastest
+from accel.benchmarks.runner import Record, measure, pair_speedup, score, select_fastest
 from accel.benchmarks.spec import BenchMethod, available_names, check_method_names, parse_methods
 from accel.benchmarks.workloads import Workload, build_workload
 from accel.registry import get_method, method_names
@@ -97,15 +97,30 @@ def _device(text: str | None) -> str:
     raise ValueError(f"--device {text!r} is not available here; accepted: cpu{cuda}.")
 
 
+DEFAULT_MODEL = "digits-pixart"
+DEFAULT_STEPS = 50
+
+
+def model_steps(model_name: str) -> int:
+    """An embedded generator's reported step count (digits-pixart 20, the digit DiTs 50), else 50."""
+    from accel.pipelines import default_generation_kwargs
+
+    try:
+        return int(default_generation_kwargs(model_name).get("steps", DEFAULT_STEPS))
+    except ValueError:
+        return DEFAULT_STEPS
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="accel-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--model", action="append", help="embedded name (digits-dit, digits-video-dit, digits-vit), "
-                   "local diffusers folder, hub id, or timm name; repeatable (default: digits-dit)")
+    p.add_argument("--model", action="append", help="embedded name (digits-pixart, digits-dit, digits-video-dit, "
+                   "digits-vit), local diffusers folder, hub id, or timm name; repeatable (default: digits-pixart)")
     p.add_argument("--methods", default="all", help="comma list: none, accel methods with settings "
                    "(delta-dit:interval=3), compositions (a+b), baselines (fbcache:threshold=0.1); 'all'")
     p.add_argument("--list-methods", action="store_true", help="print what this install offers and exit")
-    p.add_argument("--steps", type=_positive, default=50)
+    p.add_argument("--steps", type=_positive, default=None,
+                   help=f"sampler steps (default: an embedded model's own, else {DEFAULT_STEPS})")
     p.add_argument("--seeds", type=_int_list, default=[0])
     p.add_argument("--labels", type=_int_list, default=list(range(10)))
     p.add_argument("--batch", type=_positive, default=None, help="samples per call (default by model kind)")
@@ -220,14 +235,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     records: list[Record] = []
     interrupted = False
     try:
-        for model_name in args.model or ["digits-dit"]:
-            workload = build_workload(model_name, args.steps, args.labels, args.seeds, 1, args.guidance_scale,
+        for model_name in args.model or [DEFAULT_MODEL]:
+            steps = args.steps or model_steps(model_name)
+            workload = build_workload(model_name, steps, args.labels, args.seeds, 1, args.guidance_scale,
                                       prompts=args.prompts, sizes=sizes, dtype=dtype, device=device)
             workload.batch = args.batch or DEFAULT_BATCH[workload.kind]
             workload.lpips_weights, workload.clip_model = args.lpips_weights, args.clip
             methods = parse_methods(args.methods, applicable_methods(workload))
             if args.sweep:
-                methods = expand_sweep(methods, args.steps, _block_count(workload))
+                methods = expand_sweep(methods, steps, _block_count(workload))
             records.extend(_run_model(workload, methods, args, state, gather_object, out, env, records))
     except KeyboardInterrupt:
         interrupted = True
@@ -251,14 +267,15 @@ def _run_model(workload, methods, args, state, gather_object, out, env, done) ->
     bar = tqdm(methods, desc=workload.name, disable=not state.is_main_process)
     for method in bar:
         bar.set_postfix_str(method.label[:40])
-        base = baseline_latency(workload, args.repeats) if records and method.kind != "none" else None
         record, outputs = measure(workload, method, args.warmup, args.repeats, shard)
-        gathered = gather_object([(mine, outputs, (record.latency_s, base))])
+        gathered = gather_object([(mine, outputs, record.pairs)])
         outputs = _reassemble(gathered, len(batches))
-        latencies = [lat for _, _, (lat, _) in gathered if lat is not None]
-        if latencies:
-            record.latency_s = statistics.median(latencies)
-        bases = [b for _, _, (_, b) in gathered if b is not None]
+        pairs = [pair for _, _, mine_pairs in gathered for pair in mine_pairs]
+        if pairs:  # every process's pairs: the ratios are per pair, so processes need not agree in speed
+            record.pairs = pairs
+            record.latency_s = statistics.median(t for _, t in pairs)
+            record.baseline_latency_s = statistics.median(b for b, _ in pairs)
+            record.speedup, record.speedup_spread = pair_speedup(pairs)
         if method.kind == "none":
             reference = outputs
         for reason in score(record, workload, outputs, reference):
@@ -267,10 +284,6 @@ def _run_model(workload, methods, args, state, gather_object, out, env, done) ->
                 skipped.append(reason)
                 if state.is_main_process:
                     print(f"accel-bench: {reason}", file=sys.stderr)
-        record.baseline_latency_s = statistics.median(bases) if bases else (
-            records[0].latency_s if records else record.latency_s)
-        if record.baseline_latency_s and record.latency_s:
-            record.speedup = record.baseline_latency_s / record.latency_s
         records.append(record)
         if outputs is not None and (method.kind == "none" or not args.sweep):
             rows[method.label] = outputs

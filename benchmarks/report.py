@@ -16,9 +16,10 @@ COLUMNS = (
     ("model", "model", "{}"), ("method", "method", "{}"), ("settings", "settings", "{}"),
     ("steps", "steps", "{}"), ("batch", "batch", "{}"), ("latency_s", "latency s", "{:.3f}"),
     ("latency_spread_s", "spread s", "{:.3f}"), ("baseline_latency_s", "none s", "{:.3f}"),
-    ("speedup", "speedup", "{:.2f}x"), ("psnr", "PSNR", "{:.2f}"),
+    ("speedup", "speedup", "{:.2f}x"), ("speedup_spread", "± pairs", "{:.2f}"), ("psnr", "PSNR", "{:.2f}"),
     ("ssim", "SSIM", "{:.4f}"), ("lpips", "LPIPS", "{:.4f}"), ("clip_score", "CLIP", "{:.2f}"),
-    ("judge_acc", "judge", "{:.3f}"), ("top1", "top1", "{:.3f}"),
+    ("judge_acc", "judge", "{:.3f}"), ("attr_acc", "attributes", "{:.3f}"), ("fid_digits", "FID-digits", "{:.1f}"),
+    ("top1", "top1", "{:.3f}"),
     ("compute_fraction", "compute", "{:.3f}"), ("peak_mem_mb", "peak MB", "{:.0f}"),
     ("params_bytes", "params MB", "{}"),
 )

@@ -1,8 +1,9 @@
 """Measure one (model, method) pair: quality against the baseline, then timed repeats.
 
 Speed is a ratio to ``none`` measured in the same run (the machine is noisy); quality is PSNR/SSIM
-against the baseline output of the same seeds plus the task metric. Timed calls come after warm-up
-and report the median and spread of ``repeats`` calls of one batch.
+against the baseline output of the same seeds plus the task metric. Timed calls come after warm-up and
+alternate with unaccelerated calls of the same batch (A B A B ...): the speedup is the median of the
+per-pair ratios, so a neighbour's load that comes and goes hits both sides of a pair alike.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from typing import Any
 import torch
 from accel.benchmarks.spec import BenchMethod
 from accel.benchmarks.workloads import Workload
-from accel.timing import median_time
 
 import accel
 
 RECORD_FIELDS = (
-    "model", "method", "settings", "steps", "batch", "latency_s", "latency_spread_s", "speedup", "psnr", "ssim",
-    "judge_acc", "top1", "compute_fraction", "peak_mem_mb", "params_bytes",
+    "model", "method", "settings", "steps", "batch", "latency_s", "latency_spread_s", "speedup", "speedup_spread",
+    "psnr", "ssim",
+    "judge_acc", "attr_acc", "fid_digits", "top1", "compute_fraction", "peak_mem_mb", "params_bytes",
 )
 
 
@@ -40,17 +41,21 @@ class Record:
     latency_s: float | None = None
     latency_spread_s: float | None = None
     speedup: float | None = None
+    speedup_spread: float | None = None  # max - min of the per-pair ratios
     psnr: float | None = None
     ssim: float | None = None
     lpips: float | None = None
     clip_score: float | None = None
     judge_acc: float | None = None
+    attr_acc: float | None = None  # digits-pixart: mean accuracy of the attributes its prompts state
+    fid_digits: float | None = None  # digits-pixart: FID on the canvas judge's features vs real digits
     top1: float | None = None
     compute_fraction: float | None = None
     peak_mem_mb: float | None = None
     params_bytes: int | None = None
     repeats: int = 0
-    baseline_latency_s: float | None = None  # ``none`` timed right before this method: its speedup's base
+    baseline_latency_s: float | None = None  # median of the ``none`` calls paired with this method's
+    pairs: list[tuple[float, float]] = field(default_factory=list)  # (none s, method s) per timed pair
     label: str = ""
     selected: bool = True
     error: str | None = None
@@ -68,6 +73,9 @@ class Applied:
     report: Callable[[], dict[str, Any]]
     before_call: Callable[[], None] = lambda: None
     after_call: Callable[[], None] = lambda: None
+    #: Attaches the same method again without repeating its offline steps (calibration, quantization),
+    #: so timed calls can alternate with unaccelerated ones; None when that is not cheap (recompiling).
+    reattach: Callable[[], Applied] | None = None
 
 
 def apply_method(method: BenchMethod, workload: Workload, calibration: Callable[[Any], None] | None) -> Applied:
@@ -77,11 +85,21 @@ def apply_method(method: BenchMethod, workload: Workload, calibration: Callable[
     if method.kind == "baseline":
         from accel.benchmarks.baselines import BASELINES
 
-        handle = BASELINES[method.baseline].apply(workload.target, dict(method.settings), workload.steps)
-        return Applied(handle.remove, handle.report, handle.before_call, handle.after_call)
+        baseline = BASELINES[method.baseline]
+
+        def attach_baseline() -> Applied:
+            handle = baseline.apply(workload.target, dict(method.settings), workload.steps)
+            return Applied(handle.remove, handle.report, handle.before_call, handle.after_call,
+                           attach_baseline if baseline.cheap_to_reattach else None)
+
+        return attach_baseline()
     configs = [prepare_config(config, workload) for config in method.configs]
-    patch = accel.patch(workload.target, *configs)
-    return Applied(patch.remove, lambda: _compute_fraction(patch))
+
+    def attach() -> Applied:
+        patch = accel.patch(workload.target, *configs)
+        return Applied(patch.remove, lambda: _compute_fraction(patch), reattach=attach)
+
+    return attach()
 
 
 _SENSITIVITY: dict[tuple[int, Any], dict[int, list[float]]] = {}
@@ -162,13 +180,42 @@ def _call(workload: Workload, applied: Applied, batch: list[tuple[Any, int]]) ->
         applied.after_call()
 
 
-def baseline_latency(workload: Workload, repeats: int) -> float:
-    """Median latency of ``repeats`` unaccelerated calls of the first batch. Timed right before each
-    method, so a speedup compares calls made within a minute of each other: on a shared machine a
-    neighbour's load drifts over a run, and one baseline timing at its start skews every later ratio."""
-    none = Applied(remove=lambda: None, report=dict)
-    first = workload.batches()[0]
-    return median_time(lambda: _call(workload, none, first), repeats, warmup=0)[0]
+def _timed_call(workload: Workload, applied: Applied, batch: list[tuple[Any, int]]) -> float:
+    start = time.perf_counter()
+    _call(workload, applied, batch)
+    return time.perf_counter() - start
+
+
+_NONE = Applied(remove=lambda: None, report=dict)
+
+
+def timed_pairs(workload: Workload, applied: Applied, batch: list[tuple[Any, int]], repeats: int
+                ) -> tuple[Applied, list[tuple[float, float]]]:
+    """``repeats`` pairs (unaccelerated s, accelerated s) of calls of ``batch`` made back to back: the
+    method is removed for the first call of each pair and attached again for the second. After each
+    re-attach one untimed call runs, so methods that learn online (the first call records) are timed
+    as a user meets them from the second call on. Returns the attached method (a new handle) and the
+    pairs. Methods that cannot re-attach cheaply get their unaccelerated calls after all of theirs."""
+    pairs: list[tuple[float, float]] = []
+    if applied.reattach is None:
+        times = [_timed_call(workload, applied, batch) for _ in range(repeats)]
+        facts = applied.report()
+        applied.remove()
+        bases = [_timed_call(workload, _NONE, batch) for _ in range(repeats)]
+        return Applied(remove=lambda: None, report=lambda: facts), list(zip(bases, times))
+    for _ in range(repeats):
+        applied.remove()
+        base = _timed_call(workload, _NONE, batch)
+        applied = applied.reattach()
+        _call(workload, applied, batch)
+        pairs.append((base, _timed_call(workload, applied, batch)))
+    return applied, pairs
+
+
+def pair_speedup(pairs: list[tuple[float, float]]) -> tuple[float, float]:
+    """Median and spread (max - min) of the per-pair ratios unaccelerated / accelerated."""
+    ratios = [base / max(t, 1e-12) for base, t in pairs]
+    return statistics.median(ratios), max(ratios) - min(ratios)
 
 
 def measure(
@@ -195,17 +242,23 @@ def measure(
         for _ in range(warmup):
             _call(workload, applied, first)
         outputs = [_call(workload, applied, batch) for batch in shard(batches)]
-        times = []
+        record.params_bytes = params_bytes(workload.model)
         with peak_rss_mb() as peak:
-            for _ in range(repeats):
-                start = time.perf_counter()
-                _call(workload, applied, first)
-                times.append(time.perf_counter() - start)
+            if method.kind == "none":
+                times = [_timed_call(workload, applied, first) for _ in range(repeats)]
+                record.pairs = [(t, t) for t in times]
+            else:
+                if applied.reattach is None:
+                    record.notes.append("not re-attached between timed calls (re-attaching recompiles): "
+                                        "the unaccelerated calls ran after the accelerated ones")
+                applied, record.pairs = timed_pairs(workload, applied, first, repeats)
+        times = [t for _, t in record.pairs]
         record.latency_s = statistics.median(times)
         record.latency_spread_s = max(times) - min(times)
+        record.baseline_latency_s = statistics.median(b for b, _ in record.pairs)
+        record.speedup, record.speedup_spread = pair_speedup(record.pairs)
         record.repeats = repeats
         record.peak_mem_mb = round(peak[0], 1)
-        record.params_bytes = params_bytes(workload.model)
         record.compute_fraction = applied.report().get("compute_fraction")
     except Exception as exc:
         record.error = f"{type(exc).__name__}: {exc}"

@@ -14,7 +14,7 @@ class Workload:
 
     ``samples`` are (condition, seed) pairs for generators (a prompt or class label each) and (label, index)
     pairs for classifiers. ``extra`` holds the rest of each call (negative prompt, height/width, frames).
-    ``judged``: the digit judge scores the outputs (the embedded digit generators only).
+    ``task``: the embedded generators' task metric (``accel.pipelines.tasks``), None for other models.
     """
 
     name: str
@@ -25,7 +25,7 @@ class Workload:
     batch: int
     guidance_scale: float | None = None
     extra: dict[str, Any] | None = None
-    judged: bool = False
+    task: str | None = None
     lpips_weights: str | None = None  # AlexNet checkpoint for LPIPS (else torch's hub cache, else skipped)
     clip_model: str | None = None  # local CLIP folder for the CLIP score of prompt pipelines
 
@@ -89,9 +89,10 @@ class Workload:
             frames = outputs.shape[1] if outputs.dim() == 5 else 1  # a video's frames share its prompt
             prompts = [c for c in conditions for _ in range(frames)]
             scores["clip_score"] = metrics.clip_score(outputs, prompts, self.clip_model)
-        if self.judged:
-            labels = torch.tensor([label for label, _ in self.samples])
-            scores["judge_acc"] = float(metrics.judge_accuracy(outputs, labels))
+        if self.task:
+            from accel.pipelines.tasks import task_scores
+
+            scores.update(task_scores(self.task, outputs, conditions))
         return scores
 
 
@@ -113,8 +114,9 @@ def build_workload(
     Text-conditioned pipelines run ``prompts`` (the built-in set when ``None``), class-conditional ones
     ``labels``; ``sizes`` (negative_prompt, height, width, num_frames) override the embedded defaults.
     """
-    from accel.pipelines import DigitsDiTPipeline, DigitsVideoPipeline, load
-    from accel.pipelines.generation import DEFAULT_PROMPTS, call_signature
+    from accel.pipelines import load
+    from accel.pipelines.generation import DEFAULT_PROMPTS, call_signature, folder_prompts
+    from accel.pipelines.tasks import task_kind
 
     target = load(model_name, device=device or "cpu", dtype=dtype)
     if isinstance(target, torch.nn.Module) and not hasattr(target, "transformer"):
@@ -126,7 +128,7 @@ def build_workload(
                         extra={"images": images.to(device=device or "cpu", dtype=dtype or torch.float32)})
     sig = call_signature(target)
     if sig.is_text:
-        conditions: list[Any] = list(prompts) if prompts else list(DEFAULT_PROMPTS)
+        conditions: list[Any] = list(prompts or folder_prompts(target) or DEFAULT_PROMPTS)
     elif prompts:
         raise ValueError(f"{model_name!r} ({sig.pipeline}) is class-conditional: it takes --labels, "
                          "not --prompts.")
@@ -135,9 +137,8 @@ def build_workload(
     kind = "video" if sig.is_video else "image"
     samples = [(condition, seed) for seed in seeds for condition in conditions]
     extra = {**_size_kwargs(model_name), **{k: v for k, v in (sizes or {}).items() if v is not None}}
-    judged = isinstance(target, (DigitsDiTPipeline, DigitsVideoPipeline))
     return Workload(model_name, target, kind, steps, samples, batch, guidance_scale, extra=extra or None,
-                    judged=judged)
+                    task=task_kind(target))
 
 
 def _size_kwargs(model_name: str) -> dict[str, Any]:

@@ -24,17 +24,28 @@ import time
 from typing import Any
 
 import gradio as gr
-
 from accel.demos import render
 from accel.demos.compare import (
-    MAX_REPEATS, MAX_SAMPLES, MAX_STEPS, CompareRequest, CompareResult, DemoError, ModelCache, build_recipe,
-    compare, generator_names, is_text_model, method_choices,
+    MAX_REPEATS,
+    MAX_SAMPLES,
+    MAX_STEPS,
+    CompareRequest,
+    CompareResult,
+    DemoError,
+    ModelCache,
+    build_recipe,
+    compare,
+    first_prompt,
+    generator_names,
+    is_text_model,
+    method_choices,
 )
+
 from accel.errors import AccelError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "digits-dit"
+DEFAULT_MODEL = "digits-pixart"
 DEFAULT_METHOD = "delta-dit"
 #: Errors whose message is written for the user: shown as is, without a traceback.
 USER_ERRORS = (DemoError, AccelError, ValueError, TypeError, FileNotFoundError, ConnectionError)
@@ -131,6 +142,8 @@ def build_app(cache: ModelCache | None = None) -> gr.Blocks:
     cache = cache or ModelCache()
     models = generator_names()
     methods = method_choices()
+    start_model = DEFAULT_MODEL if DEFAULT_MODEL in models else None
+    start_text = bool(start_model) and is_text_model(start_model)
 
     def on_compare(model, method, settings, steps, seed, label, samples, guidance_scale, repeats, history,
                    prompt, negative_prompt, height, width, num_frames,
@@ -147,24 +160,25 @@ def build_app(cache: ModelCache | None = None) -> gr.Blocks:
         history = gr.State([])
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
-                model = gr.Dropdown(models, value=DEFAULT_MODEL if DEFAULT_MODEL in models else None, label="Model",
+                model = gr.Dropdown(models, value=start_model, label="Model",
                                     allow_custom_value=True, info="An embedded generator, or a local diffusers folder.")
                 method = gr.Dropdown(methods, value=DEFAULT_METHOD if DEFAULT_METHOD in methods else methods[0],
                                      label="Method", info="'none' compares the baseline with itself.")
-                prompt = gr.Textbox(value="", label="Prompt", placeholder="a red fox sitting in fresh snow",
-                                    visible=False, info="Text-to-image/video pipelines.", elem_id="prompt")
+                prompt = gr.Textbox(value=first_prompt(start_model) if start_text else "", label="Prompt",
+                                    placeholder="a thick handwritten 7, slanted right, small, top left",
+                                    visible=start_text, info="Text-to-image/video pipelines.", elem_id="prompt")
                 settings = gr.Textbox(label="Settings", placeholder="interval=3   or a recipe: delta-dit:interval=3+bac",
                                       info="key=value pairs for the method, or a whole recipe.", elem_id="settings")
                 steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="steps")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
-                    label = gr.Slider(0, 9, value=3, step=1, label="Digit label")
+                    label = gr.Slider(0, 9, value=3, step=1, label="Digit label", visible=not start_text)
                 with gr.Accordion("More settings", open=False):
                     samples = gr.Slider(1, MAX_SAMPLES, value=4, step=1, label="Samples (seeds seed, seed+1, ...)",
                                         elem_id="samples")
                     guidance_scale = gr.Slider(0, 15, value=4.0, step=0.5, label="Guidance scale")
                     repeats = gr.Slider(1, MAX_REPEATS, value=1, step=1, label="Timed repeats (median)")
-                    negative_prompt = gr.Textbox(value="", label="Negative prompt", visible=False,
+                    negative_prompt = gr.Textbox(value="", label="Negative prompt", visible=start_text,
                                                  elem_id="negative-prompt")
                     with gr.Row():
                         height = gr.Number(value=0, precision=0, minimum=0, label="Height (0: model default)")
@@ -195,11 +209,12 @@ def build_app(cache: ModelCache | None = None) -> gr.Blocks:
         with gr.Accordion("Methods and recipe syntax", open=False):
             gr.Markdown(methods_markdown())
 
-        def on_model(name: str) -> tuple[Any, Any, Any]:
+        def on_model(name: str, current: str) -> tuple[Any, Any, Any]:
             text = is_text_model(name)
-            return gr.update(visible=text), gr.update(visible=text), gr.update(visible=not text)
+            value = (current or first_prompt(name)) if text else current
+            return gr.update(visible=text, value=value), gr.update(visible=text), gr.update(visible=not text)
 
-        model.change(on_model, inputs=[model], outputs=[prompt, negative_prompt, label], api_name=False)
+        model.change(on_model, inputs=[model, prompt], outputs=[prompt, negative_prompt, label], api_name=False)
         run.click(on_compare, inputs=[model, method, settings, steps, seed, label, samples, guidance_scale, repeats,
                                       history, prompt, negative_prompt, height, width, num_frames],
                   outputs=[baseline, accelerated, strip, numbers, status, details, table, pareto, history],

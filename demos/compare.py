@@ -66,10 +66,11 @@ def is_text_model(name: str) -> bool:
     import inspect
     import json
 
-    from accel.pipelines import EMBEDDED
+    from accel.pipelines import EMBEDDED, WEIGHTS_DIR
 
-    index = Path(name or "").expanduser() / "model_index.json"
-    if name in EMBEDDED or not index.is_file():
+    folder = WEIGHTS_DIR / name if name in EMBEDDED else Path(name or "").expanduser()
+    index = folder / "model_index.json"
+    if not index.is_file():
         return False
     try:
         import diffusers
@@ -78,6 +79,16 @@ def is_text_model(name: str) -> bool:
         return cls is not None and "prompt" in inspect.signature(cls.__call__).parameters
     except (ValueError, TypeError, AttributeError):  # a broken index is reported when the model loads
         return False
+
+
+def first_prompt(name: str) -> str:
+    """The first line of an embedded model's or a folder's ``prompts.txt`` (the prompt box's start), or ""."""
+    from accel.pipelines import EMBEDDED, WEIGHTS_DIR
+
+    folder = WEIGHTS_DIR / name if name in EMBEDDED else Path(name or "").expanduser()
+    path = folder / "prompts.txt"
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return lines[0] if lines else ""
 
 
 def method_choices() -> list[str]:
@@ -124,7 +135,7 @@ class CachedModel:
     kind: str  # "image" | "video"
     extra: dict[str, Any]
     text: bool = False  # conditioned on prompts (else on class labels)
-    judged: bool = False  # the digit judge scores its outputs
+    task: str | None = None  # the embedded generators' task metric (accel.pipelines.tasks)
     lock: threading.Lock = field(default_factory=threading.Lock)
     warm: bool = False
 
@@ -149,7 +160,8 @@ class ModelCache:
 
     def _load(self, name: str) -> CachedModel:
         from accel.calls import UnsupportedPipelineError, call_signature
-        from accel.pipelines import DigitsDiTPipeline, DigitsVideoPipeline, default_generation_kwargs, load
+        from accel.pipelines import DigitsVideoPipeline, default_generation_kwargs, load
+        from accel.pipelines.tasks import task_kind
 
         try:
             pipe = (self._loader or load)(name)
@@ -165,8 +177,7 @@ class ModelCache:
             extra.pop(key, None)
         logger.info("accel-demo: loaded %s (%s)", name, type(pipe).__name__)
         return CachedModel(name=name, pipe=pipe, kind="video" if sig.is_video else "image", extra=extra,
-                           text=sig.is_text,
-                           judged=isinstance(pipe, (DigitsDiTPipeline, DigitsVideoPipeline)))
+                           text=sig.is_text, task=task_kind(pipe))
 
 
 @dataclass(frozen=True)
@@ -324,15 +335,16 @@ def _timed_calls(workload: Workload, applied: Applied, repeats: int) -> tuple[to
     return output, statistics.median(times)
 
 
-def _judge(outputs: torch.Tensor, labels: list[int] | None, notes: list[str]) -> float | None:
-    """Judge accuracy (digit models only: ``labels`` is ``None`` otherwise), or ``None`` with a note
-    when the judge model is not available."""
-    from accel import metrics
+def _judge(outputs: torch.Tensor, task: str | None, conditions: list[Any], notes: list[str]) -> float | None:
+    """Judge accuracy (embedded digit models only: ``task`` is ``None`` otherwise), or ``None`` with a
+    note when the judge model is not available."""
+    from accel.pipelines.tasks import task_scores
 
-    if labels is None:
+    if task is None:
         return None
     try:
-        return round(float(metrics.judge_accuracy(outputs, labels)), 4)
+        value = task_scores(task, outputs, conditions).get("judge_acc")
+        return None if value is None else round(float(value), 4)
     except (OSError, ValueError) as exc:
         note = f"judge accuracy unavailable: {exc}"
         if note not in notes:
@@ -367,7 +379,7 @@ def compare(request: CompareRequest, cache: ModelCache, progress: ProgressFn | N
     if model.text and request.negative_prompt.strip():
         extra["negative_prompt"] = request.negative_prompt.strip()
     workload = Workload(model.name, model.pipe, model.kind, int(request.steps), samples, len(samples),
-                        float(request.guidance_scale), extra=extra or None, judged=model.judged)
+                        float(request.guidance_scale), extra=extra or None, task=model.task)
     tracker = _CallProgress(report_progress, 2 * request.repeats + (0 if model.warm else 1))
     none = Applied(remove=lambda: None, report=dict)
 
@@ -393,11 +405,12 @@ def compare(request: CompareRequest, cache: ModelCache, progress: ProgressFn | N
             applied.remove()
     report_progress(0.97, "Scoring")
     notes: list[str] = []
-    labels = [label for label, _ in samples] if model.judged else None
+    conditions = [condition for condition, _ in samples]
     return CompareResult(
         request=request, method=method.family, settings=method.settings_text(), kind=model.kind,
         baseline=baseline, accelerated=fast, baseline_latency_s=base_s, accelerated_latency_s=fast_s,
         psnr=float(metrics.psnr(baseline, fast)), ssim=float(metrics.ssim(baseline, fast)),
-        judge_baseline=_judge(baseline, labels, notes), judge_accelerated=_judge(fast, labels, notes),
+        judge_baseline=_judge(baseline, model.task, conditions, notes),
+        judge_accelerated=_judge(fast, model.task, conditions, notes),
         report=report, notes=notes,
     )

@@ -1,12 +1,15 @@
 """accel.pipelines: loading models and the embedded models that ship with accel.
 
     from accel.pipelines import load, generate, default_generation_kwargs
-    pipe = load("digits-dit")                        # no network needed
-    images = generate(pipe, [3, 7], seeds=[0, 1], **default_generation_kwargs("digits-dit"))  # (2, 1, 16, 16)
+    pipe = load("digits-pixart")                     # no network needed; a plain diffusers PixArtAlphaPipeline
+    images = generate(pipe, ["a thick handwritten 7, slanted right"], seeds=[0], steps=20)  # (1, 1, 32, 32)
 
-Embedded: ``digits-dit`` (DiTTransformer2DModel, 16x16 digits), ``digits-video-dit`` (WanTransformer3DModel,
-bouncing digits, 16 frames x 32x32 = 4,096 tokens), ``digits-vit`` (timm ViT classifier) and
-``digits-judge`` (CNN that scores generated digits). Training scripts live in ``accel.pipelines.train``.
+Embedded: ``digits-pixart`` (diffusers' PixArt-α pipeline: AutoencoderKL, T5 encoder, PixArt transformer;
+captioned 32x32 digits, the default), ``digits-dit`` (DiTTransformer2DModel, 16x16 digits),
+``digits-video-dit`` (WanTransformer3DModel, bouncing digits, 16 frames x 32x32 = 4,096 tokens),
+``digits-vit`` (timm ViT classifier), ``digits-judge`` (CNN that scores digit-DiT samples) and
+``digits-pixart-judge`` (the same CNN on digits-pixart's canvases). Training scripts live in
+``accel.pipelines.train``.
 """
 
 from __future__ import annotations

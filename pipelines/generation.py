@@ -26,11 +26,14 @@ from accel.calls import (  # noqa: F401 - re-exported: the driver's public names
     UnsupportedPipelineError,
     build_call,
     call_signature,
+    folder_prompts,
 )
 
-#: Defaults per embedded generator: 50 steps and guidance 4 as in the reported targets; the video runs at
-#: 16 frames x 32x32 px = 4,096 tokens so that sparse attention has work to do.
+#: Defaults per embedded generator, as in the reported targets: digits-pixart 20 steps (PixArt's usual count)
+#: at PixArt's default guidance, the digit DiTs 50 steps at guidance 4; the video runs at 16 frames x 32x32
+#: px = 4,096 tokens so that sparse attention has work to do.
 _DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits-pixart": {"steps": 20, "guidance_scale": 4.5},
     "digits-dit": {"steps": 50, "guidance_scale": 4.0},
     "digits-video-dit": {"steps": 50, "guidance_scale": 4.0, "num_frames": 16, "height": 32, "width": 32},
 }

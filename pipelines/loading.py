@@ -24,7 +24,7 @@ from accel.pipelines.digits_video import DigitsVideoPipeline
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 #: Names of the models that ship with accel (``load(name)`` needs no network).
-EMBEDDED = ("digits-dit", "digits-video-dit", "digits-vit", "digits-judge")
+EMBEDDED = ("digits-pixart", "digits-dit", "digits-video-dit", "digits-vit", "digits-judge", "digits-pixart-judge")
 #: Our pipeline classes by the ``_class_name`` that ``save_pretrained`` writes into model_index.json.
 OWN_PIPELINES = {cls.__name__: cls for cls in (DigitsDiTPipeline, DigitsVideoPipeline)}
 ACCEPTED = (f"an embedded name ({', '.join(EMBEDDED)}), a local diffusers folder with model_index.json, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -72,6 +73,33 @@ def test_sweep_picks_fastest_meeting_floor():
     assert any("no setting reached PSNR >= 30.0" in note for r in records for note in r.notes)
 
 
+def test_timed_calls_alternate_with_unaccelerated_ones():
+    """A B A B: the method comes off for each baseline call and back on (one untimed call to record)
+    for each timed call; a method that cannot re-attach is timed first, then the baseline."""
+    from accel.benchmarks.runner import Applied, timed_pairs
+
+    log: list[str] = []
+    state = {"on": True}
+
+    class FakeWorkload:
+        def run_batch(self, batch):
+            log.append("method" if state["on"] else "none")
+
+    def attach() -> Applied:
+        state["on"] = True
+        return Applied(remove=lambda: state.update(on=False), report=lambda: {"compute_fraction": 0.5},
+                       reattach=attach)
+
+    applied, pairs = timed_pairs(FakeWorkload(), attach(), [(0, 0)], repeats=3)
+    assert log == ["none", "method", "method"] * 3 and len(pairs) == 3
+    assert state["on"] and applied.report() == {"compute_fraction": 0.5}
+    log.clear()
+    fixed = Applied(remove=lambda: state.update(on=False), report=lambda: {"bits": 8})
+    applied, pairs = timed_pairs(FakeWorkload(), fixed, [(0, 0)], repeats=2)
+    assert log == ["method", "method", "none", "none"] and not state["on"]
+    assert applied.report() == {"bits": 8}
+
+
 def test_end_to_end_writes_every_field(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["--model", str(tiny_model_dir), "--methods", "none,delta-dit,bac:updates=2", "--steps", "4",
@@ -86,10 +114,13 @@ def test_end_to_end_writes_every_field(tiny_model_dir, tmp_path, capsys):
         assert r["latency_s"] > 0 and r["speedup"] > 0 and r["params_bytes"] > 0
         assert 0.0 <= r["judge_acc"] <= 1.0
     assert records[0]["psnr"] is None and records[0]["speedup"] == 1.0
-    # Each method's speedup is against the baseline timed right before it, not the run's first timing.
+    # Each method's speedup is the median ratio of its own pairs of back-to-back calls (none, method).
     for r in records[1:]:
-        assert r["baseline_latency_s"] > 0 and r["baseline_latency_s"] != records[0]["latency_s"]
-        assert r["speedup"] == pytest.approx(r["baseline_latency_s"] / r["latency_s"])
+        assert len(r["pairs"]) == 2 and r["baseline_latency_s"] > 0
+        ratios = [base / t for base, t in r["pairs"]]
+        assert r["speedup"] == pytest.approx(statistics.median(ratios))
+        assert r["speedup_spread"] == pytest.approx(max(ratios) - min(ratios))
+        assert r["baseline_latency_s"] == pytest.approx(statistics.median(b for b, _ in r["pairs"]))
     assert records[1]["psnr"] > 0 and records[1]["compute_fraction"] < 1.0
     assert (out / "pareto.png").stat().st_size > 0 and (out / "results.md").exists()
     assert "delta-dit" in capsys.readouterr().out

@@ -21,7 +21,9 @@ def video() -> P.DigitsVideoPipeline:
 
 
 def test_embedded_names() -> None:
-    assert set(P.EMBEDDED) == {"digits-dit", "digits-video-dit", "digits-vit", "digits-judge"}
+    assert set(P.EMBEDDED) == {"digits-pixart", "digits-dit", "digits-video-dit", "digits-vit", "digits-judge",
+                               "digits-pixart-judge"}
+    assert all((P.WEIGHTS_DIR / name).is_dir() for name in P.EMBEDDED)
 
 
 def test_dit_pipeline_shapes_ranges_and_seeding(dit: P.DigitsDiTPipeline) -> None:

@@ -192,6 +192,33 @@ def test_driver_builds_calls_from_the_signature():
         build_call(dit, [1], [0], negative_prompt="x")
 
 
+def test_driver_avoids_what_the_pipeline_would_refuse(tmp_path):
+    """PixArt bins resolutions only for sample sizes 32-256 ("Invalid sample size" otherwise); a small
+    model is called without binning, a binned one keeps the pipeline's default. A folder's prompts.txt
+    gives the default prompts."""
+    from accel.calls import DEFAULT_PROMPTS, default_conditions, folder_prompts
+
+    pipe = build_pipeline("pixart")
+    assert build_call(pipe, ["a"], [0])["use_resolution_binning"] is False
+    images = _run_default(pipe)
+    assert images.shape == (1, 3, 8, 8) and torch.isfinite(images).all()
+    pipe.transformer.register_to_config(sample_size=64)
+    assert "use_resolution_binning" not in build_call(pipe, ["a"], [0])
+    assert build_call(pipe, ["a"], [0], use_resolution_binning=False)["use_resolution_binning"] is False
+    folder = save_pipeline("pixart", tmp_path / "pixart")
+    (folder / "prompts.txt").write_text("a thin 3\n\n  a thick 8  \n")
+    saved = accel.pipelines.load(folder)
+    assert folder_prompts(saved) == ["a thin 3", "a thick 8"]
+    assert default_conditions(saved) == ["a thin 3", "a thick 8"]
+    assert folder_prompts(pipe) is None and default_conditions(pipe, 2) == list(DEFAULT_PROMPTS[:2])
+
+
+def _run_default(pipe) -> torch.Tensor:
+    from accel.pipelines import generate
+
+    return generate(pipe, ["a red fox"], [0], 2, height=8, width=8, max_sequence_length=8)
+
+
 def test_one_sample_depends_only_on_its_seed():
     pipe = build_pipeline("flux")
     both = _run(pipe, "flux", steps=2, count=2)

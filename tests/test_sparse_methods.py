@@ -243,12 +243,30 @@ def test_vmoba_dense_warmup_fraction():
     patch.remove()
 
 
-def test_needs_the_step_count_on_a_bare_loop():
+@pytest.mark.parametrize("config", [AdaSpaConfig(), VMoBAConfig(chunk_tokens=32, warmup=0.2)],
+                         ids=["adaspa", "vmoba"])
+def test_bare_loop_places_warmup_and_searches_by_timestep(config):
+    """A hand-written loop that never calls patch.reset(num_steps=N): the dense warm-up and AdaSpa's
+    searches are placed by noise level, which on this 5-step schedule (progress 0, .22, .44, .67, .89)
+    picks the same steps as the count (warm-up step 0, searches at steps 1 and 3)."""
     family = FAMILIES["wan"]
     model = family.build()
-    with accel.patch(model, AdaSpaConfig()), pytest.raises(
-            RuntimeError, match=r"needs the step count.*patch.reset\(num_steps=N\)"):
-        run(model, family)
+    name = "adaspa" if isinstance(config, AdaSpaConfig) else "vmoba"
+    with accel.patch(model, config) as p:
+        p.reset(num_steps=5)
+        by_count = run_loop(model, family, steps=5, size=16, frames=3)
+        counted = p.report().methods[name]
+    with accel.patch(model, config) as p:
+        by_timestep = run_loop(model, family, steps=5, size=16, frames=3)
+        facts = p.report().methods[name]
+        steps = {r.step: r.backend for r in p._attached[0].handle.records()}
+    assert counted["steps_by"] == "step count"
+    assert facts["steps_by"].startswith("timestep (the step count is unknown")
+    assert steps[0] == "dense (warm-up)" and not steps[4].startswith("dense")
+    if name == "adaspa":
+        assert facts["searches"] == counted["searches"] and sum(facts["searches"].values()) > 0
+        assert facts["density"] < 1.0
+    torch.testing.assert_close(by_timestep, by_count, rtol=0, atol=0)
     assert accel_hook_names(model) == []
 
 

@@ -55,10 +55,18 @@ class AttentionCall:
     branch: int
     key_mask: torch.Tensor | None
     block_size: int
+    progress: float | None = None  # fraction of the schedule done (accel.steps.StepState.progress)
 
     @property
     def num_blocks(self) -> int:
         return math.ceil(self.q.shape[2] / self.block_size)
+
+    def before(self, fraction: float) -> bool:
+        """Whether this step comes before ``fraction`` of the schedule: by step index when the count is
+        known (``step < round(fraction * num_steps)``), else by the noise level's progress."""
+        if self.num_steps is not None:
+            return self.step < round(fraction * self.num_steps)
+        return self.progress is not None and self.progress < fraction - 1e-9
 
 
 @dataclass
@@ -113,6 +121,7 @@ class SparseAttentionRuntime:
         self._layout: TokenLayout | None = None
         self._warned: set[str] = set()
         self.layers: list[LayerInfo] = []
+        self.steps_by: str | None = None  # what placed the warm-up and searches (report)
         self._attach(ctx)
         ctx.tracker.on_reset(self.reset)
 
@@ -189,14 +198,18 @@ class SparseAttentionRuntime:
             return self._dense(args, kwargs, record, "one block")
         layout = state.layout if self.adapter.is_denoiser else self._layout
         num_steps = state.num_steps
-        if self.adapter.is_denoiser and num_steps is None:
+        if self.adapter.is_denoiser and num_steps is None and state.progress is None:
             raise RuntimeError(
-                f"{self.method} needs the step count to place its dense warm-up and searches. Run the model "
-                "through a diffusers pipeline, or call patch.reset(num_steps=N) before a hand-written loop."
+                f"{self.method} needs the step count or the timesteps to place its dense warm-up and searches: "
+                "this model's forward passes no timestep. Call patch.reset(num_steps=N) before a hand-written "
+                "loop."
             )
+        if self.adapter.is_denoiser:
+            self.steps_by = state.progress_by
         scale_value = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
         call = AttentionCall(info, query, key, value, scale_value, SequenceGeometry.from_layout(layout, S),
-                             state.step_index, num_steps, state.branch, key_mask, self.block_size)
+                             state.step_index, num_steps, state.branch, key_mask, self.block_size,
+                             state.progress)
         plan = self.select(call)
         if isinstance(plan, Computed):
             self._log(call.step, call.branch, info.name, 1.0, f"dense ({plan.reason})", query, key)
@@ -263,6 +276,7 @@ class SparseAttentionRuntime:
             **({"not_intercepted": dict(self.stats.missed)} if self.stats.missed else {}),
             "per_step": rows,
             "per_layer": per_layer,
+            **({"steps_by": self.steps_by} if self.steps_by else {}),
         }
 
     def records(self) -> list[_Record]:

@@ -174,26 +174,37 @@ class AdaSpa(SparseAttentionRuntime):
         self.cache: dict[tuple[str, int], _LayerCache] = {}
         # fused: the C++ CPU kernel's attention pass gave the scores (exact, current LSE)
         self.searches: dict[str, int] = {"two_pass": 0, "one_pass": 0, "fused": 0}
+        self.searched: dict[tuple[str, int], set[float]] = {}  # per layer: search fractions reached
         super().__init__(ctx, config.block_size, config.backend.value)
 
     def reset(self) -> None:
         super().reset()
         self.cache.clear()
+        self.searched.clear()
 
     def _search_steps(self, num_steps: int) -> tuple[int, set[int]]:
         warm = round(self.config.warmup * num_steps)
         return warm, {max(warm, round(f * num_steps)) for f in self.config.search_steps}
+
+    def _is_search_step(self, call: AttentionCall, key: tuple[str, int]) -> bool:
+        """With a step count: the steps at the search fractions. Without one (a hand-written loop), the
+        first step of this layer whose noise-level progress reaches each search fraction."""
+        if call.num_steps is not None:
+            return call.step in self._search_steps(call.num_steps)[1]
+        done = self.searched.setdefault(key, set())
+        due = {f for f in self.config.search_steps if not call.before(max(f, self.config.warmup))} - done
+        done.update(due)
+        return bool(due)
 
     def select(self, call: AttentionCall) -> Plan | Computed | str | None:
         key = (call.layer.name, call.branch)
         cached = self.cache.get(key)
         if not self.adapter.is_denoiser:  # one forward per input: search and apply at once
             return Plan(self._search(call, None))
-        warm, searches = self._search_steps(call.num_steps)
-        if call.step < warm:
+        if call.before(self.config.warmup):
             return "warm-up"
         shape_ok = cached is not None and cached.lse.shape == call.q.shape[:3]
-        if call.step in searches or not shape_ok:
+        if self._is_search_step(call, key) or not shape_ok:
             fused = attention_and_block_sums(call.q, call.k, call.v, call.block_size, call.scale, call.key_mask,
                                              self.backend)
             if fused is not None:  # the search step's dense attention and its scores in one pass

@@ -89,13 +89,11 @@ class DeltaDiT:
         self.inputs: dict[tuple[int, str], Streams] = {}
         self.deltas: dict[tuple[int, str], Streams] = {}
         self.log = RunLog(units=num_blocks)
-        self.first_timestep: float | None = None  # of this sequence: the noise scale for the fallback
 
     def reset(self) -> None:
         self.inputs.clear()
         self.deltas.clear()
         self.log.reset()
-        self.first_timestep = None
 
     def is_full_step(self, step: int) -> bool:
         return step < self.config.warmup_steps or step % self.config.interval == 0
@@ -107,19 +105,17 @@ class DeltaDiT:
         state = self.tracker.state
         if state.num_steps is not None:
             return self.rear if step < round(self.config.boundary * state.num_steps) else self.front
-        if state.timestep is None or not self.first_timestep:
+        progress = state.progress
+        if progress is None:
             raise RuntimeError(
                 "delta-dit needs the step count or the timesteps to place its boundary: this model's forward "
                 "passes no timestep. Call patch.reset(num_steps=N) before a hand-written denoising loop."
             )
-        progress = 1.0 - state.timestep / self.first_timestep
         return self.rear if progress < self.config.boundary - 1e-9 else self.front
 
     def decide(self, index: int, io: Any, name: str, args: tuple, kwargs: dict) -> Any:
         state = self.tracker.state
         step, branch = state.step_index, state.branch
-        if step == 0 and self.first_timestep is None:
-            self.first_timestep = state.timestep
         if not self.is_full_step(step):
             rng = self.active_range(step)
             delta = self.deltas.get((branch, rng.name))
@@ -148,8 +144,7 @@ class DeltaDiT:
     def report(self) -> dict[str, Any]:
         return {
             "ranges": {"front": [self.front.start, self.front.stop - 1], "rear": [self.rear.start, self.rear.stop - 1]},
-            "boundary_by": "step count" if self.tracker.state.num_steps is not None else
-            "timestep (the step count is unknown: a loop without patch.reset(num_steps=N))",
+            "boundary_by": self.tracker.state.progress_by,
             **self.log.report(),
         }
 

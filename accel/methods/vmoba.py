@@ -174,7 +174,7 @@ class VMoBA(SparseAttentionRuntime):
         return self._partitions[key]
 
     def select(self, call: AttentionCall) -> Plan | str | None:
-        if self.adapter.is_denoiser and call.step < round(self.config.warmup * call.num_steps):
+        if self.adapter.is_denoiser and call.before(self.config.warmup):
             return "warm-up"
         mode = PARTITIONS[call.layer.index % 3]
         geometry = call.geometry
