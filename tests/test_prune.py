@@ -151,7 +151,8 @@ def test_artifact_round_trip_and_patch_equals_the_smaller_model(tmp_path) -> Non
     assert loaded.removed == result.removed == [3] and loaded.source == result.artifact.source
     assert all(torch.equal(loaded.weights[k], v) for k, v in result.artifact.weights.items())
     meta = json.loads((tmp_path / "art" / "hierarchical_prune.json").read_text())
-    assert meta["removed_names"] == ["transformer_blocks.3"]
+    assert meta["_type"] == "accel.hierarchical-prune" and meta["_version"] == 1
+    assert meta["_data"]["removed_names"] == ["transformer_blocks.3"]
     x = torch.randn(2, 1, 8, 8)
     kwargs = dict(timestep=torch.tensor([100, 700]), class_labels=torch.tensor([0, 9]))
     with accel.patch(model, Config(artifact=str(tmp_path / "art"))), torch.no_grad():

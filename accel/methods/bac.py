@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from accel.artifacts import architecture_fingerprint
 from accel.config import MethodConfig, check_choice, check_float, check_int
 from accel.errors import ArtifactMismatchError, UnsupportedModelError
 from accel.hooks import SkipHook
@@ -43,7 +44,6 @@ from accel.methods.bac_schedule import (
     BACSchedule,
     Metric,
     bubbling_union,
-    model_fingerprint,
     noise_weights,
     reuse_error,
     schedule_updates,
@@ -415,7 +415,7 @@ def _units(adapter: Any, granularity: Granularity) -> list[_Branch]:
 @register_method(BACConfig, name="bac", stage=Stage.CACHE, needs_denoiser=True,
                  summary="BAC: per-branch update schedules from a similarity DP, with the Bubbling Union")
 def _apply(ctx: Any, config: BACConfig) -> BAC:
-    fingerprint = model_fingerprint(ctx.model)
+    fingerprint = architecture_fingerprint(ctx.model)
     if config.schedule is not None:
         schedule = BACSchedule.load(config.schedule)
         schedule.check_model(ctx.model)

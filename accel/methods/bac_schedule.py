@@ -7,8 +7,6 @@ functions over numpy arrays, so each can be checked against brute force on small
 from __future__ import annotations
 
 import enum
-import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from accel.artifacts import read_json
+from accel.artifacts import architecture_fingerprint, read_artifact, write_artifact
 from accel.errors import ArtifactMismatchError
 
 SCHEDULE_FORMAT = "accel.bac.schedule"
@@ -119,16 +117,6 @@ def bubbling_union(
     return result
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """Identify a model by class, config and parameter shapes (not values: a schedule depends on the
-    architecture's behaviour, but refusing a re-saved identical checkpoint would only annoy)."""
-    config = getattr(model, "config", None)
-    config_items = sorted((k, repr(v)) for k, v in dict(config).items() if not k.startswith("_")) if config else []
-    shapes = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
-    payload = repr((type(model).__name__, config_items, shapes)).encode()
-    return f"{type(model).__name__}:{hashlib.sha256(payload).hexdigest()[:16]}"
-
-
 @dataclass
 class BACSchedule:
     """Per-branch update steps for each calibrated step count, tied to one model."""
@@ -146,7 +134,7 @@ class BACSchedule:
         return self.steps.get(num_steps)
 
     def check_model(self, model: torch.nn.Module) -> None:
-        found = model_fingerprint(model)
+        found = architecture_fingerprint(model)
         if found != self.model:
             raise ArtifactMismatchError(
                 f"This BAC schedule belongs to model {self.model}, not {found}. Calibrate this model: "
@@ -154,8 +142,9 @@ class BACSchedule:
             )
 
     def to_json(self) -> dict[str, Any]:
+        """The payload of the schedule's envelope (``accel.artifacts``)."""
         return {
-            "format": SCHEDULE_FORMAT, "version": SCHEDULE_VERSION, "model": self.model, "metric": self.metric,
+            "model": self.model, "metric": self.metric,
             "updates": self.updates, "bubbling": self.bubbling,
             "steps": {str(k): v for k, v in self.steps.items()},
             "volatility": {str(k): v for k, v in self.volatility.items()},
@@ -164,19 +153,15 @@ class BACSchedule:
         }
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_json(), indent=1, sort_keys=True))
-        return path
+        return write_artifact(path, SCHEDULE_FORMAT, SCHEDULE_VERSION, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> BACSchedule:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"BAC schedule {str(path)!r} does not exist; write one with BACSchedule.save().")
-        data = read_json(path, "BAC schedule",
-                         "Calibrate again with accel.methods.bac.calibrate(..., save_to=path).")
-        if data.get("format") != SCHEDULE_FORMAT:
-            raise ArtifactMismatchError(f"{path} is not a BAC schedule (format {data.get('format')!r}).")
+        data, _ = read_artifact(path, SCHEDULE_FORMAT, SCHEDULE_VERSION, "BAC schedule",
+                                "Calibrate again with accel.methods.bac.calibrate(..., save_to=path).")
         return cls(
             model=data["model"], metric=data["metric"], updates=data["updates"], bubbling=data["bubbling"],
             steps={int(k): v for k, v in data["steps"].items()},

@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
+from accel.artifacts import architecture_fingerprint, weights_digest
 from accel.config import MethodConfig, check_float, check_int
-from accel.methods.bac_schedule import model_fingerprint
-from accel.prune.artifact import PruneArtifact, weights_digest
+from accel.prune.artifact import PruneArtifact
 from accel.prune.distill import DistillResult, InputPool, distill, feature_weights, record_inputs
 from accel.prune.export import save_diffusers, save_timm, timm_kwargs_after
 from accel.prune.select import predicted_latency, protected_prefix, select_blocks
@@ -273,7 +273,7 @@ def prune(
         for name, module in heads.items():
             weights.update({f"{name}.{k}": v.clone() for k, v in module.state_dict().items()})
     artifact = PruneArtifact(
-        source=model_fingerprint(model), source_weights=weights_digest(model), blocks=[b.name for b in blocks],
+        source=architecture_fingerprint(model), source_weights=weights_digest(model), blocks=[b.name for b in blocks],
         removed=removed, settings=config.to_dict(), weights=weights,
         profile=profile.to_json() if profile is not None else None,
         distill=result_distill.to_json() if result_distill is not None else None,

@@ -16,7 +16,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -28,13 +27,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from accel.artifacts import read_json
-from accel.methods.bac_schedule import model_fingerprint
+from accel.artifacts import architecture_fingerprint, envelope, read_json, unwrap, write_artifact
 from accel.prune.distill import InputPool, model_output
 from accel.prune.structure import PrunableBlock, pinned_blocks, prunable_blocks, swap_blocks
 from accel.registry import find_adapter
 
 PROFILE_FORMAT = "accel.hierarchical-prune.profile"
+PROFILE_VERSION = 1
 #: Metrics where higher is better; a block's damage is the baseline minus the value without it.
 HIGHER_IS_BETTER = {"judge_accuracy": True, "psnr": True, "top1": True, "output_error": False}
 
@@ -112,20 +111,21 @@ class SensitivityProfile:
         return path
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": PROFILE_FORMAT, "version": 1, "model": self.model, "blocks": self.blocks,
+        """The profile in its envelope (``accel.artifacts``); prune artifacts embed it as is."""
+        return envelope(PROFILE_FORMAT, PROFILE_VERSION, self._payload())
+
+    def _payload(self) -> dict[str, Any]:
+        return {"model": self.model, "blocks": self.blocks,
                 "metrics": {k: [_json_float(v) for v in vs] for k, vs in self.metrics.items()},
                 "baseline": {k: _json_float(v) for k, v in self.baseline.items()},
                 "time_fraction": self.time_fraction, "pinned": self.pinned, "setting": self.setting}
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_json(), indent=1))
-        return path
+        return write_artifact(path, PROFILE_FORMAT, PROFILE_VERSION, self._payload())
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SensitivityProfile:
-        if data.get("format") != PROFILE_FORMAT:
-            raise ValueError(f"Not a hierarchical-prune sensitivity profile (format {data.get('format')!r}).")
+    def from_json(cls, data: dict[str, Any], where: str = "this data") -> SensitivityProfile:
+        data, _ = unwrap(data, PROFILE_FORMAT, PROFILE_VERSION, where, "sensitivity profile")
         return cls(model=data["model"], blocks=list(data["blocks"]),
                    metrics={k: [float(v) for v in vs] for k, vs in data["metrics"].items()},
                    baseline={k: float(v) for k, v in data["baseline"].items()},
@@ -139,7 +139,7 @@ class SensitivityProfile:
             raise FileNotFoundError(f"Sensitivity profile {str(path)!r} does not exist; write one with "
                                     "analyze_blocks(...).save(path).")
         return cls.from_json(read_json(path, "sensitivity profile",
-                                       "Write one with analyze_blocks(...).save(path)."))
+                                       "Write one with analyze_blocks(...).save(path)."), str(path))
 
 
 def _fmt(value: float) -> str:
@@ -298,7 +298,7 @@ def analyze_blocks(
             values = evaluate()
         for key in results:
             results[key].append(float(values[key]))
-    return SensitivityProfile(model=model_fingerprint(model), blocks=[b.name for b in blocks], metrics=results,
+    return SensitivityProfile(model=architecture_fingerprint(model), blocks=[b.name for b in blocks], metrics=results,
                               baseline={k: float(v) for k, v in baseline.items()},
                               time_fraction=timer.fractions(), pinned=sorted(pinned), setting=setting)
 

@@ -10,36 +10,39 @@ in JSON. Loading builds the same ``QuantLinear`` layers, so outputs are bit-iden
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from accel.artifacts import read_json
+from accel.artifacts import architecture_fingerprint, read_artifact, weights_digest, write_artifact
 from accel.errors import ArtifactMismatchError
 from accel.quant.qlinear import LayerSpec, QuantLinear
 
 FORMAT = "accel.quest"
-VERSION = 1
+VERSION = 2  # 2: the values digest is accel.artifacts.weights_digest (1: a QuEST-only digest)
 JSON_NAME = "quest.json"
 TENSORS_NAME = "quest.safetensors"
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """Class, config, parameter shapes *and* values (sampled): the artifact replaces the linear layers
-    but keeps every other parameter of the model, so a retrained checkpoint must be refused."""
-    from accel.methods.bac_schedule import model_fingerprint as architecture
+def model_fingerprint(model: torch.nn.Module, version: int = VERSION) -> str:
+    """Architecture *and* values: the artifact replaces the linear layers but keeps every other parameter
+    of the model, so a retrained checkpoint must be refused. Artifacts of ``version`` 1 digested the
+    values their own way; they are checked that way, so they keep loading."""
+    digest = weights_digest(model) if version >= 2 else _values_digest_v1(model)
+    return f"{architecture_fingerprint(model)}:{digest}"
 
+
+def _values_digest_v1(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, p in model.named_parameters():
         flat = p.detach().reshape(-1)
-        if flat.numel() > 65536:  # bound the cost on big models: an even sample still catches retraining
+        if flat.numel() > 65536:
             flat = flat[:: flat.numel() // 65536 + 1]
         digest.update(name.encode())
         digest.update(flat.float().cpu().numpy().tobytes())
-    return f"{architecture(model)}:{digest.hexdigest()[:16]}"
+    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -50,9 +53,10 @@ class QuantizedModel:
     config: dict[str, Any]
     layers: dict[str, QuantLinear]
     meta: dict[str, Any] = field(default_factory=dict)
+    version: int = VERSION  # of the file it was read from: says how its fingerprint was computed
 
     def check_model(self, model: torch.nn.Module) -> None:
-        found = model_fingerprint(model)
+        found = model_fingerprint(model, self.version)
         if found != self.fingerprint:
             arch_saved, arch_found = self.fingerprint.rsplit(":", 1)[0], found.rsplit(":", 1)[0]
             what = "weights" if arch_saved == arch_found else "architecture"
@@ -81,8 +85,6 @@ class QuantizedModel:
         }
         save_file(tensors, str(folder / TENSORS_NAME))
         payload = {
-            "format": FORMAT,
-            "version": VERSION,
             "model": self.fingerprint,
             "config": self.config,
             "layers": {
@@ -90,7 +92,7 @@ class QuantizedModel:
             },
             "meta": self.meta,
         }
-        (folder / JSON_NAME).write_text(json.dumps(payload, indent=1, sort_keys=True))
+        write_artifact(folder / JSON_NAME, FORMAT, self.version, payload)
         return folder
 
     @classmethod
@@ -104,11 +106,8 @@ class QuantizedModel:
                 f"No QuEST artifact at {str(folder)!r}: expected {JSON_NAME} and "
                 f"{TENSORS_NAME} there. Write one with QuantizedModel.save(path)."
             )
-        data = read_json(folder / JSON_NAME, "QuEST artifact", "Write one with QuantizedModel.save(path).")
-        if data.get("format") != FORMAT:
-            raise ArtifactMismatchError(f"{folder} is not a QuEST artifact (format {data.get('format')!r}).")
-        if data.get("version", 0) > VERSION:
-            raise ArtifactMismatchError(f"{folder} was written by a newer accel (version {data['version']}).")
+        data, version = read_artifact(folder / JSON_NAME, FORMAT, VERSION, "QuEST artifact",
+                                      "Write one with QuantizedModel.save(path).")
         by_layer: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in load_file(str(folder / TENSORS_NAME)).items():
             name, _, buffer = key.rpartition(".")
@@ -121,4 +120,4 @@ class QuantizedModel:
                 setattr(layer, key, value)
             layer.kernel = kernel
             layers[name] = layer
-        return cls(data["model"], data["config"], layers, data.get("meta", {}))
+        return cls(data["model"], data["config"], layers, data.get("meta", {}), version)
