@@ -36,9 +36,15 @@ def read_json(path: str | Path, what: str, remake: str) -> dict[str, Any]:
 # ---- one envelope for every saved file -------------------------------------------------------------------
 
 def envelope(kind: str, version: int, data: dict[str, Any]) -> dict[str, Any]:
-    """``{"_type": kind, "_version": version, "_data": data}``: how every accel file starts, so a reader
-    knows what a file is and which accel wrote it before reading any of its fields."""
-    return {"_type": kind, "_version": int(version), "_data": data}
+    """``{"_type": kind, "_version": version, "_accel": ..., "_created": ..., "_data": data}``: how every
+    accel file starts, so a reader knows what a file is, its format version, which accel wrote it and
+    when, before reading any of its fields."""
+    import datetime
+
+    from accel import __version__
+
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return {"_type": kind, "_version": int(version), "_accel": __version__, "_created": created, "_data": data}
 
 
 def write_artifact(path: str | Path, kind: str, version: int, data: dict[str, Any]) -> Path:

@@ -31,7 +31,9 @@ def _flatten(path, version: int = 1) -> dict:
 
 def test_envelope_reader_refuses_other_kinds_and_newer_versions(tmp_path):
     path = write_artifact(tmp_path / "a.json", "accel.example", 2, {"x": 1})
-    assert json.loads(path.read_text()) == {"_type": "accel.example", "_version": 2, "_data": {"x": 1}}
+    written = json.loads(path.read_text())
+    assert written["_type"] == "accel.example" and written["_version"] == 2 and written["_data"] == {"x": 1}
+    assert written["_accel"] == accel.__version__ and written["_created"].startswith("20")
     assert read_artifact(path, "accel.example", 2, "example", "remake") == ({"x": 1}, 2)
     with pytest.raises(accel.ArtifactMismatchError, match=r"a\.json is not a BAC schedule .*'accel.example'"):
         read_artifact(path, "accel.bac.schedule", 1, "BAC schedule", "remake")

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from accel.artifacts import architecture_fingerprint, envelope, read_json, unwrap, write_artifact
+from accel.artifacts import architecture_fingerprint, read_json, unwrap, write_artifact
 from accel.prune.distill import InputPool, model_output
 from accel.prune.structure import PrunableBlock, pinned_blocks, prunable_blocks, swap_blocks
 from accel.registry import find_adapter
@@ -111,21 +111,20 @@ class SensitivityProfile:
         return path
 
     def to_json(self) -> dict[str, Any]:
-        """The profile in its envelope (``accel.artifacts``); prune artifacts embed it as is."""
-        return envelope(PROFILE_FORMAT, PROFILE_VERSION, self._payload())
-
-    def _payload(self) -> dict[str, Any]:
+        """The profile's fields (saved files wrap them in the ``accel.artifacts`` envelope; prune artifacts
+        embed them as they are)."""
         return {"model": self.model, "blocks": self.blocks,
                 "metrics": {k: [_json_float(v) for v in vs] for k, vs in self.metrics.items()},
                 "baseline": {k: _json_float(v) for k, v in self.baseline.items()},
                 "time_fraction": self.time_fraction, "pinned": self.pinned, "setting": self.setting}
 
     def save(self, path: str | Path) -> Path:
-        return write_artifact(path, PROFILE_FORMAT, PROFILE_VERSION, self._payload())
+        return write_artifact(path, PROFILE_FORMAT, PROFILE_VERSION, self.to_json())
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str = "this data") -> SensitivityProfile:
-        data, _ = unwrap(data, PROFILE_FORMAT, PROFILE_VERSION, where, "sensitivity profile")
+        if "_type" in data or "format" in data:  # a saved file (or an embedded profile from before)
+            data, _ = unwrap(data, PROFILE_FORMAT, PROFILE_VERSION, where, "sensitivity profile")
         return cls(model=data["model"], blocks=list(data["blocks"]),
                    metrics={k: [float(v) for v in vs] for k, vs in data["metrics"].items()},
                    baseline={k: float(v) for k, v in data["baseline"].items()},
