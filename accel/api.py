@@ -153,6 +153,15 @@ class Patch:
     def methods(self) -> tuple[MethodConfig, ...]:
         return tuple(item.config for item in self._attached)
 
+    def handle(self, method: str) -> Any:
+        """The attached handle of ``method`` (by registry name, e.g. ``"bac"``): its runtime state, for
+        reports and tools that read more than ``report()`` gives."""
+        for item in self._attached:
+            if item.spec.name == method:
+                return item.handle
+        names = ", ".join(item.spec.name for item in self._attached) or "none"
+        raise KeyError(f"{method!r} is not attached to this patch (attached: {names}).")
+
     def _attach(self, spec: MethodSpec, config: MethodConfig) -> None:
         hooks = HookSet(f"accel.{spec.name}")
         ctx = PatchContext(

@@ -119,7 +119,7 @@ def bench_dit(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
             qconfig = quest.QuESTConfig(bits="w4a8", act_granularity="per_token", finetune_iters=0,
                                         keep_float_when_faster=False)  # memory first: every layer 4-bit
             with accel.patch(qpipe, qconfig) as patch:
-                q = {item.spec.name: item.handle for item in patch._attached}["quest"]
+                q = patch.handle("quest")
                 rows.append(measure("hierarchical+int4", qpipe, ratio, result.removed,
                                     {"memory_bytes": q.quant_bytes,
                                      "memory_vs_fp32": q.quant_bytes / rows[0]["parameter_bytes"]}))

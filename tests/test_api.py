@@ -60,7 +60,9 @@ def test_unpatch_and_double_patch(identity_method):
 def test_steps_tracked_across_calls_with_other_counts_and_batches(identity_method):
     model = tiny_dit()
     p = accel.patch(model, "identity")
-    handle = p._attached[0].handle
+    handle = p.handle("identity")
+    with pytest.raises(KeyError, match=r"'bac' is not attached to this patch \(attached: identity\)"):
+        p.handle("bac")
     loop(model, steps=4, batch=2)
     loop(model, steps=3, batch=3, size=6)
     loop(model, steps=3, batch=3, size=6)

@@ -511,7 +511,7 @@ def calibrate(
     known = dict(sensitivity or {})
     total = sum(len(calls) + (steps - 1 if weighted and steps not in known else 0) for steps in step_counts)
     with accel.patch(pipe, config) as patch, tqdm(total=total, desc="BAC calibration") as bar:
-        runtime: BAC = patch._attached[-1].handle
+        runtime: BAC = patch.handle("bac")
         for steps in step_counts:
             runtime.force_record = True
             states = _generator_states(calls[0])

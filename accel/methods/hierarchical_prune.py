@@ -408,9 +408,8 @@ def prune_then_quantize(target: Any, prune_config: HierarchicalPruneConfig, quan
     quant_config = quant_config or quest.QuESTConfig(bits="w4a8", act_granularity="per_token",
                                                      finetune_iters=0, keep_float_when_faster=False)
     patch = accel.patch(target, prune_config, quant_config)
-    handles = {item.spec.name: item.handle for item in patch._attached}
-    pruned = handles["hierarchical-prune"].bytes_after
-    quantized = getattr(handles.get("quest"), "quant_bytes", parameter_bytes(model))
+    pruned = patch.handle("hierarchical-prune").bytes_after
+    quantized = getattr(patch.handle("quest"), "quant_bytes", parameter_bytes(model))
     memory = {"fp32_bytes": before, "pruned_bytes": pruned, "quantized_bytes": int(quantized),
               "ratio": int(quantized) / before}
     return patch, memory
