@@ -14,13 +14,13 @@ from accel.adapters.base import ModelAdapter
 from accel.config import MethodConfig
 from accel.errors import AlreadyPatchedError, IncompatibleMethodsError, UnsupportedModelError
 from accel.hooks import CallbackHook, HookSet, invalidate_registry_caches
+from accel.modules import resolve_target
 from accel.registry import MethodSpec, Stage, find_adapter, get_method, resolve_method
 from accel.steps import StepTracker, timestep_value
 
 logger = logging.getLogger(__name__)
 
 _PATCH_ATTR = "_accel_patch"
-_DENOISER_ATTRS = ("transformer", "unet")
 
 
 class AppliedMethod(Protocol):
@@ -49,21 +49,6 @@ class _Attached:
     config: MethodConfig
     hooks: HookSet
     handle: Any
-
-
-def resolve_target(target: Any) -> tuple[Any | None, torch.nn.Module]:
-    """Split a target into ``(pipeline or None, denoiser/model)``; clear error for anything else."""
-    if isinstance(target, torch.nn.Module):
-        return None, target
-    for attr in _DENOISER_ATTRS:
-        model = getattr(target, attr, None)
-        if isinstance(model, torch.nn.Module):
-            return target, model
-    raise UnsupportedModelError(
-        f"accel.patch needs a diffusers pipeline (with a .transformer or .unet), a diffusers model or a "
-        f"timm model; got {type(target).__name__}. Load one with accel.pipelines.load(...) or "
-        "diffusers.DiffusionPipeline.from_pretrained(...)."
-    )
 
 
 def _order_and_check(

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from accel.modules import resolve_target
 from accel.steps import StepTracker
 
 Settings = dict[str, Any]
@@ -140,13 +141,8 @@ class _Snapshot:
 _CONTAINERS = (dict, list, OrderedDict)  # exact types: diffusers' FrozenDict configs are never mutated
 
 
-def _denoiser(target: Any) -> torch.nn.Module:
-    for attr in ("transformer", "unet"):
-        if isinstance(getattr(target, attr, None), torch.nn.Module):
-            return getattr(target, attr)
-    if isinstance(target, torch.nn.Module):
-        return target
-    raise TypeError(f"Expected a pipeline with a transformer/unet or an nn.Module, got {type(target).__name__}.")
+def denoiser_of(target: Any) -> torch.nn.Module:
+    return resolve_target(target)[1]
 
 
 def _block_lists(model: torch.nn.Module, name: str) -> list[str]:
@@ -346,7 +342,7 @@ def _fbcache(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
     from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
     _require(s["threshold"] >= 0, "fbcache", "threshold", s["threshold"], "a float >= 0")
-    model = _denoiser(pipe)
+    model = denoiser_of(pipe)
     _check_block_layout(model, "fbcache")
     config = FirstBlockCacheConfig(threshold=s["threshold"])
     return _CacheHandle(model, lambda m, _: apply_first_block_cache(m, config), steps)
@@ -357,7 +353,7 @@ def _taylorseer(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
 
     for key, low in (("interval", 1), ("warmup", 1), ("order", 0)):
         _require(s[key] >= low, "taylorseer", key, s[key], f"an int >= {low}")
-    model = _denoiser(pipe)
+    model = denoiser_of(pipe)
     # diffusers' default patterns (fullmatch '^transformer_blocks.*attn') match no DiT/Wan module
     # ('attn1'), so name the attention and feed-forward modules of every block, as the paper caches them.
     patterns = [rf"{name}\.\d+\.(attn\d*|ffn?)" for name in _block_lists(model, "taylorseer")]
@@ -371,7 +367,7 @@ def _magcache(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
     _require(s["threshold"] >= 0, "magcache", "threshold", s["threshold"], "a float >= 0")
     _require(s["max_skip_steps"] >= 1, "magcache", "max_skip_steps", s["max_skip_steps"], "an int >= 1")
     _require(0 <= s["retention_ratio"] <= 1, "magcache", "retention_ratio", s["retention_ratio"], "in [0, 1]")
-    model = _denoiser(pipe)
+    model = denoiser_of(pipe)
     _check_block_layout(model, "magcache")
     return _MagCacheHandle(model, s, steps)
 
@@ -396,7 +392,7 @@ def _pab(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
             spatial_attention_timestep_skip_range=window, cross_attention_timestep_skip_range=window,
             current_timestep_callback=timestep))
 
-    return _CacheHandle(_denoiser(pipe), attach, steps)
+    return _CacheHandle(denoiser_of(pipe), attach, steps)
 
 
 def _fastercache(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
@@ -416,7 +412,7 @@ def _fastercache(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
             attention_weight_callback=lambda _: weight, is_guidance_distilled=True,
             current_timestep_callback=timestep))
 
-    return _CacheHandle(_denoiser(pipe), attach, steps)
+    return _CacheHandle(denoiser_of(pipe), attach, steps)
 
 
 def _torchao_missing() -> str | None:
@@ -437,7 +433,7 @@ def _torchao_int8(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
     original Parameter objects, so remove() puts back the very same weights."""
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
-    model = _denoiser(pipe)
+    model = denoiser_of(pipe)
     handle = _QuantHandle(_Snapshot(model))
     try:
         quantize_(model, Int8DynamicActivationInt8WeightConfig())
@@ -471,7 +467,7 @@ def _flex_window(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
     data-dependent selection, which is what makes it the baseline for AdaSpa and VMoBA."""
     from types import SimpleNamespace
 
-    from accel.api import Patch, resolve_target
+    from accel.api import Patch
     from accel.attention.runtime import Plan, SparseAttentionRuntime
     from accel.hooks import HookSet
     from accel.registry import find_adapter

@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 
 import accel
-from accel.timing import median_time
 from accel.methods import quest
-from accel.quant.finetune import output_tensor, relative_error, swapped, teacher_outputs
+from accel.modules import output_tensor
+from accel.quant.finetune import relative_error, swapped, teacher_outputs
+from accel.timing import median_time
 
 BITS = ("w8a8", "w4a8", "w4a4")
 

@@ -36,6 +36,7 @@ import torch
 
 from accel.artifacts import architecture_fingerprint, weights_digest
 from accel.config import MethodConfig, check_float, check_int
+from accel.modules import resolve_target
 from accel.prune.artifact import PruneArtifact
 from accel.prune.distill import DistillResult, InputPool, distill, feature_weights, record_inputs
 from accel.prune.export import save_diffusers, save_timm, timm_kwargs_after
@@ -125,12 +126,6 @@ class HierarchicalPruneConfig(MethodConfig):
     def sweep_grid(cls, num_steps: int) -> list[dict[str, Any]]:
         """Settings ``accel-bench --sweep`` tries."""
         return [{"ratio": r} for r in (0.2, 0.3, 0.4)]
-
-
-def _split(target: Any) -> tuple[Any | None, torch.nn.Module]:
-    from accel.api import resolve_target
-
-    return resolve_target(target)
 
 
 def choose_blocks(model: torch.nn.Module, config: HierarchicalPruneConfig,
@@ -235,7 +230,7 @@ def prune(
         save_to: folder for the artifact.
     """
     config = config or HierarchicalPruneConfig()
-    pipe, model = _split(target)
+    pipe, model = resolve_target(target)
     blocks = prunable_blocks(find_adapter(model))
     if isinstance(profile, (str, Path)):
         profile = SensitivityProfile.load(profile)
@@ -402,7 +397,7 @@ def prune_then_quantize(target: Any, prune_config: HierarchicalPruneConfig, quan
                           "use accel.patch(target, HierarchicalPruneConfig(...)) alone meanwhile.")
     from accel.methods import quest
 
-    _, model = _split(target)
+    _, model = resolve_target(target)
     before = parameter_bytes(model)
     # Memory is the point here: every layer 4-bit, even where a float layer would run faster.
     quant_config = quant_config or quest.QuESTConfig(bits="w4a8", act_granularity="per_token",

@@ -25,6 +25,7 @@ import torch
 
 from accel.config import MethodConfig, check_choice, check_float, check_int
 from accel.errors import ArtifactMismatchError, UnsupportedModelError
+from accel.modules import parent_of
 from accel.quant import kernels as qkernels
 from accel.quant.artifact import QuantizedModel
 from accel.quant.finetune import swapped
@@ -194,11 +195,6 @@ class QuEST:
         return facts
 
 
-def _parent(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
-    parent, _, child = name.rpartition(".")
-    return (model.get_submodule(parent) if parent else model), child
-
-
 @register_method(
     QuESTConfig,
     name="quest",
@@ -239,7 +235,7 @@ def _apply(ctx: Any, config: QuESTConfig) -> QuEST:
     for name, layer in qmodel.layers.items():
         if name in kept:
             continue
-        parent, child = _parent(ctx.model, name)
+        parent, child = parent_of(ctx.model, name)
         original = parent._modules[child]
         replaced += _model_bytes(original)
         ctx.hooks.set_attr(parent, child, layer.take_place_of(original))

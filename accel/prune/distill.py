@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from accel.modules import output_tensor
+
 
 @dataclass
 class InputPool:
@@ -99,21 +101,6 @@ def record_inputs(pipe: Any, calls: Sequence[dict[str, Any]], every: int = 1) ->
     return InputPool.from_calls(recorded)
 
 
-def model_output(output: Any) -> torch.Tensor:
-    """The main tensor of a forward's output: ``.sample`` (diffusers), ``[0]`` of a tuple, or the tensor."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "sample"):
-        return output.sample
-    return output[0]
-
-
-def _first_tensor(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    return next(t for t in output if isinstance(t, torch.Tensor))
-
-
 def _normalized_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     # Scale-free: hidden states grow along depth and outputs differ per family; each term is ~1 for "no match".
     return (student.float() - teacher.float()).pow(2).mean() / teacher.float().pow(2).mean().clamp_min(1e-8)
@@ -128,7 +115,7 @@ class _FeatureTap:
 
     def _hook(self, index: int) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-            self.features[index] = _first_tensor(output)
+            self.features[index] = output_tensor(output)
         return hook
 
     def close(self) -> None:
@@ -198,8 +185,8 @@ def distill(
 
     def loss_on(batch: dict[str, Any]) -> torch.Tensor:
         with torch.no_grad():
-            t_out = model_output(teacher(**batch))
-        s_out = model_output(student(**batch))
+            t_out = output_tensor(teacher(**batch))
+        s_out = output_tensor(student(**batch))
         loss = _normalized_mse(s_out, t_out)
         if feature_weight > 0 and weights:
             feat = sum(w * _normalized_mse(s_tap.features[i], t_tap.features[i]) for i, w in weights.items())

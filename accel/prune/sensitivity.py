@@ -28,7 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 from accel.artifacts import architecture_fingerprint, read_json, unwrap, write_artifact
-from accel.prune.distill import InputPool, model_output
+from accel.modules import output_tensor, resolve_target
+from accel.prune.distill import InputPool
 from accel.prune.structure import PrunableBlock, pinned_blocks, prunable_blocks, swap_blocks
 from accel.registry import find_adapter
 
@@ -200,16 +201,6 @@ class _BlockTimer:
             handle.remove()
 
 
-def _denoiser(target: Any) -> tuple[Any | None, torch.nn.Module]:
-    if isinstance(target, torch.nn.Module):
-        return None, target
-    for attr in ("transformer", "unet"):
-        model = getattr(target, attr, None)
-        if isinstance(model, torch.nn.Module):
-            return target, model
-    raise TypeError(f"analyze_blocks needs a pipeline or a model, got {type(target).__name__}.")
-
-
 def generation_evaluator(pipe: Any, labels: Sequence[int], seeds: Sequence[int], steps: int = 50,
                          guidance_scale: float = 4.0) -> Callable[[], dict[str, Any]]:
     """Judge accuracy and PSNR vs the first (unpruned) call, for class-conditional digit pipelines."""
@@ -243,7 +234,7 @@ def output_evaluator(model: torch.nn.Module, pool: InputPool, batch_size: int = 
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
-        outputs = [model_output(model(**chunk)).float() for chunk in pool.chunks(batch_size)]
+        outputs = [output_tensor(model(**chunk)).float() for chunk in pool.chunks(batch_size)]
         if not reference:
             reference.extend(outputs)
         err = sum(float((o - r).pow(2).sum()) for o, r in zip(outputs, reference))
@@ -277,7 +268,7 @@ def analyze_blocks(
 
     The first evaluation is the unpruned baseline; it also times each block's share of a forward.
     """
-    pipe, model = _denoiser(target)
+    pipe, model = resolve_target(target)
     adapter = find_adapter(model)
     blocks = prunable_blocks(adapter)
     if evaluate is None:

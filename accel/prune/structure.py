@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from accel.adapters.base import BlockInfo, ModelAdapter
+from accel.modules import parent_of
 
 #: Config keys that count the blocks of a container, per model family (diffusers ``ConfigMixin`` names).
 CONFIG_KEYS: dict[str, str] = {
@@ -86,11 +87,6 @@ def check_removal(model: torch.nn.Module, blocks: list[PrunableBlock], removed: 
     return removed
 
 
-def _parent(model: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
-    parent_path, _, attr = path.rpartition(".")
-    return (model.get_submodule(parent_path) if parent_path else model), attr
-
-
 def _shorter(container: torch.nn.Module, items: list[torch.nn.Module]) -> torch.nn.Module:
     """A container of the same kind holding ``items`` (ModuleList or Sequential, as the model expects)."""
     if isinstance(container, torch.nn.Sequential):
@@ -118,7 +114,7 @@ def swap_blocks(
         by_container.setdefault(block.container, []).append(block)
     lengths = {}
     for path, members in by_container.items():
-        parent, attr = _parent(model, path)
+        parent, attr = parent_of(model, path)
         container = getattr(parent, attr)
         kept = [replacements.get(b.index, b.module) for b in members if b.index not in removed_set]
         # Items of the container that the adapter does not list (none today) are kept in place.

@@ -21,26 +21,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from accel.modules import output_tensor, parent_of
 from accel.quant.qlinear import LSQLinear
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
-
-
-def output_tensor(out: Any) -> torch.Tensor:
-    """The main tensor of a model output (a tensor, diffusers' ``.sample``, or a tuple's first item)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    sample = getattr(out, "sample", None)
-    if isinstance(sample, torch.Tensor):
-        return sample
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise TypeError(f"Cannot find the output tensor in a {type(out).__name__}.")
-
-
-def _parent(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
 
 
 @contextlib.contextmanager
@@ -49,13 +33,13 @@ def swapped(model: torch.nn.Module, modules: dict[str, torch.nn.Module]) -> Iter
     originals = {}
     try:
         for name, module in modules.items():
-            parent, child = _parent(model, name)
+            parent, child = parent_of(model, name)
             originals[name] = parent._modules[child]
             setattr(parent, child, module)
         yield
     finally:
         for name, module in originals.items():
-            parent, child = _parent(model, name)
+            parent, child = parent_of(model, name)
             setattr(parent, child, module)
 
 

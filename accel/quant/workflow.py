@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from accel.errors import UnsupportedModelError
+from accel.modules import resolve_target
 from accel.quant import kernels as qkernels
 from accel.quant.artifact import QuantizedModel, model_fingerprint
 from accel.quant.calibration import Calibration, collect
@@ -39,12 +40,6 @@ def _default_config() -> QuESTConfig:
     from accel.methods.quest import QuESTConfig
 
     return QuESTConfig()
-
-
-def _split(target: Any) -> tuple[Any | None, torch.nn.Module]:
-    from accel.api import resolve_target
-
-    return resolve_target(target)
 
 
 def default_calls(pipe: Any, seeds: int, steps: int | None) -> list[dict[str, Any]]:
@@ -81,7 +76,7 @@ def calibrate(
     ``steps``: record only these step indices (``[0]``: the one-step calibration that fails).
     """
     config = config or _default_config()
-    pipeline, model = _split(target)
+    pipeline, model = resolve_target(target)
     adapter = find_adapter(model)
     if images is not None:
         runs = [lambda b=b: model(b) for b in images.split(batch_size)]
@@ -194,7 +189,7 @@ def finetune(
     """
     config = config or _default_config()
     iters = config.finetune_iters if iters is None else iters
-    _, model = _split(target)
+    _, model = resolve_target(target)
     adapter = find_adapter(model)
     if calibration is None:
         if iters > 0 or config.act_granularity is ActGranularity.PER_TENSOR:
