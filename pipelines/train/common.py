@@ -77,3 +77,20 @@ def write_train_info(folder: Path, info: dict) -> None:
     """Records how the weights were made (seed, steps, wall time) beside them."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train_info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, model: torch.nn.Module, step: int,
+                   ema: EMA | None = None, clip: float | None = 1.0) -> None:
+    """One update of every training script: backward, clip the gradient norm, step, update the EMA."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    if ema is not None:
+        ema.update(model, step)

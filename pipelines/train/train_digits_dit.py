@@ -13,6 +13,7 @@ import torch
 from accel.pipelines.data import load_digit_images
 from accel.pipelines.digits_dit import DigitsDiTPipeline
 from accel.pipelines.train.common import EMA, WEIGHTS, Progress, cosine_lr, seed_everything, write_train_info
+from accel.pipelines.train.common import optimizer_step, set_lr
 from diffusers import DDPMScheduler, DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
 
@@ -52,14 +53,9 @@ def train(steps: int, batch_size: int, lr: float, label_dropout: float, seed: in
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, NOISE_SCHEDULE["num_train_timesteps"], (batch_size,), generator=gen)
         xt = noise_sched.add_noise(x0, noise, t)
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr, warmup=50)
+        set_lr(opt, cosine_lr(step, steps, lr, warmup=50))
         loss = torch.nn.functional.mse_loss(model(xt, timestep=t, class_labels=y).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.update(model, step)
+        optimizer_step(opt, loss, model, step, ema)
         progress.log(step, loss.item())
     save(ema.model, {"steps": steps, "batch_size": batch_size, "lr": lr, "label_dropout": label_dropout,
                      "seed": seed, "train_seconds": round(progress.elapsed(), 1), "model": MODEL_CONFIG})

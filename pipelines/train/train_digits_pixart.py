@@ -25,6 +25,7 @@ from accel.pipelines import captions
 from accel.pipelines.classifiers import DigitJudge, augment, predict, save_classifier
 from accel.pipelines.data import _raw_digits, split_indices
 from accel.pipelines.train.common import EMA, WEIGHTS, Progress, cosine_lr, seed_everything, write_train_info
+from accel.pipelines.train.common import optimizer_step, set_lr
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -68,12 +69,9 @@ def train_judge(steps: int, batch_size: int, lr: float, seed: int) -> None:
         # Mild jitter on top of the rendering, so generated pictures a little off the grid still read.
         pics = augment(pics, gen, max_shift=0.03, max_rotate=0.1, scale_range=(0.92, 1.08))
         labels = torch.tensor([a.digit for a in attrs])
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr, warmup=100)
+        set_lr(opt, cosine_lr(step, steps, lr, warmup=100))
         loss = F.cross_entropy(model(pics), labels, label_smoothing=0.05)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(opt, loss, model, step, clip=None)
         progress.log(step, loss.item())
     model.eval()
     accuracy = held_out_judge_accuracy(model, seed)
@@ -123,12 +121,8 @@ def train_vae(steps: int, batch_size: int, lr: float, seed: int) -> None:
         rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         kl = posterior.kl().mean() / x[0].numel()
         loss = rec + KL_WEIGHT * kl
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr, warmup=100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        set_lr(opt, cosine_lr(step, steps, lr, warmup=100))
+        optimizer_step(opt, loss, vae, step)
         progress.log(step, loss.item(), kl=kl.item())
     vae.eval()
     scale, psnr = latent_scale_and_psnr(vae, seed)
@@ -246,17 +240,12 @@ def train_pixart(steps: int, batch_size: int, lr: float, seed: int, init: Path |
         t = torch.randint(0, NOISE_SCHEDULE["num_train_timesteps"], (batch_size,), generator=gen)
         zt = noise_sched.add_noise(z0, noise, t)
         target = noise_sched.get_velocity(z0, noise, t)
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr, warmup=100)
+        set_lr(opt, cosine_lr(step, steps, lr, warmup=100))
         text = text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
         pred = transformer(zt, encoder_hidden_states=text, encoder_attention_mask=tokens.attention_mask,
                            timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
         loss = F.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
-        opt.step()
-        ema.update(models, step)
+        optimizer_step(opt, loss, models, step, ema)
         progress.log(step, loss.item())
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             save_pipeline(ema.model, tokenizer, vae, PIPELINE.parent / "digits-pixart-snapshots" / f"step-{step + 1}")

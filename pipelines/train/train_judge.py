@@ -13,6 +13,7 @@ import torch
 from accel.pipelines.classifiers import DigitJudge, augment, predict, save_classifier
 from accel.pipelines.data import load_digit_images
 from accel.pipelines.train.common import WEIGHTS, Progress, cosine_lr, seed_everything, write_train_info
+from accel.pipelines.train.common import optimizer_step, set_lr
 
 IMAGE_SIZE = 16
 JUDGE_KWARGS = dict(image_size=IMAGE_SIZE, width=32, num_classes=10)
@@ -32,12 +33,9 @@ def train_classifier(model: torch.nn.Module, epochs: int, batch_size: int, lr: f
             order = torch.randperm(len(images), generator=gen)
         idx = order[(step % steps_per_epoch) * batch_size:][:batch_size]
         x = augment(images[idx], gen)
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, total, lr, warmup=steps_per_epoch)
+        set_lr(opt, cosine_lr(step, total, lr, warmup=steps_per_epoch))
         loss = torch.nn.functional.cross_entropy(model(x), labels[idx], label_smoothing=0.05)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(opt, loss, model, step, clip=None)
         progress.log(step, loss.item())
     return progress
 

@@ -18,6 +18,7 @@ import torch
 from accel.pipelines.data import load_digit_images, moving_digit_videos
 from accel.pipelines.digits_video import DigitLabelEmbedder, DigitsVideoPipeline
 from accel.pipelines.train.common import EMA, WEIGHTS, Progress, cosine_lr, seed_everything, write_train_info
+from accel.pipelines.train.common import optimizer_step, set_lr
 from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
 CANVAS = 32  # frame side in pixels
@@ -75,18 +76,13 @@ def train(steps: int, image_batch: int, clip_batch: int, clip_frames: int, lr: f
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     progress = Progress(steps)
     for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr, warmup=50)
+        set_lr(opt, cosine_lr(step, steps, lr, warmup=50))
         images, y_img = sample_batch(digits, labels, image_batch, 1, gen)
         clips, y_clip = sample_batch(digits, labels, clip_batch, clip_frames, gen)
         loss_img = flow_loss(model, images, y_img, gen, label_dropout)
         loss_clip = flow_loss(model, clips, y_clip, gen, label_dropout)
         loss = loss_img + loss_clip
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.update(model, step)
+        optimizer_step(opt, loss, model, step, ema)
         progress.log(step, loss.item(), image=loss_img.item(), clip=loss_clip.item())
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             # Snapshots let a long CPU run be evaluated (and kept) before it ends.
