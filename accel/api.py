@@ -15,7 +15,7 @@ from accel.config import MethodConfig
 from accel.errors import AlreadyPatchedError, IncompatibleMethodsError, UnsupportedModelError
 from accel.hooks import CallbackHook, HookSet, invalidate_registry_caches
 from accel.modules import resolve_target
-from accel.registry import MethodSpec, Stage, find_adapter, get_method, resolve_method
+from accel.registry import MethodSpec, Stage, find_adapter, get_method, method_names, resolve_method
 from accel.steps import StepTracker, timestep_value
 
 logger = logging.getLogger(__name__)
@@ -67,10 +67,11 @@ def _order_and_check(
             )
         by_stage[spec.stage] = spec
         if spec.needs_denoiser and not adapter.is_denoiser:
+            fitting = ", ".join(n for n in method_names() if not get_method(n).needs_denoiser)
             raise UnsupportedModelError(
                 f"Method {spec.name!r} cannot apply to {type(adapter.model).__name__}: it works across "
-                "denoising steps and this model has no denoising loop. Methods that apply to classifiers: "
-                "adaspa, vmoba, hierarchical-prune, quest."
+                f"denoising steps and this model has no denoising loop. Methods that apply to classifiers: "
+                f"{fitting}."
             )
     return sorted(items, key=lambda item: item[0].stage)
 
