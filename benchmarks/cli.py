@@ -26,7 +26,7 @@ from accel.benchmarks.spec import BenchMethod, available_names, check_method_nam
 from accel.benchmarks.workloads import Workload, build_workload
 from accel.registry import get_method, method_names
 
-DEFAULT_BATCH = {"image": 10, "video": 1, "classifier": 120}
+DEFAULT_BATCH = {"image": 10, "video": 1, "classifier": 120, "shape": 1}
 
 
 def _int_list(text: str) -> list[int]:
@@ -98,6 +98,7 @@ def _device(text: str | None) -> str:
 
 
 DEFAULT_MODEL = "digits-pixart"
+SHAPE_NOTE = "speed only: random weights at the published shape, quality not measured"
 DEFAULT_STEPS = 50
 
 
@@ -115,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="accel-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model", action="append", help="embedded name (digits-pixart, digits-dit, digits-video-dit, "
-                   "digits-vit), local diffusers folder, hub id, or timm name; repeatable (default: digits-pixart)")
+                   "digits-vit), local diffusers folder, hub id, timm name, or a published shape (shape:pixart-xl-512:blocks=4; "
+                   "see accel.benchmarks.shapes); repeatable (default: digits-pixart)")
     p.add_argument("--methods", default="all", help="comma list: none, accel methods with settings "
                    "(delta-dit:interval=3), compositions (a+b), baselines (fbcache:threshold=0.1); 'all'")
     p.add_argument("--list-methods", action="store_true", help="print what this install offers and exit")
@@ -284,12 +286,14 @@ def _run_model(workload, methods, args, state, gather_object, out, env, done) ->
                 skipped.append(reason)
                 if state.is_main_process:
                     print(f"accel-bench: {reason}", file=sys.stderr)
+        if workload.kind == "shape":
+            record.notes.append(SHAPE_NOTE)
         records.append(record)
         if outputs is not None and (method.kind == "none" or not args.sweep):
             rows[method.label] = outputs
         if state.is_main_process:
             _write(out, env, done + records)
-    if state.is_main_process and rows and workload.kind != "classifier":
+    if state.is_main_process and rows and workload.kind in ("image", "video"):
         report.write_grid(out / f"grid-{Path(workload.name).name}.png", rows)
     return records
 

@@ -19,7 +19,7 @@ class Workload:
 
     name: str
     target: Any
-    kind: str  # "image" | "video" | "classifier"
+    kind: str  # "image" | "video" | "classifier" | "shape" (a random-init published denoiser, timed only)
     steps: int
     samples: list[tuple[Any, int]]
     batch: int
@@ -45,6 +45,8 @@ class Workload:
 
     def call_kwargs(self, batch: list[tuple[Any, int]]) -> dict[str, Any]:
         """The pipeline call for ``batch`` (what :meth:`run_batch` runs), built by the generation driver."""
+        if self.kind == "shape":
+            return {"num_inference_steps": self.steps, "seeds": [s for _, s in batch]}
         from accel.pipelines.generation import build_call
 
         return build_call(self.target, [c for c, _ in batch], [s for _, s in batch], self.steps,
@@ -63,6 +65,8 @@ class Workload:
             images = self.extra["images"][[index for _, index in batch]]
             with torch.no_grad():
                 return self.target(images).float()
+        if self.kind == "shape":
+            return self.target(**self.call_kwargs(batch))
         from accel.pipelines.generation import run_call
 
         return run_call(self.target, self.call_kwargs(batch))
@@ -74,6 +78,8 @@ class Workload:
         """PSNR/SSIM against the baseline outputs plus the task metric where one exists."""
         from accel import metrics
 
+        if self.kind == "shape":
+            return {"quality": "quality: not measured on shape workloads (random weights)"}
         if self.kind == "classifier":
             labels = torch.tensor([label for label, _ in self.samples])
             agree = float((outputs.argmax(1) == reference.argmax(1)).float().mean())
@@ -114,10 +120,14 @@ def build_workload(
     Text-conditioned pipelines run ``prompts`` (the built-in set when ``None``), class-conditional ones
     ``labels``; ``sizes`` (negative_prompt, height, width, num_frames) override the embedded defaults.
     """
+    from accel.benchmarks.shapes import ShapePipeline, is_shape, parse_shape
     from accel.pipelines import load
     from accel.pipelines.generation import DEFAULT_PROMPTS, call_signature, folder_prompts
     from accel.pipelines.tasks import task_kind
 
+    if is_shape(model_name):
+        pipe = ShapePipeline(parse_shape(model_name), dtype or torch.float32, device or "cpu")
+        return Workload(model_name, pipe, "shape", steps, [(None, seed) for seed in seeds], batch)
     target = load(model_name, device=device or "cpu", dtype=dtype)
     if isinstance(target, torch.nn.Module) and not hasattr(target, "transformer"):
         from accel.pipelines import classification_set
