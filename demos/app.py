@@ -45,7 +45,7 @@ from accel.errors import AccelError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "digits-pixart"
+DEFAULT_MODEL = "digits-dit"
 DEFAULT_METHOD = "delta-dit"
 #: Errors whose message is written for the user: shown as is, without a traceback.
 USER_ERRORS = (DemoError, AccelError, ValueError, TypeError, FileNotFoundError, ConnectionError)
