@@ -97,12 +97,11 @@ def _options_to_methods(options: dict[str, Any]) -> list[str | MethodConfig]:
 
 # The recipe ``accel.patch(pipe)`` uses on a denoiser pipeline: BAC with the whole block stack as one
 # Δ-reused unit, update steps chosen online (the first call at each step count runs in full and records)
-# by a DP weighted with each step's √SNR, 40% of the steps updated. On digits-dit at 50 steps
-# (benchmarks/RESULTS.md, "Caching") it gave 3.12x at 32.6 dB, against Δ-DiT's defaults at 1.93x (33.0 dB)
-# and diffusers' best hook at >= 30 dB, MagCache, at 2.42x (30.8 dB); 34% of the steps gave 3.41x at
-# 30.8 dB, but 40% keeps a margin at fewer steps (20 steps: 26.7 dB vs 25.0). Probed sensitivities
-# (``accel.methods.bac.calibrate``) do a little better still but cost one extra call per step. A bare model has no scheduler to read noise
-# levels from, so it gets Δ-DiT, which needs neither calibration nor a step count's noise levels.
+# by a DP weighted with each step's √SNR, 40% of the steps updated. Measured against Δ-DiT's defaults and
+# diffusers' hooks in benchmarks/RESULTS.md ("Caching"), it was the fastest above 30 dB at 50 steps; fewer
+# updates were faster still there but lost the margin at 20 steps. Probed sensitivities
+# (``accel.methods.bac.calibrate``) do a little better but cost one extra call per step. A bare model has no
+# scheduler to read noise levels from, so it gets Δ-DiT, which needs neither calibration nor noise levels.
 # Families may override both with an adapter ``default_recipe()``.
 DEFAULT_DENOISER_RECIPE: tuple[str, ...] = ("bac:granularity=stack:weighting=snr:update_fraction=0.4",)
 BARE_DENOISER_RECIPE: tuple[str, ...] = ("delta-dit",)

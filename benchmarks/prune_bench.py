@@ -111,7 +111,7 @@ def bench_dit(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
                        analyze=False, pool=pool)
         rows.append(measure("random+distil", rnd.pipeline(pipe), ratio, rnd.removed,
                             {"distill": rnd.distill.to_json() if rnd.distill else None}))
-        if ratio == 0.3 and hp.quest_available():
+        if ratio == 0.3:
             import accel
             from accel.methods import quest
 

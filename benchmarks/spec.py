@@ -51,10 +51,8 @@ def _name_of(config: MethodConfig) -> str:
 
 
 def _baselines() -> dict[str, Any]:
-    try:
-        from accel.benchmarks.baselines import BASELINES
-    except ImportError:  # the baselines module is optional until it lands
-        return {}
+    from accel.benchmarks.baselines import BASELINES
+
     return BASELINES
 
 

@@ -268,7 +268,6 @@ def test_cli_form_and_stage_order() -> None:
     assert accel.registry.get_method("hierarchical-prune").stage == accel.Stage.PRUNE
 
 
-@pytest.mark.skipif(not hp.quest_available(), reason="QuEST (accel.methods.quest) has not landed yet")
 def test_prune_then_quantize_int4_memory() -> None:
     model = tiny_dit(4)
     snap = snapshot(model)
@@ -278,9 +277,3 @@ def test_prune_then_quantize_int4_memory() -> None:
     patch.remove()
     assert_same(model, snap)
 
-
-def test_prune_then_quantize_says_when_quest_is_missing() -> None:
-    if hp.quest_available():
-        pytest.skip("QuEST is installed")
-    with pytest.raises(ImportError, match="needs QuEST"):
-        hp.prune_then_quantize(tiny_dit(4), Config(ratio=0.25))

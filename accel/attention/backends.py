@@ -186,8 +186,8 @@ def _gather_by_count(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bl
     fused CPU kernel instead of the masked math path; rows listing nothing stay 0."""
     B, H, Sq, D = q.shape
     bs, qb, kb = mask.block_size, mask.num_q_blocks, mask.num_kv_blocks
-    # Blocks as rows of (B·H·Kb) / (B·H·Qb) and gathered with index_select: a plain row copy, ~1.3x faster
-    # on CPU than broadcasting advanced indexing, and the copy is a large share of this path's time.
+    # Blocks as rows of (B·H·Kb) / (B·H·Qb) and gathered with index_select: a plain row copy, faster on CPU
+    # than broadcasting advanced indexing, and the copy is a large share of this path's time.
     k_rows, v_rows = k.reshape(B * H * kb, bs, D), v.reshape(B * H * kb, bs, D)
     q_rows = q.reshape(B * H * qb, bs, D)
     counts = mask.kv_counts.reshape(-1).long()

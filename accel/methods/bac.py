@@ -97,10 +97,10 @@ class BACConfig(MethodConfig):
             scheduler) in place of the probed s_t: no probes, so it calibrates online too.
         update_fraction: K as a fraction of the step count (rounded up) when ``updates`` is ``None``.
 
-    Our recipe (benchmarks/RESULTS.md): ``granularity="stack", weighting="sensitivity"``. On digits-dit
-    at 50 steps, 17 stack updates gave 31.0 dB with sensitivity weighting vs 29.4 dB with cosine
-    similarity: an ancestral sampler's last steps are ~100x more sensitive than its first, so the
-    weighted DP spends its updates late, where the plain DP spends them early.
+    Our recipe (benchmarks/RESULTS.md, "Caching"): ``granularity="stack", weighting="sensitivity"``, which
+    beat cosine-similarity weighting at the same update budget: an ancestral sampler's last steps are far
+    more sensitive than its first, so the weighted DP spends its updates late, where the plain DP spends
+    them early.
     """
 
     updates: int | None = None

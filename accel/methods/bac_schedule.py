@@ -206,9 +206,9 @@ def noise_weights(scheduler: Any, num_steps: int) -> list[float] | None:
     """A probe-free stand-in for per-step sensitivity: √SNR of each step's input, α_t / σ_t.
 
     An error made at a noisy step is mostly drowned by the noise still to be removed; one made near the end
-    lands in the output. On digits-dit (DDPM, 50 steps) √SNR tracks the probed sensitivities within ~30%
-    from step 10 on, and schedules built on it lose 0.4 dB against probed ones (30.7 vs 31.0 dB at 17
-    updates). ``None`` when the scheduler exposes no noise levels accel can read.
+    lands in the output. Measured against probed sensitivities (benchmarks/RESULTS.md, "Caching"), √SNR
+    tracks them after the first steps and its schedules lose little. ``None`` when the scheduler exposes no
+    noise levels accel can read.
     """
     timesteps = getattr(scheduler, "timesteps", None)
     if timesteps is None or len(timesteps) != num_steps:

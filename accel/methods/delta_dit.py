@@ -36,9 +36,9 @@ class DeltaDiTConfig(MethodConfig):
         interval: N, a full recompute every N steps (1 disables caching).
         warmup_steps: first steps always computed in full.
 
-    Defaults, by measurement (benchmarks/RESULTS.md, digits-dit, 50 steps): caching all blocks but one
-    every other step gave 33.0 dB PSNR at 1.65x, the fastest setting above 30 dB; 2 or 4 cached blocks
-    kept more quality (36.4 / 34.6 dB) but saved little (0.95x / 1.08x), interval 3 fell to 29.6 dB.
+    Defaults, by measurement (benchmarks/RESULTS.md, "Caching", digits-dit at 50 steps): caching all blocks
+    but one every other step was the fastest setting above 30 dB; caching fewer blocks kept more quality but
+    saved little, and a longer interval fell below 30 dB.
     """
 
     cached_blocks: int | None = None

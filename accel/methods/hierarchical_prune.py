@@ -374,13 +374,6 @@ def _apply(ctx: Any, config: HierarchicalPruneConfig) -> HierarchicalPrune:
                              latency)
 
 
-def quest_available() -> bool:
-    """Whether QuEST (accel.methods.quest) has landed in this install."""
-    import importlib.util
-
-    return importlib.util.find_spec("accel.methods.quest") is not None
-
-
 def prune_then_quantize(target: Any, prune_config: HierarchicalPruneConfig, quant_config: Any = None) -> Any:
     """Prune (artifact or position) then quantize weights to 4 bits with QuEST, in one patch, in that order.
 
@@ -388,13 +381,9 @@ def prune_then_quantize(target: Any, prune_config: HierarchicalPruneConfig, quan
     QuEST artifact must be made on the pruned model). Default QuEST settings need no data: int4 weights,
     dynamic per-token 8-bit activations, no finetuning. Returns ``(patch, memory)`` with
     ``memory = {"fp32_bytes", "pruned_bytes", "quantized_bytes", "ratio"}`` (ratio: quantized / fp32).
-    Raises ``ImportError`` until ``accel.methods.quest`` exists.
     """
     import accel
 
-    if not quest_available():
-        raise ImportError("prune_then_quantize needs QuEST (accel.methods.quest), which is not installed yet; "
-                          "use accel.patch(target, HierarchicalPruneConfig(...)) alone meanwhile.")
     from accel.methods import quest
 
     _, model = resolve_target(target)
