@@ -189,8 +189,13 @@ def folder_prompts(pipe: Any) -> list[str] | None:
     """The prompts a pipeline folder ships in ``prompts.txt`` beside ``model_index.json`` (one per line),
     if any: a model's own benchmark and calibration prompts (digits-pixart's name digits and attributes)."""
     folder = getattr(getattr(pipe, "config", None), "_name_or_path", None)
-    path = Path(folder) / "prompts.txt" if isinstance(folder, str) and folder else None
-    if path is None or not path.is_file():
+    return read_prompts(Path(folder)) if isinstance(folder, str) and folder else None
+
+
+def read_prompts(folder: Path) -> list[str] | None:
+    """The non-empty lines of ``folder/prompts.txt``, or None without that file (or with no prompts)."""
+    path = folder / "prompts.txt"
+    if not path.is_file():
         return None
     prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     return prompts or None

@@ -99,13 +99,18 @@ def top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, bat
 _JUDGE: dict[str, torch.nn.Module] = {}
 
 
-def load_judge_model() -> torch.nn.Module:
-    """The embedded digit judge, loaded once per process (it is read-only, so sharing it is safe)."""
-    if "judge" not in _JUDGE:
+def _embedded_judge(name: str) -> torch.nn.Module:
+    """An embedded judge, loaded once per process (it is read-only, so sharing it is safe)."""
+    if name not in _JUDGE:
         from accel.pipelines import load
 
-        _JUDGE["judge"] = load("digits-judge")
-    return _JUDGE["judge"]
+        _JUDGE[name] = load(name)
+    return _JUDGE[name]
+
+
+def load_judge_model() -> torch.nn.Module:
+    """The embedded digit judge of the 16x16 digit generators."""
+    return _embedded_judge("digits-judge")
 
 
 @torch.no_grad()
@@ -248,12 +253,8 @@ def _embedding(output: Any) -> torch.Tensor:
 # ---- digits-pixart: does each picture show what its prompt says, and do the pictures vary like real ones ----
 
 def load_canvas_judge() -> torch.nn.Module:
-    """The judge of ``digits-pixart``'s 32x32 pictures (any size, position, slant, stroke), loaded once."""
-    if "canvas" not in _JUDGE:
-        from accel.pipelines import load
-
-        _JUDGE["canvas"] = load("digits-pixart-judge")
-    return _JUDGE["canvas"]
+    """The judge of ``digits-pixart``'s 32x32 pictures (any size, position, slant, stroke)."""
+    return _embedded_judge("digits-pixart-judge")
 
 
 @torch.no_grad()

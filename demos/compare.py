@@ -66,10 +66,7 @@ def is_text_model(name: str) -> bool:
     import inspect
     import json
 
-    from accel.pipelines import EMBEDDED, WEIGHTS_DIR
-
-    folder = WEIGHTS_DIR / name if name in EMBEDDED else Path(name or "").expanduser()
-    index = folder / "model_index.json"
+    index = _model_folder(name) / "model_index.json"
     if not index.is_file():
         return False
     try:
@@ -81,14 +78,19 @@ def is_text_model(name: str) -> bool:
         return False
 
 
-def first_prompt(name: str) -> str:
-    """The first line of an embedded model's or a folder's ``prompts.txt`` (the prompt box's start), or ""."""
+def _model_folder(name: str) -> Path:
+    """Where an embedded model or a local folder named ``name`` lives (nothing is loaded)."""
     from accel.pipelines import EMBEDDED, WEIGHTS_DIR
 
-    folder = WEIGHTS_DIR / name if name in EMBEDDED else Path(name or "").expanduser()
-    path = folder / "prompts.txt"
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    return lines[0] if lines else ""
+    return WEIGHTS_DIR / name if name in EMBEDDED else Path(name or "").expanduser()
+
+
+def first_prompt(name: str) -> str:
+    """The first of an embedded model's or a folder's ``prompts.txt`` prompts (the prompt box's start), or ""."""
+    from accel.calls import read_prompts
+
+    prompts = read_prompts(_model_folder(name))
+    return prompts[0] if prompts else ""
 
 
 def method_choices() -> list[str]:

@@ -8,6 +8,7 @@ so generated samples are checked for following the caption with the rules that m
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
 from dataclasses import dataclass
@@ -145,20 +146,6 @@ def measure(images: torch.Tensor) -> Measures:
     return Measures(ink=mass, cy=cy, cx=cx, spread=(myy + mxx).sqrt(), shear=mxy / myy.clamp(min=1e-6))
 
 
-def crops(images: torch.Tensor, size: int = 16) -> torch.Tensor:
-    """Square crops around each picture's ink, resized to ``size`` (the digit judge's input)."""
-    x = images.reshape(images.shape[0], 1, images.shape[-2], images.shape[-1]).float().clamp(0, 1)
-    m = measure(x)
-    side = float(x.shape[-1])
-    out = []
-    for i in range(len(x)):
-        box = float((m.spread[i] * 3.2).clamp(8, side))
-        theta = torch.tensor([[box / side, 0.0, 2 * (m.cx[i] + 0.5) / side - 1],
-                              [0.0, box / side, 2 * (m.cy[i] + 0.5) / side - 1]]).unsqueeze(0)
-        grid = F.affine_grid(theta, [1, 1, size, size], align_corners=False)
-        out.append(F.grid_sample(x[i:i + 1], grid, mode="bilinear", padding_mode="zeros", align_corners=False))
-    return torch.cat(out)
-
 
 # ---- reading prompts and checking pictures against them ----------------------------------------------------
 
@@ -272,9 +259,8 @@ def real_pictures(prompts: list[str], per_prompt: int, split: str = "test", seed
 
 
 def _with(a: Attributes, stated: dict[str, Any]) -> Attributes:
-    fields = {k: v for k, v in stated.items() if k != "digit"}
-    merged = Attributes(**{**a.__dict__, **fields})
-    return merged if merged.size == "small" else Attributes(**{**merged.__dict__, "position": "center"})
+    merged = dataclasses.replace(a, **{k: v for k, v in stated.items() if k != "digit"})
+    return merged if merged.size == "small" else dataclasses.replace(merged, position="center")
 
 
 def random_prompts(count: int, seed: int) -> list[str]:

@@ -163,18 +163,17 @@ def test_broken_folders_and_artifacts_name_the_file(tmp_path):
     from accel.errors import ArtifactMismatchError
     from accel.methods.bac_schedule import BACSchedule
 
-    truncated = tmp_path / "truncated"
-    truncated.mkdir()
-    (truncated / "model_index.json").write_text('{"_class_name": "PixArtAlpha')
+    def folder(name: str, index: str):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text(index)
+        return tmp_path / name
+
     not_json = r"truncated/model_index.json is not a diffusers model index: invalid JSON"
     with pytest.raises(ValueError, match=not_json):
-        P.load(truncated)
-    unknown = tmp_path / "unknown"
-    unknown.mkdir()
-    (unknown / "model_index.json").write_text('{"_class_name": "NoSuchPipeline"}')
+        P.load(folder("truncated", '{"_class_name": "PixArtAlpha'))
     unknown_class = r"names the pipeline class 'NoSuchPipeline', which diffusers .* does not"
     with pytest.raises(ValueError, match=unknown_class):
-        P.load(unknown)
+        P.load(folder("unknown", '{"_class_name": "NoSuchPipeline"}'))
     garbage = tmp_path / "schedule.json"
     garbage.write_text("garbage")
     with pytest.raises(ArtifactMismatchError, match=r"schedule.json is not a BAC schedule: invalid JSON"):
