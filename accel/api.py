@@ -166,6 +166,9 @@ class Patch:
     def _install_step_tracking(self) -> None:
         adapter = self.adapter
 
+        # Compiler-disabled: reading the timestep is a host sync and the state is a Python counter; under
+        # torch.compile this runs eagerly at the head of the denoiser's graph instead of being guarded.
+        @torch.compiler.disable
         def before(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             layout = adapter.token_layout(args, kwargs) if adapter.is_denoiser else None
             timestep = timestep_value(adapter.timestep(args, kwargs))

@@ -68,6 +68,7 @@ class StepTracker:
     def __init__(self) -> None:
         self.state = StepState()
         self._reset_callbacks: list[Callable[[], None]] = []
+        self._forward_callbacks: list[Callable[[StepState], None]] = []
         self.forwards = 0
         # None until the scheduler steps in this sequence (then step boundaries come from it), else
         # whether it stepped since the last forward.
@@ -76,6 +77,14 @@ class StepTracker:
     def on_reset(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` whenever a new sequence starts (methods drop their caches there)."""
         self._reset_callbacks.append(callback)
+
+    def on_forward(self, callback: Callable[[StepState], None]) -> None:
+        """Call ``callback(state)`` at the start of every denoiser forward, once the state has advanced.
+
+        This is where step-dependent decisions belong: it runs outside ``torch.compile``'s graphs (the
+        tracker's hook is compiler-disabled), so a compiled block sees only the few values a decision can
+        take, not a step counter that would be guarded and recompiled on every step."""
+        self._forward_callbacks.append(callback)
 
     def reset(self, num_steps: int | None = None) -> None:
         """Start a new sequence; ``num_steps`` is the step count when the caller knows it."""
@@ -114,6 +123,8 @@ class StepTracker:
         if self._stepped is not None:
             self._stepped = False
         self.state = dataclasses.replace(state, batch_size=batch_size, layout=layout, branch_name=branch_name)
+        for callback in self._forward_callbacks:
+            callback(self.state)
         return self.state
 
     @staticmethod

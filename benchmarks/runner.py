@@ -140,9 +140,31 @@ def _compute_fraction(patch: accel.Patch) -> dict[str, Any]:
     return {"compute_fraction": min(fractions)} if fractions else {}
 
 
+def workload_device(workload: Workload) -> torch.device:
+    """Where the workload's model runs (its first parameter's device; CPU for parameterless models)."""
+    model = getattr(workload, "model", None)
+    param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    return param.device if param is not None else torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a wall-clock interval covers the kernels it launched."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @contextmanager
-def peak_rss_mb() -> Iterator[list[float]]:
-    """Sample the process's resident memory while the block runs; yields a one-item list with the peak."""
+def peak_memory_mb(device: torch.device) -> Iterator[list[float]]:
+    """Peak memory while the block runs, in MiB: the CUDA allocator's peak on a GPU (what the model's
+    tensors took), else the process's resident memory sampled every 10 ms. Yields a one-item list."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        peak = [0.0]
+        try:
+            yield peak
+        finally:
+            peak[0] = torch.cuda.max_memory_allocated(device) / 2**20
+        return
     import psutil
 
     process = psutil.Process()
@@ -181,8 +203,11 @@ def _call(workload: Workload, applied: Applied, batch: list[tuple[Any, int]]) ->
 
 
 def _timed_call(workload: Workload, applied: Applied, batch: list[tuple[Any, int]]) -> float:
+    device = workload_device(workload)
+    synchronize(device)
     start = time.perf_counter()
     _call(workload, applied, batch)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -243,7 +268,7 @@ def measure(
             _call(workload, applied, first)
         outputs = [_call(workload, applied, batch) for batch in shard(batches)]
         record.params_bytes = params_bytes(workload.model)
-        with peak_rss_mb() as peak:
+        with peak_memory_mb(workload_device(workload)) as peak:
             if method.kind == "none":
                 times = [_timed_call(workload, applied, first) for _ in range(repeats)]
                 record.pairs = [(t, t) for t in times]

@@ -198,6 +198,16 @@ def parse_shape(text: str) -> ShapeSpec:
     return ShapeSpec(shape, values.get("blocks"), values.get("latent"), values.get("frames"))
 
 
+def _on_device(value: Any, device: str) -> Any:
+    """Call inputs (tensors, possibly inside dicts) moved to ``device``; the inputs are drawn on the CPU
+    so every device sees the same numbers."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: _on_device(item, device) for key, item in value.items()}
+    return value
+
+
 class ShapePipeline:
     """The published denoiser, random-init, driven over a fixed schedule with the family's scheduler and
     CFG layout: what ``accel.patch`` sees in a real pipeline's loop, without text encoder or VAE."""
@@ -231,7 +241,8 @@ class ShapePipeline:
         x = self._latents(seeds)
         cfg = self.spec.shape.cfg
         batch_in = torch.cat([x, x]) if cfg == "batched" else x
-        inputs = self.spec.shape.inputs(self.spec.shape, self.transformer, batch_in, torch.Generator().manual_seed(7))
+        inputs = _on_device(self.spec.shape.inputs(self.spec.shape, self.transformer, batch_in,
+                                                   torch.Generator().manual_seed(7)), self.device)
         flux_time = self.spec.shape.model_class in ("FluxTransformer2DModel",)
         self.scheduler.set_timesteps(num_inference_steps)
         for t in self.scheduler.timesteps:

@@ -124,3 +124,41 @@ def block_sums_reference(
     probs = torch.nn.functional.pad(probs, (0, kb * block_size - Sk, 0, qb * block_size - Sq))
     sums = probs.reshape(B, H, qb, block_size, kb, block_size).sum(dim=(3, 5))
     return sums, lse.float()
+
+
+def random_block_case(seq_len: int, head_dim: int, block_size: int, seed: int = 0, batch: int = 1, heads: int = 2
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random fp32 ``q, k, v`` (CPU) and a random block mask with the edge cases every kernel must get right:
+    the first query block attends nothing, the second exactly one block (the tail block)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, seq_len, head_dim, generator=gen) for _ in range(3))
+    nb = math.ceil(seq_len / block_size)
+    table = torch.rand(batch, heads, nb, nb, generator=gen) < 0.5
+    table[..., 0, :] = False
+    if nb > 1:
+        table[..., 1, :] = False
+        table[..., 1, nb - 1] = True
+    counts = table.sum(-1, dtype=torch.int32)
+    indices = torch.argsort(table.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return q, k, v, counts, indices
+
+
+def masked_attention_same_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_counts: torch.Tensor,
+                                kv_indices: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The block-masked attention computed by torch in the inputs' own dtype: its rounding error against the
+    fp32 reference is the yardstick of :func:`within_flash_rule`."""
+    S = q.shape[2]
+    mask = token_mask(dense_block_table(kv_counts, kv_indices, math.ceil(S / block_size)), block_size, S, S)
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), -1).to(q.dtype).nan_to_num(0.0)
+    return probs @ v
+
+
+def within_flash_rule(out: torch.Tensor, same_dtype: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5
+                      ) -> tuple[bool, float, float]:
+    """FlashAttention's acceptance rule: the kernel's max error against the fp32 reference is at most twice
+    torch's own error in the same dtype, plus ``eps``. Returns ``(ok, kernel error, torch error)``."""
+    err = (out.float().cpu() - reference.float().cpu()).abs().max().item()
+    err_torch = (same_dtype.float().cpu() - reference.float().cpu()).abs().max().item()
+    return err <= 2 * err_torch + eps, err, err_torch

@@ -74,9 +74,15 @@ class _Range:
 
 
 class DeltaDiT:
-    """Runtime state of one Δ-DiT patch: the Δ per CFG branch and range, and the run log."""
+    """Runtime state of one Δ-DiT patch: the Δ per CFG branch and range, and the run log.
 
-    def __init__(self, config: DeltaDiTConfig, num_blocks: int, tracker: Any) -> None:
+    What a forward does is planned once, when it starts (:meth:`plan`, a step-tracker callback outside
+    any compiled graph); the block hooks read only that plan (``mode``: ``"full"`` or the reused range's
+    name, and ``branch``), so under ``torch.compile`` a step costs no recompilation.
+    """
+
+    def __init__(self, config: DeltaDiTConfig, block_names: list[str], tracker: Any) -> None:
+        num_blocks = len(block_names)
         cached = config.cached_blocks if config.cached_blocks is not None else num_blocks - 1
         if cached > num_blocks:
             raise ValueError(
@@ -84,16 +90,20 @@ class DeltaDiT:
             )
         self.config = config
         self.tracker = tracker
+        self.block_names = block_names
         self.front = _Range("front", 0, cached)
         self.rear = _Range("rear", num_blocks - cached, num_blocks)
         self.inputs: dict[tuple[int, str], Streams] = {}
         self.deltas: dict[tuple[int, str], Streams] = {}
         self.log = RunLog(units=num_blocks)
+        self.mode = "full"
+        self.branch = 0
 
     def reset(self) -> None:
         self.inputs.clear()
         self.deltas.clear()
         self.log.reset()
+        self.mode = "full"
 
     def is_full_step(self, step: int) -> bool:
         return step < self.config.warmup_steps or step % self.config.interval == 0
@@ -113,31 +123,40 @@ class DeltaDiT:
             )
         return self.rear if progress < self.config.boundary - 1e-9 else self.front
 
-    def decide(self, index: int, io: Any, name: str, args: tuple, kwargs: dict) -> Any:
-        state = self.tracker.state
-        step, branch = state.step_index, state.branch
+    def plan(self, state: Any) -> None:
+        """Decide this forward: reuse a range's Δ (when the step is cached and that branch has one) or run
+        everything; record which blocks run."""
+        step, self.branch = state.step_index, state.branch
+        self.mode = "full"
         if not self.is_full_step(step):
             rng = self.active_range(step)
-            delta = self.deltas.get((branch, rng.name))
-            if index in rng and delta is not None:
-                self.log.record(step, branch, name, ran=False)
-                streams = io.read_inputs(args, kwargs)
-                if index == rng.start:
-                    streams = add_streams(streams, delta)
-                return io.make_output(streams)
-        else:
+            if (self.branch, rng.name) in self.deltas:
+                self.mode = rng.name
+        skipped = self._range(self.mode)
+        for index, name in enumerate(self.block_names):
+            self.log.record(step, self.branch, name, ran=skipped is None or index not in skipped)
+
+    def _range(self, mode: str) -> _Range | None:
+        return {"front": self.front, "rear": self.rear}.get(mode)
+
+    def decide(self, index: int, io: Any, args: tuple, kwargs: dict) -> Any:
+        rng = self._range(self.mode)
+        if rng is not None and index in rng:
+            streams = io.read_inputs(args, kwargs)
+            if index == rng.start:
+                streams = add_streams(streams, self.deltas[(self.branch, rng.name)])
+            return io.make_output(streams)
+        if self.mode == "full":
             for rng in (self.front, self.rear):
                 if index == rng.start:
-                    self.inputs[(branch, rng.name)] = io.read_inputs(args, kwargs)
-        self.log.record(step, branch, name, ran=True)
+                    self.inputs[(self.branch, rng.name)] = io.read_inputs(args, kwargs)
         return None
 
     def after(self, index: int, io: Any, output: Any) -> Any:
-        state = self.tracker.state
-        if self.is_full_step(state.step_index):
+        if self.mode == "full":
             for rng in (self.front, self.rear):
                 if index == rng.stop - 1:
-                    key = (state.branch, rng.name)
+                    key = (self.branch, rng.name)
                     self.deltas[key] = subtract_streams(io.read_outputs(output), self.inputs.pop(key, {}))
         return output
 
@@ -154,11 +173,12 @@ class DeltaDiT:
 def _apply(ctx: Any, config: DeltaDiTConfig) -> DeltaDiT:
     require_residual_chain(ctx, "delta-dit", "Use 'bac', which caches per branch.")
     blocks = ctx.adapter.blocks()
-    runtime = DeltaDiT(config, len(blocks), ctx.tracker)
+    runtime = DeltaDiT(config, [block.name for block in blocks], ctx.tracker)
     ctx.tracker.on_reset(runtime.reset)
-    for block in blocks:  # every block, so the run log counts all block compute
+    ctx.tracker.on_forward(runtime.plan)
+    for block in blocks:
         hook = SkipHook(
-            decide=lambda m, a, k, b=block: runtime.decide(b.index, b.io, b.name, a, k),
+            decide=lambda m, a, k, b=block: runtime.decide(b.index, b.io, a, k),
             after=lambda m, a, k, out, b=block: runtime.after(b.index, b.io, out),
         )
         ctx.hooks.add_hook(block.module, hook, f"block.{block.name}")
