@@ -6,9 +6,9 @@ FlashAttention at long sequences, and accel's methods on the shape-true Wan and 
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` (and each method run's ``results.*`` in a subfolder). It runs
 from a plain checkout, without installing the project (the import names ``accel.kernels``, ``accel.pipelines``
-and ``accel.benchmarks`` are mapped to their folders in-process), and installs nothing; it needs torch, triton,
-diffusers, transformers, accelerate and psutil. A machine without diffusers can be handed its wheel: download
-``diffusers`` and ``importlib_metadata`` wheels (Python 3.12, no dependencies) into an ignored folder here,
+and ``accel.benchmarks`` are mapped to their folders in-process), and installs nothing; it needs torch,
+triton, diffusers, transformers, accelerate and psutil. A machine without diffusers can be handed
+its wheel: download ``diffusers`` and ``importlib_metadata`` wheels (Python 3.12, no dependencies) into an ignored folder here,
 carry it, and start with ``pip install --no-index --no-deps --target /tmp/site <folder>/*.whl`` and
 ``PYTHONPATH=/tmp/site``.
 
@@ -43,21 +43,29 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The import names pyproject maps to top-level folders (``[tool.setuptools] package-dir``).
-PROJECT_PACKAGES = {"accel": "accel", "accel.kernels": "kernels", "accel.pipelines": "pipelines",
-                    "accel.benchmarks": "benchmarks", "accel.demos": "demos"}
+PROJECT_PACKAGES = {
+    "accel": "accel",
+    "accel.kernels": "kernels",
+    "accel.pipelines": "pipelines",
+    "accel.benchmarks": "benchmarks",
+    "accel.demos": "demos",
+}
 
 
 class _ProjectFinder(importlib.abc.MetaPathFinder):
     """Finds the project's packages in the checkout by their installed names, without putting the checkout
     on ``sys.path`` (its ``kernels/`` folder would shadow the ``kernels`` package diffusers probes for)."""
 
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: Any = None, target: Any = None
+    ) -> importlib.machinery.ModuleSpec | None:
         folder = PROJECT_PACKAGES.get(fullname)
         if folder is None:
             return None
         location = ROOT / folder
-        return importlib.util.spec_from_file_location(fullname, location / "__init__.py",
-                                                      submodule_search_locations=[str(location)])
+        return importlib.util.spec_from_file_location(
+            fullname, location / "__init__.py", submodule_search_locations=[str(location)]
+        )
 
 
 def use_checkout_imports() -> None:
@@ -96,41 +104,104 @@ class Plan:
 
 
 def _gpu_kernel_cases() -> tuple[KernelCase, ...]:
-    awkward = [KernelCase(s, d, b, t) for s, d, b in ((200, 64, 64), (200, 72, 64), (200, 80, 64), (200, 96, 64),
-                                                       (200, 128, 64), (97, 80, 64), (130, 72, 128), (257, 64, 128))
-               for t in ("fp32", "fp16", "bf16")]
-    long = [KernelCase(s, d, b, t, batch=2, heads=3) for s, d, b in ((1000, 72, 64), (2050, 128, 128),
-                                                                        (4099, 80, 128)) for t in ("fp16", "bf16")]
+    awkward = [
+        KernelCase(s, d, b, t)
+        for s, d, b in (
+            (200, 64, 64),
+            (200, 72, 64),
+            (200, 80, 64),
+            (200, 96, 64),
+            (200, 128, 64),
+            (97, 80, 64),
+            (130, 72, 128),
+            (257, 64, 128),
+        )
+        for t in ("fp32", "fp16", "bf16")
+    ]
+    long = [
+        KernelCase(s, d, b, t, batch=2, heads=3)
+        for s, d, b in ((1000, 72, 64), (2050, 128, 128), (4099, 80, 128))
+        for t in ("fp16", "bf16")
+    ]
     return tuple(awkward + long)
 
 
 BENCH_COMMON = ("--steps", "10", "--repeats", "3", "--warmup", "1")
 GPU_PLAN = Plan(
     kernel_cases=_gpu_kernel_cases(),
-    sums_cases=(KernelCase(200, 64, 64, "fp32"), KernelCase(97, 72, 64, "bf16"), KernelCase(130, 80, 128, "fp16"),
-                KernelCase(4099, 128, 128, "bf16", batch=2, heads=3)),
-    attention_lengths=(16384, 32768, 65536), attention_heads=12, attention_head_dim=128, attention_block=128,
-    densities=(0.1, 0.2, 0.4), attention_repeats=20,
-    bench_runs=(
-        ("--model", "shape:wan-1.3b:blocks=4", "--methods", "none,adaspa,vmoba,delta-dit,quest", *BENCH_COMMON),
-        ("--model", "shape:pixart-xl-512:blocks=8", "--methods", "none,delta-dit,bac,quest",
-         "--steps", "20", "--repeats", "3", "--warmup", "1"),
+    sums_cases=(
+        KernelCase(200, 64, 64, "fp32"),
+        KernelCase(97, 72, 64, "bf16"),
+        KernelCase(130, 80, 128, "fp16"),
+        KernelCase(4099, 128, 128, "bf16", batch=2, heads=3),
     ),
-    device="cuda", dtype="bfloat16",
+    attention_lengths=(16384, 32768, 65536),
+    attention_heads=12,
+    attention_head_dim=128,
+    attention_block=128,
+    densities=(0.1, 0.2, 0.4),
+    attention_repeats=20,
+    bench_runs=(
+        (
+            "--model",
+            "shape:wan-1.3b:blocks=4",
+            "--methods",
+            "none,adaspa,vmoba,delta-dit,quest",
+            *BENCH_COMMON,
+        ),
+        (
+            "--model",
+            "shape:pixart-xl-512:blocks=8",
+            "--methods",
+            "none,delta-dit,bac,quest",
+            "--steps",
+            "20",
+            "--repeats",
+            "3",
+            "--warmup",
+            "1",
+        ),
+    ),
+    device="cuda",
+    dtype="bfloat16",
 )
 DRY_PLAN = Plan(
     kernel_cases=(KernelCase(97, 72, 64, "bf16"), KernelCase(130, 80, 128, "fp16")),
     sums_cases=(KernelCase(97, 72, 64, "fp32"),),
-    attention_lengths=(256, 384), attention_heads=1, attention_head_dim=32, attention_block=64,
-    densities=(0.1, 0.2, 0.4), attention_repeats=1,
+    attention_lengths=(256, 384),
+    attention_heads=1,
+    attention_head_dim=32,
+    attention_block=64,
+    densities=(0.1, 0.2, 0.4),
+    attention_repeats=1,
     bench_runs=(
-        ("--model", "shape:wan-1.3b:blocks=2:latent=16:frames=4", "--methods", "none,adaspa,delta-dit",
-         "--steps", "3", "--repeats", "1", "--warmup", "0"),
-        ("--model", "shape:pixart-xl-512:blocks=2:latent=8", "--methods",
-         "none,quest:finetune_iters=1:calib_seeds=1:sensitive_layers=1",
-         "--steps", "2", "--repeats", "1", "--warmup", "0"),
+        (
+            "--model",
+            "shape:wan-1.3b:blocks=2:latent=16:frames=4",
+            "--methods",
+            "none,adaspa,delta-dit",
+            "--steps",
+            "3",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+        ),
+        (
+            "--model",
+            "shape:pixart-xl-512:blocks=2:latent=8",
+            "--methods",
+            "none,quest:finetune_iters=1:calib_seeds=1:sensitive_layers=1",
+            "--steps",
+            "2",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+        ),
     ),
-    device="cpu", dtype="bfloat16",
+    device="cpu",
+    dtype="bfloat16",
 )
 
 
@@ -154,8 +225,12 @@ class Report:
 def environment(device: str) -> dict[str, Any]:
     import torch
 
-    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                           "machine": platform.machine(), "device": device}
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "device": device,
+    }
     try:
         import triton
 
@@ -166,8 +241,12 @@ def environment(device: str) -> dict[str, Any]:
         env["gpu"] = torch.cuda.get_device_name(0)
         env["cuda"] = torch.version.cuda
     try:
-        env["commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                       text=True, check=True).stdout.strip()
+        env["commit"] = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         env["commit"] = None  # a copied tree without .git
     env["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -190,27 +269,47 @@ def check_kernels(plan: Plan, device: str) -> list[dict[str, Any]]:
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     rows = []
     for case in plan.kernel_cases:
-        q, k, v, counts, indices = (t.to(device) for t in random_block_case(
-            case.seq_len, case.head_dim, case.block, batch=case.batch, heads=case.heads))
+        q, k, v, counts, indices = (
+            t.to(device)
+            for t in random_block_case(
+                case.seq_len, case.head_dim, case.block, batch=case.batch, heads=case.heads
+            )
+        )
         ref, ref_lse = block_sparse_attention_reference(q, k, v, counts, indices, case.block)
         ql, kl, vl = (t.to(dtypes[case.dtype]) for t in (q, k, v))
         out, lse = block_sparse_attention(ql, kl, vl, counts, indices, case.block)
         same = masked_attention_same_dtype(ql, kl, vl, counts, indices, case.block)
         ok, err, err_torch = within_flash_rule(out, same, ref)
         empty_rows_ok = bool(torch.equal(torch.isinf(lse), torch.isinf(ref_lse)))
-        rows.append({"kernel": "block_sparse_attention", **asdict(case), "err": err, "err_torch": err_torch,
-                     "ok": ok and empty_rows_ok})
+        rows.append(
+            {
+                "kernel": "block_sparse_attention",
+                **asdict(case),
+                "err": err,
+                "err_torch": err_torch,
+                "ok": ok and empty_rows_ok,
+            }
+        )
     for case in plan.sums_cases:
         gen = torch.Generator().manual_seed(1)
-        q, k = (torch.randn(case.batch, case.heads, case.seq_len, case.head_dim, generator=gen).to(device)
-                for _ in range(2))
+        q, k = (
+            torch.randn(case.batch, case.heads, case.seq_len, case.head_dim, generator=gen).to(device)
+            for _ in range(2)
+        )
         ref, ref_lse = block_sums_reference(q, k, case.block)
         sums, lse = block_sums(q.to(dtypes[case.dtype]), k.to(dtypes[case.dtype]), case.block)
         tol = 1e-4 if case.dtype == "fp32" else 5e-2
         lse_err = float((lse - ref_lse).abs().max())
         sums_err = float(((sums - ref).abs() / (tol * case.block + tol * ref.abs())).max())
-        rows.append({"kernel": "block_sums", **asdict(case), "err": lse_err, "err_torch": None,
-                     "ok": lse_err <= tol and sums_err <= 1.0})
+        rows.append(
+            {
+                "kernel": "block_sums",
+                **asdict(case),
+                "err": lse_err,
+                "err_torch": None,
+                "ok": lse_err <= tol and sums_err <= 1.0,
+            }
+        )
     return rows
 
 
@@ -245,8 +344,12 @@ def time_attention(plan: Plan, device: str, deadline: float, skipped: list[str])
             skipped.append(f"attention at {seq} tokens and longer: out of time")
             break
         gen = torch.Generator().manual_seed(seq)
-        q, k, v = (torch.randn(1, plan.attention_heads, seq, plan.attention_head_dim, generator=gen)
-                   .to(device, dtype) for _ in range(3))
+        q, k, v = (
+            torch.randn(1, plan.attention_heads, seq, plan.attention_head_dim, generator=gen).to(
+                device, dtype
+            )
+            for _ in range(3)
+        )
 
         def dense() -> torch.Tensor:
             if device == "cuda":
@@ -262,22 +365,33 @@ def time_attention(plan: Plan, device: str, deadline: float, skipped: list[str])
             mask = mask_at_density(q, k, density, plan.attention_block)
             backend = "triton" if device == "cuda" else "auto"
             out, used = sparse_attention(q, k, v, mask, backend=backend)
-            sparse_ms = _time_ms(lambda: sparse_attention(q, k, v, mask, backend=backend), plan.attention_repeats,
-                                 device)
+            sparse_ms = _time_ms(
+                lambda: sparse_attention(q, k, v, mask, backend=backend), plan.attention_repeats, device
+            )
             actual = float(mask.density())
             speedup = dense_ms / sparse_ms
-            rows.append({"tokens": seq, "heads": plan.attention_heads, "head_dim": plan.attention_head_dim,
-                         "block": plan.attention_block, "density": round(actual, 4), "backend": used,
-                         "dense_ms": round(dense_ms, 3), "sparse_ms": round(sparse_ms, 3),
-                         "speedup": round(speedup, 3), "ideal": round(1 / actual, 3),
-                         "fraction_of_ideal": round(speedup * actual, 3),
-                         "cosine_vs_dense": round(cosine(out, reference), 4)})
-        del q, k, v, reference
+            rows.append(
+                {
+                    "tokens": seq,
+                    "heads": plan.attention_heads,
+                    "head_dim": plan.attention_head_dim,
+                    "block": plan.attention_block,
+                    "density": round(actual, 4),
+                    "backend": used,
+                    "dense_ms": round(dense_ms, 3),
+                    "sparse_ms": round(sparse_ms, 3),
+                    "speedup": round(speedup, 3),
+                    "ideal": round(1 / actual, 3),
+                    "fraction_of_ideal": round(speedup * actual, 3),
+                    "cosine_vs_dense": round(cosine(out, reference), 4),
+                }
+            )
     return rows
 
 
-def run_methods(plan: Plan, out: Path, deadline: float, skipped: list[str], errors: list[str]
-                ) -> list[dict[str, Any]]:
+def run_methods(
+    plan: Plan, out: Path, deadline: float, skipped: list[str], errors: list[str]
+) -> list[dict[str, Any]]:
     """Each planned ``accel-bench`` run in this process; its records, trimmed to the speed fields."""
     from accel.benchmarks import cli
 
@@ -295,41 +409,88 @@ def run_methods(plan: Plan, out: Path, deadline: float, skipped: list[str], erro
         if not results.exists():
             continue
         for record in json.loads(results.read_text())["records"]:
-            rows.append({"model": model, **{key: record.get(key) for key in (
-                "method", "settings", "steps", "speedup", "speedup_spread", "latency_s", "baseline_latency_s",
-                "compute_fraction", "peak_mem_mb", "params_bytes", "error")}})
+            rows.append(
+                {
+                    "model": model,
+                    **{
+                        key: record.get(key)
+                        for key in (
+                            "method",
+                            "settings",
+                            "steps",
+                            "speedup",
+                            "speedup_spread",
+                            "latency_s",
+                            "baseline_latency_s",
+                            "compute_fraction",
+                            "peak_mem_mb",
+                            "params_bytes",
+                            "error",
+                        )
+                    },
+                }
+            )
     return rows
 
 
 def markdown(report: Report) -> str:
     env = report.environment
-    lines = [f"# accel GPU check{' (dry run: CPU, Triton interpreter, tiny sizes)' if report.dry_run else ''}", "",
-             f"{env.get('gpu') or env['device']}, torch {env['torch']}, triton {env['triton']}, commit "
-             f"{env['commit'] or 'unknown'}, {env['date']}; {report.elapsed_s:.0f} s in all ("
-             + ", ".join(f"{name} {secs:.0f} s" for name, secs in report.part_seconds.items()) + ").", ""]
+    lines = [
+        f"# accel GPU check{' (dry run: CPU, Triton interpreter, tiny sizes)' if report.dry_run else ''}",
+        "",
+        f"{env.get('gpu') or env['device']}, torch {env['torch']}, triton {env['triton']}, commit "
+        f"{env['commit'] or 'unknown'}, {env['date']}; {report.elapsed_s:.0f} s in all ("
+        + ", ".join(f"{name} {secs:.0f} s" for name, secs in report.part_seconds.items())
+        + ").",
+        "",
+    ]
     failed = [r for r in report.kernels if not r["ok"]]
-    lines += ["## Kernels against the fp32 reference", "",
-              f"{len(report.kernels) - len(failed)} of {len(report.kernels)} cases within FlashAttention's rule "
-              "(error <= 2 x torch's error in the same dtype + 1e-5; block sums: LSE and sums within tolerance).", ""]
+    lines += [
+        "## Kernels against the fp32 reference",
+        "",
+        f"{len(report.kernels) - len(failed)} of {len(report.kernels)} cases within FlashAttention's rule "
+        "(error <= 2 x torch's error in the same dtype + 1e-5; block sums: LSE and sums within tolerance).",
+        "",
+    ]
     if failed:
         lines += ["| kernel | S | D | block | dtype | err | torch err |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['kernel']} | {r['seq_len']} | {r['head_dim']} | {r['block']} | {r['dtype']} | "
-                  f"{r['err']:.2e} | {r['err_torch'] if r['err_torch'] is None else format(r['err_torch'], '.2e')} |"
-                  for r in failed]
+        lines += [
+            f"| {r['kernel']} | {r['seq_len']} | {r['head_dim']} | {r['block']} | {r['dtype']} | "
+            f"{r['err']:.2e} | {_fmt(r['err_torch'], '{:.2e}')} |"
+            for r in failed
+        ]
         lines.append("")
-    lines += ["## Block-sparse attention vs dense SDPA", "",
-              "| tokens | density | backend | dense ms | sparse ms | speedup | ideal | of ideal | cosine |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['tokens']:,} | {r['density']:.3f} | {r['backend']} | {r['dense_ms']:.2f} | {r['sparse_ms']:.2f} "
-              f"| {r['speedup']:.2f}x | {r['ideal']:.2f}x | {r['fraction_of_ideal']:.2f} | {r['cosine_vs_dense']:.4f} |"
-              for r in report.attention]
-    lines += ["", "## Methods on shape-true workloads (random weights: speed only)", "",
-              "| model | method | settings | steps | speedup | ± pairs | compute | peak MB | error |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Block-sparse attention vs dense SDPA",
+        "",
+        "| tokens | density | backend | dense ms | sparse ms | speedup | ideal | of ideal | cosine |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['tokens']:,} | {r['density']:.3f} | {r['backend']} | {r['dense_ms']:.2f} "
+        f"| {r['sparse_ms']:.2f} | {r['speedup']:.2f}x | {r['ideal']:.2f}x | {r['fraction_of_ideal']:.2f} "
+        f"| {r['cosine_vs_dense']:.4f} |"
+        for r in report.attention
+    ]
+    lines += [
+        "",
+        "## Methods on shape-true workloads (random weights: speed only)",
+        "",
+        "| model | method | settings | steps | speedup | ± pairs | compute | peak MB | error |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in report.methods:
-        cells = [r["model"], r["method"], r["settings"] or "", r["steps"],
-                 _fmt(r["speedup"], "{:.2f}x"), _fmt(r["speedup_spread"], "{:.2f}"),
-                 _fmt(r["compute_fraction"], "{:.3f}"), _fmt(r["peak_mem_mb"], "{:.0f}"), r["error"] or ""]
+        cells = [
+            r["model"],
+            r["method"],
+            r["settings"] or "",
+            r["steps"],
+            _fmt(r["speedup"], "{:.2f}x"),
+            _fmt(r["speedup_spread"], "{:.2f}"),
+            _fmt(r["compute_fraction"], "{:.3f}"),
+            _fmt(r["peak_mem_mb"], "{:.0f}"),
+            r["error"] or "",
+        ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     for title, items in (("Skipped", report.skipped), ("Errors", report.errors)):
         if items:
@@ -342,13 +503,23 @@ def _fmt(value: Any, fmt: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     p.add_argument("--out", type=Path, default=Path("gpu-check"), help="folder for gpu_check.json/.md")
-    p.add_argument("--dry-run", action="store_true",
-                   help="CPU, Triton's interpreter, tiny sizes: the same code paths, for the test suite")
-    p.add_argument("--budget-s", type=float, default=450.0,
-                   help="parts that would start after this many seconds are skipped (default 450)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="CPU, Triton's interpreter, tiny sizes: the same code paths, for the test suite",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=450.0,
+        help="parts that would start after this many seconds are skipped (default 450)",
+    )
     p.add_argument("--parts", default="kernels,attention,methods", help="comma list of parts to run")
     return p
 
@@ -358,10 +529,15 @@ def main(argv: list[str] | None = None) -> int:
     parts = set(args.parts.split(","))
     unknown = parts - {"kernels", "attention", "methods"}
     if unknown:
-        print(f"gpu_check: unknown part(s) {sorted(unknown)}; accepted: kernels, attention, methods", file=sys.stderr)
+        print(
+            f"gpu_check: unknown part(s) {sorted(unknown)}; accepted: kernels, attention, methods",
+            file=sys.stderr,
+        )
         return 2
     if args.dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined, i.e. before triton is imported
+        os.environ["TRITON_INTERPRET"] = (
+            "1"  # read when the kernels are defined, i.e. before triton is imported
+        )
     use_checkout_imports()
     import torch
 
@@ -375,9 +551,16 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(dry_run=args.dry_run, environment=environment(plan.device))
     steps: list[tuple[str, Callable[[], None]]] = [
         ("kernels", lambda: report.kernels.extend(check_kernels(plan, plan.device))),
-        ("attention", lambda: report.attention.extend(time_attention(plan, plan.device, deadline, report.skipped))),
-        ("methods", lambda: report.methods.extend(run_methods(plan, args.out, deadline, report.skipped,
-                                                              report.errors))),
+        (
+            "attention",
+            lambda: report.attention.extend(time_attention(plan, plan.device, deadline, report.skipped)),
+        ),
+        (
+            "methods",
+            lambda: report.methods.extend(
+                run_methods(plan, args.out, deadline, report.skipped, report.errors)
+            ),
+        ),
     ]
     for name, step in steps:
         if name not in parts:

@@ -126,8 +126,9 @@ def block_sums_reference(
     return sums, lse.float()
 
 
-def random_block_case(seq_len: int, head_dim: int, block_size: int, seed: int = 0, batch: int = 1, heads: int = 2
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def random_block_case(
+    seq_len: int, head_dim: int, block_size: int, seed: int = 0, batch: int = 1, heads: int = 2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random fp32 ``q, k, v`` (CPU) and a random block mask with the edge cases every kernel must get right:
     the first query block attends nothing, the second exactly one block (the tail block)."""
     gen = torch.Generator().manual_seed(seed)

@@ -13,8 +13,9 @@ from tiny import TinyPipe
 STEPS = 8
 
 
-def _compiled_calls(method: str | None, calls: int = 2) -> tuple[list[int], list[torch.Tensor], torch.Tensor,
-                                                                accel.Patch | None]:
+def _compiled_calls(
+    method: str | None, calls: int = 2
+) -> tuple[list[int], list[torch.Tensor], torch.Tensor, accel.Patch | None]:
     """Frames compiled after each of ``calls`` compiled 8-step calls, their outputs, the output of an eager
     call of the same patch made just before compiling (after one call, so methods that calibrate online
     already have their schedule) and the patch."""

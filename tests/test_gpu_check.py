@@ -18,8 +18,15 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          check=False, timeout=900)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+    )
 
 
 @pytest.mark.slow
@@ -39,8 +46,13 @@ def test_dry_run_writes_every_part(tmp_path):
         assert row["fraction_of_ideal"] == pytest.approx(row["speedup"] / row["ideal"], rel=1e-2, abs=2e-3)
         assert 0.0 < row["density"] <= 1.0 and row["cosine_vs_dense"] > 0
     methods = {(r["model"].split(":")[1], r["method"]) for r in report["methods"]}
-    assert methods == {("wan-1.3b", "none"), ("wan-1.3b", "adaspa"), ("wan-1.3b", "delta-dit"),
-                       ("pixart-xl-512", "none"), ("pixart-xl-512", "quest")}
+    assert methods == {
+        ("wan-1.3b", "none"),
+        ("wan-1.3b", "adaspa"),
+        ("wan-1.3b", "delta-dit"),
+        ("pixart-xl-512", "none"),
+        ("pixart-xl-512", "quest"),
+    }
     assert all(r["error"] is None and r["speedup"] > 0 for r in report["methods"])
     assert set(report["part_seconds"]) == {"kernels", "attention", "methods"}
     table = (out / "gpu_check.md").read_text()
