@@ -4,13 +4,13 @@ FlashAttention at long sequences, and accel's methods on the shape-true Wan and 
     python3 benchmarks/gpu_check.py --out gpu-check            # a CUDA machine: at most 8 minutes on one H200
     python3 benchmarks/gpu_check.py --dry-run --out /tmp/gc    # CPU, Triton's interpreter, tiny sizes
 
-Writes ``gpu_check.json`` and ``gpu_check.md`` (and each method run's ``results.*`` in a subfolder). It runs
-from a plain checkout, without installing the project (the import names ``accel.kernels``, ``accel.pipelines``
-and ``accel.benchmarks`` are mapped to their folders in-process), and installs nothing; it needs torch,
-triton, diffusers, transformers, accelerate and psutil. A machine without diffusers can be handed
-its wheel: download ``diffusers`` and ``importlib_metadata`` wheels (Python 3.12, no dependencies) into an ignored folder here,
-carry it, and start with ``pip install --no-index --no-deps --target /tmp/site <folder>/*.whl`` and
-``PYTHONPATH=/tmp/site``.
+Writes ``gpu_check.json`` and ``gpu_check.md`` (and each method run's ``results.*`` in a subfolder).
+It runs from a plain checkout without installing the project (the import names ``accel.kernels``,
+``accel.pipelines`` and ``accel.benchmarks`` are mapped to their folders in-process) and installs nothing;
+it needs torch, triton, diffusers, transformers, accelerate and psutil. A machine without diffusers can be
+handed wheels: download ``diffusers`` and ``importlib_metadata`` (Python 3.12, no dependencies) into an
+ignored folder, carry it, and start with ``pip install --no-index --no-deps --target /tmp/site
+<folder>/*.whl`` and ``PYTHONPATH=/tmp/site``.
 
 Parts, in order of importance (``--budget-s`` skips what would not finish in time, and says so):
 1. **kernels**: ``block_sparse_attention`` and ``block_sums`` against the fp32 references at awkward sizes
