@@ -96,6 +96,10 @@ class SparseAttentionHook(ModelHook):
         self.calls += 1
         return self.handler(*args, **kwargs)
 
+    # Compiler-disabled: block selection is data-dependent Python (searches, top-k lists, a ContextVar);
+    # under torch.compile the attention module runs eagerly between compiled pieces instead of breaking
+    # the graph at every step of the selection.
+    @torch.compiler.disable
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         before = self.calls
         token = _ACTIVE.set(self._handle)
