@@ -1,4 +1,5 @@
-"""The alternatives ``accel-bench`` compares accel's methods with: diffusers' caches and torchao int8.
+"""The alternatives ``accel-bench`` compares accel's methods with: diffusers' caches, cache-dit's DBCache,
+torchao int8 and a dense-equivalent FlexAttention window.
 
 Each :class:`Baseline` attaches one method to a pipeline (or a bare model) and returns a
 :class:`BaselineHandle` that the runner calls around every pipeline call; ``remove()`` restores the
@@ -500,6 +501,122 @@ def _flex_window(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
     return _WindowHandle(patch, hooks, runtime)
 
 
+def _cache_dit_missing() -> str | None:
+    try:
+        import cache_dit  # noqa: F401
+    except Exception:  # noqa: BLE001 - not installed, or built against another diffusers
+        return "cache-dit is not installed (pip install cache-dit)"
+    return None
+
+
+class _ClassAttrs:
+    """Class attributes another library sets (cache-dit wraps the pipeline *class*'s ``__call__``), put back
+    exactly: present ones to their old value, absent ones deleted."""
+
+    def __init__(self, cls: type, names: tuple[str, ...]) -> None:
+        self._cls = cls
+        self._saved = {name: cls.__dict__.get(name, _MISSING_ATTR) for name in names}
+
+    def restore(self) -> None:
+        for name, value in self._saved.items():
+            if value is _MISSING_ATTR:
+                if name in self._cls.__dict__:
+                    delattr(self._cls, name)
+            else:
+                setattr(self._cls, name, value)
+
+
+_MISSING_ATTR = object()
+_CACHE_DIT_CLASS_ATTRS = ("__call__", "_original_call", "_is_cached")
+
+
+class _CacheDitHandle(BaselineHandle):
+    """cache-dit's DBCache (optionally with its TaylorSeer calibrator) on a diffusers pipeline. cache-dit
+    resets its context at every pipeline call by wrapping the pipeline class's ``__call__``; removal calls
+    ``cache_dit.disable_cache`` and then restores the class, the pipeline's and the model's state exactly."""
+
+    def __init__(self, pipe: Any, model: torch.nn.Module, adapter: Any, cache_config: Any,
+                 calibrator: Any) -> None:
+        import cache_dit
+
+        super().__init__(_Snapshot(model))
+        self._pipe = pipe
+        self._class = _ClassAttrs(type(pipe), _CACHE_DIT_CLASS_ATTRS)
+        self._pipe_dict = dict(vars(pipe))
+        self._fraction: float | None = None
+        try:
+            cache_dit.enable_cache(adapter, cache_config=cache_config, calibrator_config=calibrator)
+        except Exception:
+            self.remove()
+            raise
+        self._counter = _MacCounter(model)
+        self._forwards = model.register_forward_pre_hook(self._on_forward)
+
+    def _on_forward(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if self._counter.active:
+            self._counter.forwards.append(["all", 0])
+
+    def after_call(self) -> None:
+        if self._counter.active and self._counter.forwards:
+            self._fraction = self._counter.fraction()
+            self._counter.detach()
+            self._forwards.remove()
+
+    def report(self) -> dict[str, Any]:
+        return {} if self._fraction is None else {"compute_fraction": round(self._fraction, 4)}
+
+    def remove(self) -> None:
+        import cache_dit
+
+        if getattr(self, "_counter", None) is not None:
+            self._counter.detach()
+            self._forwards.remove()
+        try:
+            cache_dit.disable_cache(self._pipe)
+        except Exception:  # noqa: BLE001 - never attached, or attached halfway: the restores below undo it
+            pass
+        self._class.restore()
+        vars(self._pipe).clear()
+        vars(self._pipe).update(self._pipe_dict)
+        super().remove()
+
+
+def _cache_dit_adapter(pipe: Any, model: torch.nn.Module) -> Any:
+    """cache-dit's own block adapter for the denoiser's family, found by the denoiser's class name (its
+    registry is keyed by pipeline names that start like the model's: ``DiT``, ``PixArt``, ``Wan``...), so
+    pipelines of other names (accel's digit pipelines) get the family's adapter too."""
+    from cache_dit.caching.block_adapters.block_registers import BlockAdapterRegister
+    from diffusers import DiffusionPipeline
+
+    if not isinstance(pipe, DiffusionPipeline):
+        raise ValueError("cache-dit needs a diffusers pipeline (it resets its cache at every pipeline call); "
+                         f"got {type(pipe).__name__}.")
+    name = type(model).__name__
+    for prefix, factory in BlockAdapterRegister._adapters.items():
+        if name.startswith(prefix) or type(pipe).__name__.startswith(prefix):
+            return factory(pipe)
+    raise ValueError(f"cache-dit has no block adapter for {name} (it supports "
+                     f"{', '.join(sorted(BlockAdapterRegister._adapters))}).")
+
+
+def _cache_dit(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
+    from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
+
+    for key, low in (("fn", 1), ("bn", 0), ("warmup", 0)):
+        _require(s[key] >= low, "cache-dit", key, s[key], f"an int >= {low}")
+    _require(s["threshold"] >= 0, "cache-dit", "threshold", s["threshold"], "a float >= 0")
+    _require(s["order"] >= 0, "cache-dit", "order", s["order"], "an int >= 0 (0: no TaylorSeer)")
+    model = denoiser_of(pipe)
+    blocks = sum(len(getattr(model, n)) for n in _block_lists(model, "cache-dit"))
+    _require(s["fn"] + s["bn"] <= blocks, "cache-dit", "fn + bn", s["fn"] + s["bn"],
+             f"at most the model's {blocks} blocks")
+    config = DBCacheConfig(Fn_compute_blocks=s["fn"], Bn_compute_blocks=s["bn"],
+                           residual_diff_threshold=s["threshold"],
+                           max_warmup_steps=s["warmup"], num_inference_steps=steps)
+    calibrator = TaylorSeerCalibratorConfig(taylorseer_order=s["order"]) if s["order"] > 0 else None
+    return _CacheDitHandle(pipe, model, _cache_dit_adapter(pipe, model), config, calibrator)
+
+
 _WINDOW = {"t_min": 100, "t_max": 800}
 
 BASELINES: dict[str, Baseline] = {b.name: b for b in [
@@ -532,6 +649,14 @@ BASELINES: dict[str, Baseline] = {b.name: b for b in [
     Baseline("torchao-int8", "torchao int8 dynamic-activation int8-weight quantization of the denoiser, "
              "torch.compile'd", {"compile": True}, [{"compile": True}], _torchao_int8, _torchao_missing,
              cheap_to_reattach=False),
+    # cache-dit's own defaults (F1B0, threshold 0.08); digit models' first-block residual changes 0.3-0.5
+    # (relative) per step at 20 steps, so the sweep reaches much higher thresholds.
+    Baseline("cache-dit", "cache-dit DBCache: always compute the first `fn` and last `bn` blocks, skip the "
+             "middle while the first blocks' residual changes less than `threshold`; `order` > 0 adds its "
+             "TaylorSeer calibrator", {"fn": 1, "bn": 0, "threshold": 0.08, "warmup": 4, "order": 0},
+             [{"fn": f, "bn": b, "threshold": t, "order": o} for f, b, t, o in (
+                 (1, 0, 0.08, 0), (1, 0, 0.2, 0), (1, 0, 0.3, 0), (1, 0, 0.5, 0), (1, 0, 0.3, 1),
+                 (1, 0, 0.5, 1), (2, 1, 0.5, 1), (1, 0, 0.8, 1))], _cache_dit, _cache_dit_missing),
     Baseline("flex-window", "dense-equivalent local-window attention (fixed band of key blocks at the "
              "given density) on FlexAttention", {"density": 0.3, "block_size": 64},
              [{"density": d} for d in (0.5, 0.3, 0.2, 0.1)], _flex_window),

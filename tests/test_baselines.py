@@ -201,3 +201,44 @@ def test_apply_rejects_bad_values_and_unknown_keys() -> None:
     with pytest.raises(ValueError, match=r"magcache has no setting\(s\) \['bogus'\]; accepted:"):
         BASELINES["magcache"].apply(pipe, {"bogus": 1}, STEPS)
     assert "_diffusers_hook" not in vars(pipe.transformer)
+
+
+def _pixart_call(pipe) -> torch.Tensor:
+    return pipe(prompt=["a digit", "a seven"], num_inference_steps=STEPS, output_type="pt", height=32, width=32,
+                use_resolution_binning=False, clean_caption=False, guidance_scale=4.5,
+                generator=torch.Generator().manual_seed(0)).images
+
+
+@pytest.mark.skipif(BASELINES["cache-dit"].available() is not None, reason="cache-dit is not installed")
+def test_cache_dit_skips_on_a_real_pipeline_and_restores_its_class() -> None:
+    from tiny_pipelines import build_pipeline
+
+    pipe = build_pipeline("pixart")
+    cls_call = type(pipe).__call__
+    reference = _pixart_call(pipe)
+    keys = {n: sorted(m.__dict__) for n, m in pipe.transformer.named_modules()}
+    handle = BASELINES["cache-dit"].apply(pipe, {"threshold": 10.0, "warmup": 1}, STEPS)
+    handle.before_call()
+    cached = _pixart_call(pipe)
+    handle.after_call()
+    fraction = handle.report()["compute_fraction"]
+    assert fraction < 0.8, fraction  # the middle blocks were really skipped
+    assert torch.isfinite(cached).all() and not torch.equal(cached, reference)
+    handle.remove()
+    assert type(pipe).__call__ is cls_call and "_is_cached" not in type(pipe).__dict__
+    assert {n: sorted(m.__dict__) for n, m in pipe.transformer.named_modules()} == keys
+    assert torch.equal(_pixart_call(pipe), reference)
+
+
+@pytest.mark.skipif(BASELINES["cache-dit"].available() is not None, reason="cache-dit is not installed")
+def test_cache_dit_refuses_what_it_cannot_drive() -> None:
+    family = FAMILIES["wan"]
+    with pytest.raises(ValueError, match="cache-dit needs a diffusers pipeline"):
+        BASELINES["cache-dit"].apply(family.build(), {}, STEPS)
+    with pytest.raises(ValueError, match=r"cache-dit:fn \+ bn must be at most the model's 3 blocks, got 5"):
+        BASELINES["cache-dit"].apply(TinyPipe(), {"fn": 4, "bn": 1}, STEPS)
+
+
+def test_cache_dit_missing_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "cache_dit", None)
+    assert "cache-dit is not installed" in BASELINES["cache-dit"].available()
