@@ -96,3 +96,18 @@ def test_sparse_attention_runs_eagerly_inside_a_compiled_model(method):
     assert frames[0] <= 6 and frames[1] == frames[0], frames
     assert patch.report().methods[method]["density"] < 1.0
     patch.remove()
+
+
+@pytest.mark.slow
+def test_compile_bench_writes_paired_rows(tmp_path):
+    import json
+
+    from accel.benchmarks import compile_bench
+
+    assert compile_bench.main(["--steps", "2", "--repeats", "1", "--backend", "eager", "--methods", "delta-dit",
+                               "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "compile.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["none", "delta-dit"]
+    assert rows[0]["frames"] == 1 and not any(r["recompiled_after_warmup"] for r in rows)
+    assert rows[1]["max_abs_diff_compiled_vs_eager"] < 1e-5 and rows[1]["compute_fraction"] < 1.0
+    assert rows[1]["eager_speedup"] == pytest.approx(rows[0]["eager_s"] / rows[1]["eager_s"])

@@ -1,0 +1,108 @@
+"""accel methods under ``torch.compile``: eager and compiled, unpatched and patched, in one run.
+
+    python -m accel.benchmarks.compile_bench --model digits-dit --methods delta-dit,bac --steps 20
+
+For each method: the pipeline is patched, one eager call is made (methods that calibrate online do so
+there), then the denoiser is compiled (inductor unless ``--backend``) and called until two calls in a row
+compile nothing new. Reported per method: eager and compiled latency (medians of ``--repeats``; the unpatched
+model is measured the same way first, in the same run), the compile seconds the first compiled call spent
+beyond a steady one, the frames dynamo compiled, whether a later call recompiled, and the largest difference
+between the compiled and the eager output. Run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _frames() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["ok"])
+
+
+def measure(pipe: Any, run: Callable[[], torch.Tensor], method: str | None, backend: str, repeats: int
+            ) -> dict[str, Any]:
+    """One method's eager and compiled figures against the unpatched model in both modes."""
+    import accel
+
+    original = pipe.transformer
+    patch = accel.patch(pipe, method) if method else None
+    try:
+        run()  # online calibration, kernel choice
+        eager_out = run()
+        eager = [_timed(run) for _ in range(repeats)]
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        pipe.transformer = torch.compile(original, backend=backend)
+        first = _timed(run)
+        frames_first = _frames()
+        compiled_out = run()
+        steady_frames = _frames()
+        compiled = [_timed(run) for _ in range(repeats)]
+        recompiled = _frames() != steady_frames
+        report = patch.report().methods.get(method, {}) if patch else {}
+    finally:
+        pipe.transformer = original
+        if patch is not None:
+            patch.remove()
+    return {"method": method or "none", "eager_s": statistics.median(eager), "compiled_s": statistics.median(compiled),
+            "first_compiled_call_s": first, "frames": steady_frames, "frames_after_first_call": frames_first,
+            "recompiled_after_warmup": recompiled,
+            "max_abs_diff_compiled_vs_eager": float((compiled_out - eager_out).abs().max()),
+            "compute_fraction": report.get("compute_fraction")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from accel.pipelines.generation import generate
+    from accel.pipelines.loading import load
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="digits-dit")
+    p.add_argument("--methods", default="delta-dit,bac")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--backend", default="inductor")
+    p.add_argument("--out", type=Path, default=Path("bench-out/compile"))
+    args = p.parse_args(argv)
+    pipe = load(args.model)
+    labels = list(range(10))
+
+    def run() -> torch.Tensor:
+        return generate(pipe, labels, seeds=labels, steps=args.steps)
+
+    rows = [measure(pipe, run, None, args.backend, args.repeats)]
+    base = rows[0]
+    for method in [m for m in args.methods.split(",") if m]:
+        row = measure(pipe, run, method, args.backend, args.repeats)
+        row["eager_speedup"] = base["eager_s"] / row["eager_s"]
+        row["compiled_speedup_vs_compiled_none"] = base["compiled_s"] / row["compiled_s"]
+        row["compiled_speedup_vs_eager_none"] = base["eager_s"] / row["compiled_s"]
+        row["compile_s_added"] = row["first_compiled_call_s"] - row["compiled_s"] - (
+            base["first_compiled_call_s"] - base["compiled_s"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = {"torch": torch.__version__, "model": args.model, "steps": args.steps, "backend": args.backend,
+           "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+    (args.out / "compile.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    print(json.dumps(base))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
