@@ -39,10 +39,10 @@ def test_unpatched_model_compiles_to_one_frame():
     torch.testing.assert_close(outputs[1], eager)
 
 
-@pytest.mark.parametrize("method,bound", [("delta-dit", 6), ("hierarchical-prune", 4)])
+@pytest.mark.parametrize("method,bound", [("delta-dit", 6), ("hierarchical-prune", 4), ("bac", 32)])
 def test_step_decisions_do_not_recompile(method, bound):
-    """Decisions are planned outside the graph: a few frames (one per kind of step), none added by the
-    second call, and the compiled outputs are the eager ones."""
+    """Decisions are made outside the graph (planned per forward, or compiler-disabled per unit): a bounded
+    number of frames, none added by the second call, and the compiled outputs are the eager ones."""
     frames, outputs, eager, patch = _compiled_calls(method)
     assert frames[0] <= bound, frames
     assert frames[1] == frames[0], f"the second call compiled {frames[1] - frames[0]} more frames"
@@ -55,7 +55,7 @@ def test_step_decisions_do_not_recompile(method, bound):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["bac", "quest"])
+@pytest.mark.parametrize("method", ["quest"])
 def test_other_methods_match_eager_and_stop_compiling(method):
     frames, outputs, eager, patch = _compiled_calls(method, calls=3)
     assert frames[2] == frames[1], frames

@@ -91,15 +91,15 @@ class SparseAttentionHook(ModelHook):
         self.on_miss = on_miss
         self.calls = 0
         self.missed = 0
+        # Compiler-disabled (here, not at import: that would import dynamo): block selection is data-dependent
+        # Python (searches, top-k lists, a ContextVar); under torch.compile the attention module runs eagerly
+        # between compiled pieces instead of breaking the graph at every step of the selection.
+        self.new_forward = torch.compiler.disable(self.new_forward)
 
     def _handle(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         self.calls += 1
         return self.handler(*args, **kwargs)
 
-    # Compiler-disabled: block selection is data-dependent Python (searches, top-k lists, a ContextVar);
-    # under torch.compile the attention module runs eagerly between compiled pieces instead of breaking
-    # the graph at every step of the selection.
-    @torch.compiler.disable
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         before = self.calls
         token = _ACTIVE.set(self._handle)

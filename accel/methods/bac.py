@@ -442,10 +442,12 @@ def _apply(ctx: Any, config: BACConfig) -> BAC:
     if config.granularity is Granularity.STACK:
         _hook_span(ctx, runtime)
         return runtime
+    # Decisions run compiler-disabled: they read per-unit schedules and the step, which as guards would
+    # recompile at every step; each unit's own compute still compiles, shared across blocks of a kind.
     for branch in runtime.branches:
         hook = SkipHook(
-            decide=lambda m, a, k, b=branch: runtime.decide(b, a, k),
-            after=lambda m, a, k, out, b=branch: runtime.after(b, out),
+            decide=torch.compiler.disable(lambda m, a, k, b=branch: runtime.decide(b, a, k)),
+            after=torch.compiler.disable(lambda m, a, k, out, b=branch: runtime.after(b, out)),
         )
         ctx.hooks.add_hook(branch.module, hook, f"unit.{branch.key}")
     return runtime
@@ -457,8 +459,8 @@ def _hook_span(ctx: Any, runtime: BAC) -> None:
     last = blocks[-1].index
     for block in blocks:  # every block: the first decides, the rest pass through on reused steps
         hook = SkipHook(
-            decide=lambda m, a, k, b=block: runtime.decide_span(b, a, k),
-            after=lambda m, a, k, out, b=block: runtime.after_span(b, out, last),
+            decide=torch.compiler.disable(lambda m, a, k, b=block: runtime.decide_span(b, a, k)),
+            after=torch.compiler.disable(lambda m, a, k, out, b=block: runtime.after_span(b, out, last)),
         )
         ctx.hooks.add_hook(block.module, hook, f"block.{block.name}")
 
