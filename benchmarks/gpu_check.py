@@ -126,82 +126,33 @@ def _gpu_kernel_cases() -> tuple[KernelCase, ...]:
     return tuple(awkward + long)
 
 
-BENCH_COMMON = ("--steps", "10", "--repeats", "3", "--warmup", "1")
 GPU_PLAN = Plan(
     kernel_cases=_gpu_kernel_cases(),
-    sums_cases=(
-        KernelCase(200, 64, 64, "fp32"),
-        KernelCase(97, 72, 64, "bf16"),
-        KernelCase(130, 80, 128, "fp16"),
-        KernelCase(4099, 128, 128, "bf16", batch=2, heads=3),
-    ),
-    attention_lengths=(16384, 32768, 65536),
-    attention_heads=12,
-    attention_head_dim=128,
-    attention_block=128,
-    densities=(0.1, 0.2, 0.4),
-    attention_repeats=20,
+    sums_cases=(KernelCase(200, 64, 64, "fp32"), KernelCase(97, 72, 64, "bf16"),
+                KernelCase(130, 80, 128, "fp16"), KernelCase(4099, 128, 128, "bf16", batch=2, heads=3)),
+    attention_lengths=(16384, 32768, 65536), attention_heads=12, attention_head_dim=128, attention_block=128,
+    densities=(0.1, 0.2, 0.4), attention_repeats=20,
     bench_runs=(
-        (
-            "--model",
-            "shape:wan-1.3b:blocks=4",
-            "--methods",
-            "none,adaspa,vmoba,delta-dit,quest",
-            *BENCH_COMMON,
-        ),
-        (
-            "--model",
-            "shape:pixart-xl-512:blocks=8",
-            "--methods",
-            "none,delta-dit,bac,quest",
-            "--steps",
-            "20",
-            "--repeats",
-            "3",
-            "--warmup",
-            "1",
-        ),
+        tuple("--model shape:wan-1.3b:blocks=4 --methods none,adaspa,vmoba,delta-dit,quest "
+              "--steps 10 --repeats 3 --warmup 1".split()),
+        tuple("--model shape:pixart-xl-512:blocks=8 --methods none,delta-dit,bac,quest "
+              "--steps 20 --repeats 3 --warmup 1".split()),
     ),
-    device="cuda",
-    dtype="bfloat16",
+    device="cuda", dtype="bfloat16",
 )
-DRY_PLAN = Plan(
+DRY_PLAN = Plan(  # the same parts at sizes the CPU interpreter runs in about a minute
     kernel_cases=(KernelCase(97, 72, 64, "bf16"), KernelCase(130, 80, 128, "fp16")),
     sums_cases=(KernelCase(97, 72, 64, "fp32"),),
-    attention_lengths=(256, 384),
-    attention_heads=1,
-    attention_head_dim=32,
-    attention_block=64,
-    densities=(0.1, 0.2, 0.4),
-    attention_repeats=1,
+    attention_lengths=(256, 384), attention_heads=1, attention_head_dim=32, attention_block=64,
+    densities=(0.1, 0.2, 0.4), attention_repeats=1,
     bench_runs=(
-        (
-            "--model",
-            "shape:wan-1.3b:blocks=2:latent=16:frames=4",
-            "--methods",
-            "none,adaspa,delta-dit",
-            "--steps",
-            "3",
-            "--repeats",
-            "1",
-            "--warmup",
-            "0",
-        ),
-        (
-            "--model",
-            "shape:pixart-xl-512:blocks=2:latent=8",
-            "--methods",
-            "none,quest:finetune_iters=1:calib_seeds=1:sensitive_layers=1",
-            "--steps",
-            "2",
-            "--repeats",
-            "1",
-            "--warmup",
-            "0",
-        ),
+        tuple("--model shape:wan-1.3b:blocks=2:latent=16:frames=4 --methods none,adaspa,delta-dit "
+              "--steps 3 --repeats 1 --warmup 0".split()),
+        tuple("--model shape:pixart-xl-512:blocks=2:latent=8 "
+              "--methods none,quest:finetune_iters=1:calib_seeds=1:sensitive_layers=1 "
+              "--steps 2 --repeats 1 --warmup 0".split()),
     ),
-    device="cpu",
-    dtype="bfloat16",
+    device="cpu", dtype="bfloat16",
 )
 
 
