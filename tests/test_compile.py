@@ -39,7 +39,8 @@ def test_unpatched_model_compiles_to_one_frame():
     torch.testing.assert_close(outputs[1], eager)
 
 
-@pytest.mark.parametrize("method,bound", [("delta-dit", 6), ("hierarchical-prune", 4), ("bac", 32)])
+@pytest.mark.parametrize("method,bound", [
+    ("delta-dit", 6), ("hierarchical-prune", 4), ("bac", 32), ("quest", 4)])
 def test_step_decisions_do_not_recompile(method, bound):
     """Decisions are made outside the graph (planned per forward, or compiler-disabled per unit): a bounded
     number of frames, none added by the second call, and the compiled outputs are the eager ones."""
@@ -51,16 +52,6 @@ def test_step_decisions_do_not_recompile(method, bound):
     if method == "delta-dit":
         facts = patch.report().methods["delta-dit"]
         assert facts["compute_fraction_last_call"] < 0.7  # blocks really skipped inside the compiled model
-    patch.remove()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["quest"])
-def test_other_methods_match_eager_and_stop_compiling(method):
-    frames, outputs, eager, patch = _compiled_calls(method, calls=3)
-    assert frames[2] == frames[1], frames
-    for got in outputs:
-        torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
     patch.remove()
 
 
@@ -104,8 +95,8 @@ def test_compile_bench_writes_paired_rows(tmp_path):
 
     from accel.benchmarks import compile_bench
 
-    assert compile_bench.main(["--steps", "2", "--repeats", "1", "--backend", "eager", "--methods", "delta-dit",
-                               "--out", str(tmp_path)]) == 0
+    args = "--steps 2 --repeats 1 --backend eager --methods delta-dit --out".split()
+    assert compile_bench.main([*args, str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "compile.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["none", "delta-dit"]
     assert rows[0]["frames"] == 1 and not any(r["recompiled_after_warmup"] for r in rows)

@@ -200,10 +200,11 @@ def int_mm_linear(
     if x_zero.dim() == 0:  # static: the zero-point terms are one integer vector, computed once
         if "corr" not in cache:
             cache["corr"] = k * zx * w_zero - zx * cache["w_colsum"]  # (N,) int32
+            cache["corr_any"] = bool(cache["corr"].any())  # read once: a per-call host read breaks graphs
             cache["scale"] = x_scale * w_scale  # (N,)
         if cache["w_asym"]:
             acc -= w_zero * qx.sum(1, keepdim=True, dtype=torch.int32)
-        if bool(cache["corr"].any()):
+        if cache["corr_any"]:
             acc += cache["corr"]
         scale = cache["scale"]
     else:
@@ -229,10 +230,12 @@ def onednn_linear(
         cache["packed"] = torch.ops.onednn.qlinear_prepack(qw, None)
         cache["w_zeros"] = torch.zeros(qw.shape[0], dtype=torch.long)
     xu8 = (qx.to(torch.int16) + 128).to(torch.uint8)
-    return torch.ops.onednn.qlinear_pointwise(
+    # The tensor overload takes scale and zero point as tensors: no host read per call, so a compiled
+    # model keeps this layer inside its graph.
+    return torch.ops.onednn.qlinear_pointwise.tensor(
         xu8,
-        float(x_scale),
-        int(x_zero) + 128,
+        x_scale.float().reshape(()),
+        (x_zero.round().to(torch.int32) + 128).reshape(()),
         cache["packed"],
         w_scale,
         cache["w_zeros"],
