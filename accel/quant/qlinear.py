@@ -220,7 +220,7 @@ class QuantLinear(torch.nn.Module, _ActQuant):
                 qx, scale, zero, self.int_weight(), self.w_scale, self.w_zero, self.bias, self._runtime
             )
         elif kernel == "onednn":
-            out = kernels.onednn_linear(
+            out = _onednn_outside_graph()(
                 qx, scale, zero, self.int_weight(), self.w_scale, self.bias, self._runtime
             )
         else:
@@ -234,3 +234,15 @@ class QuantLinear(torch.nn.Module, _ActQuant):
             f"in_features={s.in_features}, out_features={s.out_features}, w{s.w_bits}a{s.a_bits}, "
             f"acts={'per-token dynamic' if s.a_dynamic else 'per-tensor static'}, kernel={self.kernel}"
         )
+
+
+_ONEDNN_EAGER: list = []
+
+
+def _onednn_outside_graph() -> Any:
+    """``kernels.onednn_linear``, compiler-disabled: inductor lowers oneDNN's qlinear only with its packed
+    weight frozen into the graph, and the prepacked weight here is runtime state. Built on first use, since
+    ``torch.compiler`` imports dynamo (importing accel must not)."""
+    if not _ONEDNN_EAGER:
+        _ONEDNN_EAGER.append(torch.compiler.disable(kernels.onednn_linear))
+    return _ONEDNN_EAGER[0]
