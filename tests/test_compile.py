@@ -14,7 +14,7 @@ STEPS = 8
 
 
 def _compiled_calls(
-    method: str | None, calls: int = 2
+    method: str | accel.MethodConfig | None, calls: int = 2
 ) -> tuple[list[int], list[torch.Tensor], torch.Tensor, accel.Patch | None]:
     """Frames compiled after each of ``calls`` compiled 8-step calls, their outputs, the output of an eager
     call of the same patch made just before compiling (after one call, so methods that calibrate online
@@ -52,6 +52,14 @@ def test_step_decisions_do_not_recompile(method, bound):
     if method == "delta-dit":
         facts = patch.report().methods["delta-dit"]
         assert facts["compute_fraction_last_call"] < 0.7  # blocks really skipped inside the compiled model
+    patch.remove()
+
+
+def test_bac_over_the_whole_stack_compiles_a_bounded_number_of_frames():
+    frames, outputs, eager, patch = _compiled_calls(accel.BACConfig(granularity="stack"))
+    assert frames[0] <= 32 and frames[1] == frames[0], frames
+    for got in outputs:
+        torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
     patch.remove()
 
 
