@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from accel.timing import median_time
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -45,7 +46,7 @@ def measure(pipe: Any, run: Callable[[], torch.Tensor], method: str | None, back
     try:
         run()  # online calibration, kernel choice
         eager_out = run()
-        eager = [_timed(run) for _ in range(repeats)]
+        eager = median_time(run, repeats, warmup=0)[0]
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
         pipe.transformer = torch.compile(original, backend=backend)
@@ -53,14 +54,14 @@ def measure(pipe: Any, run: Callable[[], torch.Tensor], method: str | None, back
         frames_first = _frames()
         compiled_out = run()
         steady_frames = _frames()
-        compiled = [_timed(run) for _ in range(repeats)]
+        compiled = median_time(run, repeats, warmup=0)[0]
         recompiled = _frames() != steady_frames
         report = patch.report().methods.get(method, {}) if patch else {}
     finally:
         pipe.transformer = original
         if patch is not None:
             patch.remove()
-    return {"method": method or "none", "eager_s": statistics.median(eager), "compiled_s": statistics.median(compiled),
+    return {"method": method or "none", "eager_s": eager, "compiled_s": compiled,
             "first_compiled_call_s": first, "frames": steady_frames, "frames_after_first_call": frames_first,
             "recompiled_after_warmup": recompiled,
             "max_abs_diff_compiled_vs_eager": float((compiled_out - eager_out).abs().max()),

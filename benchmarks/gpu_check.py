@@ -266,19 +266,13 @@ def check_kernels(plan: Plan, device: str) -> list[dict[str, Any]]:
 
 def _time_ms(fn: Callable[[], Any], repeats: int, device: str) -> float:
     """Median milliseconds of ``fn`` (CUDA events through triton's do_bench on a GPU)."""
-    import statistics
-
     if device == "cuda":
         from triton.testing import do_bench
 
         return float(do_bench(fn, warmup=5, rep=max(25, repeats * 5), return_mode="median"))
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    from accel.timing import median_time
+
+    return median_time(fn, repeats, warmup=1)[0] * 1e3
 
 
 def time_attention(plan: Plan, device: str, deadline: float, skipped: list[str]) -> list[dict[str, Any]]:

@@ -93,6 +93,7 @@ class DeltaDiT:
         self.block_names = block_names
         self.front = _Range("front", 0, cached)
         self.rear = _Range("rear", num_blocks - cached, num_blocks)
+        self._ranges = {"front": self.front, "rear": self.rear}  # by plan mode; "full" reuses none
         self.inputs: dict[tuple[int, str], Streams] = {}
         self.deltas: dict[tuple[int, str], Streams] = {}
         self.log = RunLog(units=num_blocks)
@@ -137,7 +138,7 @@ class DeltaDiT:
             self.log.record(step, self.branch, name, ran=skipped is None or index not in skipped)
 
     def _range(self, mode: str) -> _Range | None:
-        return {"front": self.front, "rear": self.rear}.get(mode)
+        return self._ranges.get(mode)
 
     def decide(self, index: int, io: Any, args: tuple, kwargs: dict) -> Any:
         rng = self._range(self.mode)
