@@ -1,9 +1,13 @@
-"""Quality metrics against a baseline output of the same seed, and task metrics on the embedded models.
+"""Quality metrics against a baseline output of the same seed, for any model.
 
     from accel import metrics
     metrics.psnr(baseline, fast)             # dB; inf when identical
     metrics.ssim(baseline, fast)             # 1.0 when identical
-    metrics.judge_accuracy(images, labels)   # fraction classified as their conditioning digit
+    metrics.top1(classifier, images, labels)
+    metrics.frechet_distance(features_a, features_b)
+
+The embedded generators' task metrics (digit judges, caption attributes, FID-digits) are in
+``accel.pipelines.judges``, beside the models they score.
 
 Images are in [0, 1]: (N, C, H, W), (N, H, W) (one channel) or videos (N, F, H, W), which are scored
 frame by frame (each frame one grayscale image). PSNR/SSIM come from torchmetrics; LPIPS/FID/CLIP are
@@ -94,53 +98,6 @@ def top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, bat
     preds = [model(images[i:i + batch_size].to(device, dtype)).argmax(-1).cpu()
              for i in range(0, len(images), batch_size)]
     return float((torch.cat(preds) == labels).float().mean())
-
-
-_JUDGE: dict[str, torch.nn.Module] = {}
-
-
-def _embedded_judge(name: str) -> torch.nn.Module:
-    """An embedded judge, loaded once per process (it is read-only, so sharing it is safe)."""
-    if name not in _JUDGE:
-        from accel.pipelines import load
-
-        _JUDGE[name] = load(name)
-    return _JUDGE[name]
-
-
-def load_judge_model() -> torch.nn.Module:
-    """The embedded digit judge of the 16x16 digit generators."""
-    return _embedded_judge("digits-judge")
-
-
-@torch.no_grad()
-def judge_accuracy(images_or_frames: torch.Tensor, labels: Any, judge: torch.nn.Module | None = None,
-                   video: bool | None = None, digit_box: int = 16) -> float:
-    """Fraction of generated digits the judge classifies as their conditioning label.
-
-    Args:
-        images_or_frames: images (N, 1, H, W) / (N, H, W) or videos (N, F, H, W) in [0, 1].
-        labels: (N,) conditioning labels; for video every frame is judged against its video's label.
-        judge: a classifier on (M, 1, 16, 16) in [0, 1]; the embedded judge when None.
-        video: force the video reading of a 4-D tensor (see ``as_images``).
-        digit_box: for frames larger than the judge's input, the side of the crop taken around the ink's
-            centroid (the video data draws 16 px digits on a larger canvas).
-    """
-    from accel.pipelines.data import crop_digit
-
-    judge = judge or load_judge_model()
-    labels = torch.as_tensor(labels).reshape(-1)
-    x = torch.as_tensor(images_or_frames).detach().float().cpu()
-    is_video = video if video is not None else (x.ndim == 5 or (x.ndim == 4 and x.shape[1] not in (1, 3)))
-    frames = as_images(x, video=is_video)  # (M, 1, H, W)
-    per_sample = frames.shape[0] // max(1, len(labels))
-    if per_sample * len(labels) != frames.shape[0]:
-        raise ValueError(f"judge_accuracy got {len(labels)} labels for {tuple(x.shape)} inputs.")
-    frame_labels = labels.repeat_interleave(per_sample)
-    size = getattr(judge, "image_size", 16)
-    if frames.shape[-1] > size and frames.shape[-1] > digit_box:
-        frames = crop_digit(frames[:, 0], box=digit_box, size=size)
-    return top1(judge, frames, frame_labels)
 
 
 # torchvision's AlexNet weights (LPIPS backbone), torch-fidelity's Inception (FID) and the CLIP model would be
@@ -250,24 +207,6 @@ def _embedding(output: Any) -> torch.Tensor:
     return output if torch.is_tensor(output) else output.pooler_output
 
 
-# ---- digits-pixart: does each picture show what its prompt says, and do the pictures vary like real ones ----
-
-def load_canvas_judge() -> torch.nn.Module:
-    """The judge of ``digits-pixart``'s 32x32 pictures (any size, position, slant, stroke)."""
-    return _embedded_judge("digits-pixart-judge")
-
-
-@torch.no_grad()
-def judge_features(images: torch.Tensor, judge: torch.nn.Module | None = None) -> torch.Tensor:
-    """The judge's penultimate activations (N, 128) of (N, 1, H, W) pictures: the feature space of
-    FID-digits (an Inception network would have to be downloaded and knows nothing of digits)."""
-    judge = judge or load_canvas_judge()
-    x = as_images(torch.as_tensor(images).detach().float().cpu())[:, :1]
-    if x.shape[-1] != judge.image_size:
-        x = torch.nn.functional.interpolate(x, size=(judge.image_size,) * 2, mode="bilinear", align_corners=False)
-    return judge.head[:-1](judge.features(x * 2 - 1))
-
-
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (M, D): |mu_a - mu_b|^2 +
     tr(C_a + C_b - 2 (C_a^1/2 C_b C_a^1/2)^1/2), in float64 through symmetric eigendecompositions."""
@@ -280,39 +219,3 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     root_a = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
     cross = torch.linalg.eigvalsh(root_a @ cb @ root_a).clamp(min=0).sqrt().sum()
     return float(mu + ca.trace() + cb.trace() - 2 * cross)
-
-
-def fid_digits(generated: torch.Tensor, real: torch.Tensor, judge: torch.nn.Module | None = None) -> float:
-    """FID-digits: Fréchet distance of the canvas judge's features, generated vs real pictures. Collapsed
-    samples (every seed alike) score far above real-vs-real, even when each is classified right."""
-    judge = judge or load_canvas_judge()
-    return frechet_distance(judge_features(generated, judge), judge_features(real, judge))
-
-
-@torch.no_grad()
-def caption_scores(images: torch.Tensor, prompts: list[str], real_per_prompt: int = 8) -> dict[str, float]:
-    """digits-pixart's task metrics for pictures generated from ``prompts`` (one prompt per picture):
-    ``judge_acc`` (digit as prompted, by the canvas judge), one accuracy per stated attribute
-    (``thickness``, ``slant``, ``size``, ``position``, read back by the rules that drew the training data),
-    their mean ``attr_acc``, and ``fid_digits`` against held-out real digits drawn as the prompts say."""
-    from accel.pipelines import captions
-
-    x = as_images(torch.as_tensor(images).detach().float().cpu())[:, :1]
-    if len(x) != len(prompts):
-        raise ValueError(f"caption_scores got {len(prompts)} prompts for {len(x)} pictures.")
-    stated = [captions.parse(p) for p in prompts]
-    judge = load_canvas_judge()
-    scores: dict[str, float] = {}
-    with_digit = [i for i, s in enumerate(stated) if "digit" in s]
-    if with_digit:
-        labels = torch.tensor([stated[i]["digit"] for i in with_digit])
-        scores["judge_acc"] = top1(judge, x[with_digit], labels)
-    attributes = captions.attribute_accuracy(x, prompts)
-    scores.update(attributes)
-    if attributes:
-        scores["attr_acc"] = sum(attributes.values()) / len(attributes)
-    if len(x) >= 2:  # a covariance needs two samples
-        unique = list(dict.fromkeys(prompts))
-        real = captions.real_pictures(unique, real_per_prompt * max(1, len(prompts) // len(unique)))
-        scores["fid_digits"] = fid_digits(x, real, judge)
-    return scores

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from accel import metrics
+from accel.pipelines import judges
 from accel.methods import hierarchical_prune as hp
 from accel.prune.sensitivity import analyze_blocks
 from accel.prune.structure import parameter_bytes, pinned_blocks, prunable_blocks
@@ -63,6 +64,20 @@ def last_blocks(model: torch.nn.Module, k: int) -> list[int]:
 
 
 # -- digits-dit ------------------------------------------------------------------------------------------
+def _analysis_call(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The block analysis's call: ``analysis_per_class`` samples per digit, on other seeds than the
+    benchmark's."""
+    from accel.calls import build_call
+
+    labels = [c for c in range(10) for _ in range(args.analysis_per_class)]
+    return build_call(pipe, labels, [1000 + i for i in range(len(labels))], args.steps, 4.0)
+
+
+def _judge_score(images: torch.Tensor, calls: list[dict[str, Any]]) -> dict[str, float]:
+    labels = [label for kwargs in calls for label in kwargs["class_labels"]]
+    return {"judge_accuracy": judges.judge_accuracy(images, labels)}
+
+
 def bench_dit(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     from accel.pipelines import generate, load
 
@@ -77,7 +92,7 @@ def bench_dit(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
         images = generate(candidate, labels, seeds, **gen_kw)
         row = {"model": "digits-dit", "variant": name, "ratio": ratio, "removed": removed,
                "parameter_bytes": parameter_bytes(candidate.transformer),
-               "judge_accuracy": metrics.judge_accuracy(images, labels),
+               "judge_accuracy": judges.judge_accuracy(images, labels),
                "psnr_vs_unpruned": metrics.psnr(base_images, images),
                "ssim_vs_unpruned": metrics.ssim(base_images, images), **(extra or {})}
         if args.timing:
@@ -86,7 +101,7 @@ def bench_dit(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
         return row
 
     rows = [measure("unpruned", pipe, 0.0, [])]
-    profile = analyze_blocks(pipe, per_class=args.analysis_per_class, steps=args.steps)
+    profile = analyze_blocks(pipe, calls=[_analysis_call(pipe, args)], score=_judge_score)
     profile.save(out / "sensitivity_digits-dit.json")
     profile.plot(out / "sensitivity_digits-dit.png")
     (out / "sensitivity_digits-dit.md").write_text(profile.table() + "\n")

@@ -133,13 +133,14 @@ class _Dit:
 
     def quality(self, images: torch.Tensor) -> dict[str, Any]:
         from accel import metrics
+        from accel.pipelines import judges
 
         out = {
             "psnr": round(metrics.psnr(self.base, images), 2),
             "ssim": round(metrics.ssim(self.base, images), 4),
         }
         try:
-            out["judge_acc"] = round(metrics.judge_accuracy(images, self.labels), 4)
+            out["judge_acc"] = round(judges.judge_accuracy(images, self.labels), 4)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:  # the judge is trained by another job
             out["judge_acc"] = f"n/a ({type(exc).__name__})"
         return out

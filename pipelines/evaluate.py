@@ -21,6 +21,7 @@ from accel.pipelines.generation import default_generation_kwargs, generate
 from accel.pipelines.loading import load
 
 from accel import metrics
+from accel.pipelines import judges
 
 FIGURES = Path("benchmarks/figures")
 
@@ -37,7 +38,7 @@ def eval_dit(per_class: int, steps: int, guidance: float) -> dict:
     images = generate(pipe, labels, seeds=list(range(len(labels))), steps=steps, guidance_scale=guidance)
     seconds = time.perf_counter() - start
     save_grid(images.reshape(10, per_class, *images.shape[-2:])[:, :10], FIGURES / "digits_dit_samples.png")
-    return {"model": "digits-dit", "judge_accuracy": metrics.judge_accuracy(images, labels), "n": len(labels),
+    return {"model": "digits-dit", "judge_accuracy": judges.judge_accuracy(images, labels), "n": len(labels),
             "steps": steps, "guidance_scale": guidance, "sampler": type(pipe.scheduler).__name__,
             "tokens_per_image": (pipe.transformer.config.sample_size // pipe.transformer.config.patch_size) ** 2,
             "seconds_total": round(seconds, 1)}
@@ -54,7 +55,7 @@ def eval_video(count: int, steps: int, guidance: float, num_frames: int) -> dict
     tag = f"f{num_frames}"
     save_grid(frames[: min(count, 10)], FIGURES / f"digits_video_frames_{tag}.png")
     tokens = pipe.num_tokens(num_frames, kwargs["height"], kwargs["width"])
-    return {"model": "digits-video-dit", "per_frame_judge_accuracy": metrics.judge_accuracy(frames, labels),
+    return {"model": "digits-video-dit", "per_frame_judge_accuracy": judges.judge_accuracy(frames, labels),
             "videos": count, "frames": num_frames, "size": [kwargs["height"], kwargs["width"]],
             "tokens_per_video": tokens, "steps": steps, "guidance_scale": guidance,
             "sampler": type(pipe.scheduler).__name__, "seconds_total": round(seconds, 1),
@@ -74,11 +75,11 @@ def eval_pixart(count: int, steps: int, guidance: float, seed: int = 0) -> dict:
     images = torch.cat([generate(pipe, prompts[i:i + 50], seeds=list(range(i, min(i + 50, count))), steps=steps,
                                  guidance_scale=guidance) for i in range(0, count, 50)])
     seconds = time.perf_counter() - start
-    scores = metrics.caption_scores(images, prompts, real_per_prompt=1)
+    scores = judges.caption_scores(images, prompts, real_per_prompt=1)
     test_real = captions.real_pictures(prompts, 1, "test")
     train_real = captions.real_pictures(prompts, 1, "train", seed=5)
-    real_floor = metrics.fid_digits(train_real, test_real)
-    fid_generated = metrics.fid_digits(images, test_real)
+    real_floor = judges.fid_digits(train_real, test_real)
+    fid_generated = judges.fid_digits(images, test_real)
     save_pixart_samples(pipe, steps, guidance)
     return {"model": "digits-pixart", **{k: round(v, 4) for k, v in scores.items()},
             "fid_digits": round(fid_generated, 2), "fid_digits_real_train_vs_test": round(real_floor, 2),

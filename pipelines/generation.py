@@ -17,16 +17,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
+
 from accel.calls import (  # noqa: F401 - re-exported: the driver's public names
     DEFAULT_PROMPTS,
     CallSignature,
     Condition,
     UnsupportedPipelineError,
+    as_tensor_output,
     build_call,
     call_signature,
     folder_prompts,
+    run_call,
 )
 
 #: Defaults per embedded generator, as in the reported targets: digits-pixart 20 steps (PixArt's usual count)
@@ -44,41 +46,6 @@ def default_generation_kwargs(name: str) -> dict[str, Any]:
     if name not in _DEFAULTS:
         raise ValueError(f"No generation defaults for {name!r}; generators: {', '.join(_DEFAULTS)}.")
     return dict(_DEFAULTS[name])
-
-
-def _pil_to_tensor(image: Any) -> torch.Tensor:
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    if array.ndim == 2:
-        array = array[..., None]
-    return torch.from_numpy(array).permute(2, 0, 1)
-
-
-def as_tensor_output(output: Any, video: bool) -> torch.Tensor:
-    """A pipeline's ``images`` / ``frames`` as float32 CPU tensors: images (N, C, H, W), videos
-    (N, F, C, H, W). Accepts torch ``pt`` outputs, numpy (channels last) and PIL lists."""
-    if isinstance(output, (list, tuple)) and output and not torch.is_tensor(output[0]):
-        if isinstance(output[0], (list, tuple)):  # videos as lists of PIL frames
-            return torch.stack([torch.stack([_pil_to_tensor(f) for f in v]) for v in output])
-        if isinstance(output[0], np.ndarray):
-            output = np.stack(output)
-        else:
-            return torch.stack([_pil_to_tensor(im) for im in output])
-    if isinstance(output, (list, tuple)):
-        output = torch.stack(list(output))
-    if isinstance(output, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(output)).float()
-        if x.ndim == 4 and not video and x.shape[-1] in (1, 3, 4):  # (N, H, W, C)
-            x = x.permute(0, 3, 1, 2)
-        elif x.ndim == 5 and x.shape[-1] in (1, 3, 4):  # (N, F, H, W, C)
-            x = x.permute(0, 1, 4, 2, 3)
-    else:
-        x = output.detach().float().cpu()
-    if video and x.ndim == 4:  # (N, F, H, W) single-channel videos
-        x = x.unsqueeze(2)
-    if x.ndim != (5 if video else 4):
-        raise ValueError(f"Expected {'videos' if video else 'images'} from the pipeline, "
-                         f"got shape {tuple(x.shape)}.")
-    return x.contiguous()
 
 
 @torch.no_grad()
@@ -105,18 +72,6 @@ def generate(
         Images (N, C, H, W) or videos (N, F, C, H, W).
     """
     return run_call(pipe, build_call(pipe, conditions, seeds, steps, guidance_scale, **kw))
-
-
-@torch.no_grad()
-def run_call(pipe: Any, kwargs: dict[str, Any]) -> torch.Tensor:
-    """Run one call built by :func:`build_call`; its images or videos as float32 CPU tensors in [0, 1]."""
-    out = pipe(**kwargs)
-    if hasattr(out, "frames"):
-        return as_tensor_output(out.frames, video=True).clamp_(0, 1)
-    if hasattr(out, "images"):
-        return as_tensor_output(out.images, video=False).clamp_(0, 1)
-    raise UnsupportedPipelineError(f"{type(pipe).__name__} returned {type(out).__name__} without `images` "
-                                   "or `frames`.")
 
 
 def classification_set(name: str, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,10 +40,10 @@ def task_kind(pipe: Any) -> str | None:
 
 def task_scores(kind: str | None, outputs: torch.Tensor, conditions: list[Any]) -> dict[str, float]:
     """Scores of ``outputs`` generated from ``conditions`` (one per output) under the task ``kind``."""
-    from accel import metrics
+    from accel.pipelines import judges
 
     if kind == "digits":
-        return {"judge_acc": float(metrics.judge_accuracy(outputs, torch.tensor(conditions)))}
+        return {"judge_acc": float(judges.judge_accuracy(outputs, torch.tensor(conditions)))}
     if kind == "digit-captions":
-        return metrics.caption_scores(outputs, [str(c) for c in conditions])
+        return judges.caption_scores(outputs, [str(c) for c in conditions])
     return {}

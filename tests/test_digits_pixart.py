@@ -13,6 +13,7 @@ from accel.pipelines import WEIGHTS_DIR, captions, generate, load
 from accel.pipelines.tasks import task_kind, task_scores
 
 from accel import metrics
+from accel.pipelines import judges
 
 FOLDER = WEIGHTS_DIR / "digits-pixart"
 
@@ -68,17 +69,17 @@ def test_fid_digits_flags_collapse_that_accuracy_misses() -> None:
     other_real = _real(prompts, split="train")
     collapsed = _real([f"a thin handwritten {d}, upright, small, center" for d in range(10)], split="train")
     collapsed = collapsed[:1].repeat(len(prompts), 1, 1, 1)
-    assert metrics.fid_digits(collapsed, real) > 3 * metrics.fid_digits(other_real, real)
+    assert judges.fid_digits(collapsed, real) > 3 * judges.fid_digits(other_real, real)
 
 
 def test_caption_scores_on_real_pictures() -> None:
     prompts = captions.random_prompts(40, seed=1)
-    scores = metrics.caption_scores(_real(prompts), prompts)
+    scores = judges.caption_scores(_real(prompts), prompts)
     assert scores["judge_acc"] >= 0.9
     assert scores["attr_acc"] >= 0.9
     assert scores["fid_digits"] >= 0
     with pytest.raises(ValueError, match="prompts for"):
-        metrics.caption_scores(_real(prompts)[:3], prompts)
+        judges.caption_scores(_real(prompts)[:3], prompts)
 
 
 def test_loads_with_plain_diffusers_without_accel(tmp_path) -> None:

@@ -9,6 +9,7 @@ import torch
 from accel.pipelines.data import load_digit_images, moving_digit_videos
 
 from accel import metrics
+from accel.pipelines import judges
 
 
 def _images(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -62,9 +63,9 @@ def test_shape_mismatch_is_a_clear_error() -> None:
 @pytest.mark.quality
 def test_judge_accuracy_on_real_held_out_digits() -> None:
     images, labels = load_digit_images(16, "test")
-    assert metrics.judge_accuracy(images, labels) >= 0.97
+    assert judges.judge_accuracy(images, labels) >= 0.97
     wrong = (labels + 1) % 10
-    assert metrics.judge_accuracy(images, wrong) < 0.05
+    assert judges.judge_accuracy(images, wrong) < 0.05
 
 
 @pytest.mark.quality
@@ -72,7 +73,7 @@ def test_judge_accuracy_per_frame_on_real_moving_digits() -> None:
     digits, labels = load_digit_images(16, "test")
     videos = moving_digit_videos(digits[:40], num_frames=6, canvas=32, generator=torch.Generator().manual_seed(0))
     assert videos.shape == (40, 6, 32, 32)
-    assert metrics.judge_accuracy(videos, labels[:40]) >= 0.95
+    assert judges.judge_accuracy(videos, labels[:40]) >= 0.95
 
 
 def test_top1_checks_lengths() -> None:

@@ -229,6 +229,43 @@ def test_analyze_classifier_top1() -> None:
     assert list(profile.metrics) == ["top1"] and len(profile.blocks) == 4
 
 
+def test_analyze_pipeline_scores_with_the_callers_metric_and_psnr() -> None:
+    from accel.calls import build_call
+    from tests.tiny_pipelines import build_pipeline
+
+    pipe = build_pipeline("pixart")
+    calls = [build_call(pipe, ["a cat", "a dog"], [0, 1], 2)]
+    seen: list[int] = []
+
+    def score(images: torch.Tensor, given: list) -> dict[str, float]:
+        seen.append(len(images))
+        assert given is calls
+        return {"ink": float(images.mean())}
+
+    profile = analyze_blocks(pipe, calls=calls, score=score, progress=False)
+    blocks = len(prunable_blocks(accel.find_adapter(pipe.transformer)))
+    assert list(profile.metrics) == ["ink", "psnr"] and profile.baseline["psnr"] == float("inf")
+    assert seen == [2] * (blocks + 1) and all(v < float("inf") for v in profile.metrics["psnr"])
+    assert profile.setting == {"evaluator": "generation", "images": 2, "steps": 2}
+
+
+def test_classifier_analysis_and_distillation_need_data_from_the_caller() -> None:
+    model = tiny_vit()
+    with pytest.raises(ValueError, match=r"images=\.\.\., labels=\.\.\."):
+        analyze_blocks(model, progress=False)
+    with pytest.raises(ValueError, match=r"InputPool\(\{'x': images\}\)"):
+        hp.prune(model, Config(ratio=0.25), analyze=False, progress=False)
+
+
+def test_pinned_blocks_are_adapter_facts() -> None:
+    from tests.tiny_pipelines import build_pipeline
+
+    sd3 = build_pipeline("sd3").transformer
+    assert list(accel.find_adapter(sd3).pinned_blocks()) == [len(sd3.transformer_blocks) - 1]
+    assert pinned_blocks(tiny_dit(4), prunable_blocks(accel.find_adapter(tiny_dit(4)))) == {
+        0: "its adaLN embedding also conditions DiT's output layer"}
+
+
 # -- errors --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("settings, match", [
     ({"ratio": -0.1}, r"ratio must be in \(0.0, 1.0\), got -0.1"),

@@ -198,6 +198,11 @@ class ModelAdapter:
         context = self.call_argument(self.context_arg, args, kwargs)
         return int(context.shape[1]) if isinstance(context, torch.Tensor) and context.dim() >= 3 else 0
 
+    def pinned_blocks(self) -> dict[int, str]:
+        """Blocks (by position in :meth:`blocks`) that removing would break, with the reason: a
+        structural fact of the family that block removal (hierarchical-prune) must respect."""
+        return {}
+
     def describe(self) -> str:
         blocks = self.blocks()
         groups = sorted({b.group for b in blocks})

@@ -25,3 +25,10 @@ class DiTAdapter(ModelAdapter):
         patch = self.model.config.patch_size
         return TokenLayout(frames=1, height=sample.shape[-2] // patch, width=sample.shape[-1] // patch,
                            text_tokens=self.context_tokens(args, kwargs), text_position="none")
+
+    def pinned_blocks(self) -> dict[int, str]:
+        # adaLN-zero DiT's output layer reads its shift/scale from the first block's norm embedding.
+        adaln_zero = self.model.config.get("norm_type") == "ada_norm_zero"
+        if type(self.model).__name__ == "DiTTransformer2DModel" and adaln_zero:
+            return {0: "its adaLN embedding also conditions DiT's output layer"}
+        return {}

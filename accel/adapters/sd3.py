@@ -45,3 +45,8 @@ class SD3Adapter(ModelAdapter):
         patch = self.model.config.patch_size
         return TokenLayout(frames=1, height=sample.shape[-2] // patch, width=sample.shape[-1] // patch,
                            text_tokens=self.context_tokens(args, kwargs), text_position="suffix")
+
+    def pinned_blocks(self) -> dict[int, str]:
+        # a model saved without it would not reload with its own config
+        last = len(self.model.transformer_blocks) - 1
+        return {last: "SD3's last block is context_pre_only and differs from the others"} if last >= 0 else {}

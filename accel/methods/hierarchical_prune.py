@@ -222,10 +222,11 @@ def prune(
         target: a pipeline (its denoiser is pruned) or a model (e.g. a timm ViT). Never modified.
         config: ratio / latency budget, protection and distillation settings.
         profile: a measured profile (object or JSON path); ``config.profile`` is used when None, else
-            ``analyze_blocks(target)`` runs when ``analyze`` is True (digit pipelines, classifiers).
+            ``analyze_blocks(target)`` runs when ``analyze`` is True (pipelines: PSNR over default calls;
+            classifiers: the output-error proxy on ``pool``).
         removed: explicit block indices (overrides the choice; e.g. baselines in the benchmark).
-        pool: distillation inputs; default: the teacher's trajectory for class-conditional pipelines, the
-            digits training split for classifiers.
+        pool: distillation inputs; default: the teacher's trajectory over default calls for pipelines;
+            classifiers need one (``InputPool({"x": images})``).
         timm_kwargs: create_model kwargs of a timm model (for ``save_pretrained``).
         save_to: folder for the artifact.
     """
@@ -237,7 +238,8 @@ def prune(
     if profile is None and config.profile is not None:
         profile = SensitivityProfile.load(config.profile)
     if profile is None and analyze and removed is None:
-        profile = analyze_blocks(target, progress=progress)
+        classifier = pipe is None and not find_adapter(model).is_denoiser
+        profile = analyze_blocks(target, pool=pool if classifier else None, progress=progress)
     removed = check_removal(model, blocks, removed) if removed is not None else choose_blocks(model, config, profile)
     student = copy.deepcopy(model)
     s_blocks = prunable_blocks(find_adapter(student))
@@ -289,11 +291,10 @@ def default_pool(pipe: Any | None, model: torch.nn.Module, per_class: int = 2, s
         calls = default_calls(pipe, [500], steps, default_conditions(pipe) * per_class,
                               guidance_scale=guidance_scale)
         return record_inputs(pipe, calls)
-    if not find_adapter(model).is_denoiser and hasattr(model, "patch_embed"):
-        from accel.pipelines.data import load_digit_images
-
-        images, _ = load_digit_images(int(model.patch_embed.img_size[0]), "train")
-        return InputPool({"x": images})
+    if not find_adapter(model).is_denoiser:
+        raise ValueError(f"prune() needs distillation images for the classifier {type(model).__name__}: pass "
+                         "pool=accel.prune.InputPool({'x': images}) (training images, (N, C, H, W)), or set "
+                         "distill_steps=0.")
     raise ValueError(f"prune() needs distillation inputs for {type(pipe or model).__name__}: pass pool="
                      "accel.prune.distill.record_inputs(pipe, calls) (a few pipeline calls), or set distill_steps=0.")
 

@@ -3,14 +3,14 @@
 Paper: "HierarchicalPrune" scores one-block removals by generating and scoring images; late blocks cost
 little, early blocks collapse the layout. Here a profile is measured with:
 
-- ``"quality"``: the real task metric. Class-conditional pipelines (digits-dit): judge accuracy of the
-  generated digits and PSNR against the unpruned images of the same seeds. Classifiers (timm ViT): top-1.
+- ``"quality"``: pipelines: PSNR against the unpruned outputs of the same calls, plus the task metric the
+  caller passes as ``score`` (e.g. a judge's accuracy of generated digits). Classifiers (timm ViT): top-1.
 - ``"output"``: a fast, data-free proxy for any model: the normalized error of the model's output on
   recorded inputs (the teacher trajectory) with the block removed.
 
 Example::
 
-    profile = analyze_blocks(pipe)                       # digits-dit: judge accuracy + PSNR per block
+    profile = analyze_blocks(pipe, score=my_task_metric)   # PSNR + the task metric per block
     print(profile.table()); profile.plot("sensitivity.png"); profile.save("sensitivity.json")
 """
 
@@ -201,20 +201,25 @@ class _BlockTimer:
             handle.remove()
 
 
-def generation_evaluator(pipe: Any, labels: Sequence[int], seeds: Sequence[int], steps: int = 50,
-                         guidance_scale: float = 4.0) -> Callable[[], dict[str, Any]]:
-    """Judge accuracy and PSNR vs the first (unpruned) call, for class-conditional digit pipelines."""
-    from accel import metrics
-    from accel.pipelines.generation import generate
+#: Scores of one evaluation's outputs: ``(outputs, calls) -> {metric: value}`` (e.g. a task judge's accuracy).
+Score = Callable[[torch.Tensor, Sequence[dict[str, Any]]], dict[str, float]]
 
-    reference: dict[str, torch.Tensor] = {}
+
+def generation_evaluator(pipe: Any, calls: Sequence[dict[str, Any]], score: Score | None = None
+                         ) -> Callable[[], dict[str, Any]]:
+    """PSNR of the pipeline's outputs over ``calls`` against the first (unpruned) evaluation, plus
+    whatever ``score`` measures on them (the caller knows its task metric; the library does not)."""
+    from accel import metrics
+    from accel.calls import run_call
+
+    reference: list[torch.Tensor] = []
 
     def evaluate() -> dict[str, float]:
-        images = generate(pipe, labels, seeds, steps=steps, guidance_scale=guidance_scale)
-        if "images" not in reference:
-            reference["images"] = images
-        return {"judge_accuracy": metrics.judge_accuracy(images, labels),
-                "psnr": metrics.psnr(reference["images"], images)}
+        outputs = torch.cat([run_call(pipe, dict(kwargs)) for kwargs in calls])
+        if not reference:
+            reference.append(outputs)
+        return {**(score(outputs, calls) if score is not None else {}),
+                "psnr": metrics.psnr(reference[0], outputs)}
 
     return evaluate
 
@@ -254,16 +259,19 @@ def analyze_blocks(
     images: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     pool: InputPool | None = None,
+    calls: Sequence[dict[str, Any]] | None = None,
+    score: Score | None = None,
     progress: bool = True,
 ) -> SensitivityProfile:
     """Remove each block alone, evaluate, restore; returns the sensitivity profile.
 
     Args:
-        target: a class-conditional digits pipeline, a timm classifier, or any adapter-supported model.
+        target: a diffusers pipeline, a timm classifier, or any adapter-supported model.
         evaluate: ``() -> {metric: value}`` run on the current state of ``target``; chosen by target when None:
-            digit pipelines -> judge accuracy + PSNR (``per_class`` images per digit, ``steps``, CFG
-            ``guidance_scale``); classifiers -> top-1 on ``images``/``labels`` (the digits test split by
-            default); any model with ``pool`` -> normalized output error on the recorded inputs.
+            pipelines -> PSNR vs the unpruned outputs of ``calls`` (default: ``per_class`` samples of each
+            default prompt or class label, ``steps``, CFG ``guidance_scale``) and ``score(outputs, calls)``;
+            classifiers -> top-1 on ``images``/``labels``; any model with ``pool`` -> normalized output
+            error on the recorded inputs.
         progress: show a progress bar over blocks.
 
     The first evaluation is the unpruned baseline; it also times each block's share of a forward.
@@ -273,7 +281,7 @@ def analyze_blocks(
     blocks = prunable_blocks(adapter)
     if evaluate is None:
         evaluate, setting = _default_evaluator(pipe, model, adapter, per_class, steps, guidance_scale,
-                                               images, labels, pool)
+                                               images, labels, pool, calls, score)
     else:
         setting = {"evaluator": getattr(evaluate, "__name__", "custom")}
     timer = _BlockTimer(model, blocks)
@@ -295,21 +303,24 @@ def analyze_blocks(
 
 def _default_evaluator(pipe: Any, model: torch.nn.Module, adapter: Any, per_class: int, steps: int,
                        guidance_scale: float, images: torch.Tensor | None, labels: torch.Tensor | None,
-                       pool: InputPool | None) -> tuple[Callable[[], dict[str, float]], dict[str, Any]]:
+                       pool: InputPool | None, calls: Sequence[dict[str, Any]] | None, score: Score | None
+                       ) -> tuple[Callable[[], dict[str, float]], dict[str, Any]]:
     if pool is not None:
         return output_evaluator(model, pool), {"evaluator": "output_error", "inputs": len(pool)}
-    if pipe is not None and type(pipe).__name__ == "DigitsDiTPipeline":
-        digit_labels = [c for c in range(10) for _ in range(per_class)]
-        seeds = list(range(1000, 1000 + len(digit_labels)))  # not the benchmark's seeds
-        return (generation_evaluator(pipe, digit_labels, seeds, steps, guidance_scale),
-                {"evaluator": "generation", "images": len(digit_labels), "steps": steps,
-                 "guidance_scale": guidance_scale})
-    if not adapter.is_denoiser:
-        if images is None or labels is None:
-            from accel.pipelines.data import load_digit_images
+    if pipe is not None:
+        from accel.calls import call_shape, default_calls, default_conditions
 
-            size = int(model.patch_embed.img_size[0]) if hasattr(model, "patch_embed") else 16
-            images, labels = load_digit_images(size, "test")
+        if calls is None:
+            conditions = [c for c in default_conditions(pipe) for _ in range(per_class)]
+            calls = default_calls(pipe, [1], steps, conditions, guidance_scale=guidance_scale)
+        shapes = [call_shape(kwargs) for kwargs in calls]
+        setting = {"evaluator": "generation", "images": sum(s.get("batch", 1) for s in shapes)}
+        for key, name in (("num_inference_steps", "steps"), ("guidance_scale", "guidance_scale")):
+            if key in shapes[0]:
+                setting[name] = shapes[0][key]
+        return generation_evaluator(pipe, calls, score), setting
+    if not adapter.is_denoiser and images is not None and labels is not None:
         return classifier_evaluator(model, images, labels), {"evaluator": "top1", "images": len(labels)}
-    raise ValueError(f"analyze_blocks has no default evaluation for {type(pipe or model).__name__}: pass "
+    what = "images=..., labels=... (a held-out set)" if not adapter.is_denoiser else "the pipeline, not its denoiser"
+    raise ValueError(f"analyze_blocks has no default evaluation for {type(model).__name__}: pass {what}, "
                      "evaluate=() -> {metric: value}, or pool=record_inputs(pipe, calls) for the output-error proxy.")

@@ -18,6 +18,7 @@ import torch
 
 from accel.adapters.base import BlockInfo, ModelAdapter
 from accel.modules import parent_of
+from accel.registry import find_adapter
 
 #: Config keys that count the blocks of a container, per model family (diffusers ``ConfigMixin`` names).
 CONFIG_KEYS: dict[str, str] = {
@@ -54,20 +55,10 @@ def prunable_blocks(adapter: ModelAdapter) -> list[PrunableBlock]:
 
 
 def pinned_blocks(model: torch.nn.Module, blocks: list[PrunableBlock]) -> dict[int, str]:
-    """Blocks that removal would break, with the reason (never chosen, refused when asked for).
-
-    - DiT with adaLN-zero: the output layer is conditioned by ``transformer_blocks[0].norm1.emb``.
-    - SD3: the last block is built differently (``context_pre_only``), so a model saved without it would
-      not reload with its own config.
-    """
-    config = getattr(model, "config", None)
-    pinned: dict[int, str] = {}
-    name = type(model).__name__
-    if name == "DiTTransformer2DModel" and config is not None and config.get("norm_type") == "ada_norm_zero":
-        pinned[blocks[0].index] = "its adaLN embedding also conditions DiT's output layer"
-    if name == "SD3Transformer2DModel" and blocks:
-        pinned[blocks[-1].index] = "SD3's last block is context_pre_only and differs from the others"
-    return pinned
+    """Blocks that removal would break, with the reason (never chosen, refused when asked for): the
+    model family's adapter states them (:meth:`ModelAdapter.pinned_blocks`)."""
+    pinned = find_adapter(model).pinned_blocks()
+    return {blocks[i].index: reason for i, reason in pinned.items() if 0 <= i < len(blocks)}
 
 
 def check_removal(model: torch.nn.Module, blocks: list[PrunableBlock], removed: Iterable[int]) -> list[int]:
