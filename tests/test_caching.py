@@ -270,6 +270,29 @@ def test_bac_stack_skips_every_block_on_reused_steps(tmp_path):
     assert torch.equal(pipe([1, 2], num_inference_steps=8), base)
 
 
+def test_schedule_strategies_cover_every_weighting_and_say_how_they_calibrate():
+    from accel.methods.bac import Weighting
+    from accel.methods.bac_schedule import STRATEGIES, Metric, similarity_matrix
+    from accel.methods.bac_stack import StackReuse
+
+    assert set(STRATEGIES) == set(Weighting)
+    facts = {w.value: (s.online, s.probes, s.needs_weights) for w, s in STRATEGIES.items()}
+    assert facts == {"similarity": (True, False, False), "sensitivity": (False, True, True),
+                     "snr": (True, False, True)}
+    features = np.random.default_rng(0).normal(size=(5, 8))
+    similarity = STRATEGIES[Weighting.SIMILARITY].gain(features, None, Metric.COSINE)
+    assert np.array_equal(similarity, similarity_matrix(features, Metric.COSINE))
+    weights = [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert np.array_equal(STRATEGIES[Weighting.SNR].gain(features, weights, Metric.COSINE),
+                          -reuse_error(features, weights))
+    with pytest.raises(ValueError, match="needs probed per-step sensitivities"):
+        STRATEGIES[Weighting.SENSITIVITY].gain(features, None, Metric.COSINE)
+    with accel.patch(TinyPipe(), BACConfig(granularity="stack")) as p:
+        assert isinstance(p.handle("bac"), StackReuse)
+    with accel.patch(TinyPipe(), BACConfig()) as p:
+        assert not isinstance(p.handle("bac"), StackReuse)
+
+
 def test_step_sensitivity_and_weighted_cost_by_hand():
     features = np.array([[0.0, 0.0], [1.0, 1.0], [1.0, 3.0]])
     # probe errors 2 and 8; feature moves (mean squared) 1 and 2 -> s = [0, 2, 4]
@@ -317,7 +340,7 @@ def test_bac_snr_weighting_calibrates_online_from_the_scheduler():
     with accel.patch(pipe, config) as p:
         pipe([1, 2], num_inference_steps=6)  # records
         pipe([1, 2], num_inference_steps=6)  # cached by the schedule built from it
-        runtime = p._attached[-1].handle
+        runtime = p.handle("bac")
     pipe.scheduler.set_timesteps(6)
     expected = noise_weights(pipe.scheduler, 6)
     alphas = pipe.scheduler.alphas_cumprod[pipe.scheduler.timesteps]

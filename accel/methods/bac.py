@@ -13,6 +13,11 @@ Calibration is one uncached run per step count (``calibrate``), or happens onlin
 ``calibrate_online=True`` the first call at a new step count runs in full, records, and later calls
 at that step count use the schedule. A schedule is never applied to another step count.
 
+Where each part lives: this module is the per-step path (units, reuse decisions, cache, recording);
+``bac_schedule`` the DP, the Bubbling Union and the schedule strategies (similarity, probed sensitivity,
+√SNR); ``bac_calibrate`` the offline calibration; ``bac_stack`` the whole-stack Δ reuse that
+``granularity="stack"`` selects, which is accel's extension and not the paper's method.
+
 Example::
 
     schedule = accel.methods.bac.calibrate(pipe, num_inference_steps=50)
@@ -26,29 +31,25 @@ import enum
 import math
 import zlib
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from accel.artifacts import architecture_fingerprint
 from accel.config import MethodConfig, check_choice, check_float, check_int
 from accel.errors import ArtifactMismatchError, UnsupportedModelError
 from accel.hooks import SkipHook
 from accel.methods._runlog import RunLog
-from accel.methods._streams import add_streams, pass_through, require_residual_chain, subtract_streams
+from accel.methods._streams import add_streams, require_residual_chain, subtract_streams
 from accel.methods.bac_schedule import (
+    STRATEGIES,
     BACSchedule,
     Metric,
+    Weighting,
     bubbling_union,
-    noise_weights,
-    reuse_error,
     schedule_updates,
-    similarity_matrix,
-    step_sensitivity,
     volatility,
 )
 from accel.registry import Stage, register_method
@@ -56,19 +57,11 @@ from accel.registry import Stage, register_method
 
 class Granularity(str, enum.Enum):
     """What one cached unit is: a residual branch (the paper), a whole block reused as a Δ, or the
-    whole block stack reused as one Δ."""
+    whole block stack reused as one Δ (not the paper's method: ``accel.methods.bac_stack``)."""
 
     BRANCH = "branch"
     BLOCK = "block"
     STACK = "stack"
-
-
-class Weighting(str, enum.Enum):
-    """What the scheduler's DP optimises: feature similarity (the paper) or predicted output error."""
-
-    SIMILARITY = "similarity"
-    SENSITIVITY = "sensitivity"
-    SNR = "snr"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,7 +151,8 @@ class BAC:
                  scheduler: Any = None) -> None:
         self.config = config
         self.scheduler = scheduler
-        self.noise: dict[int, list[float]] = {}  # √SNR per step of recorded step counts (weighting "snr")
+        self.strategy = STRATEGIES[config.weighting]
+        self.prior_weights: dict[int, list[float]] = {}  # per-step weights known before calibration (√SNR)
         self.branches = branches
         self.tracker = tracker
         self.schedule = schedule
@@ -169,7 +163,6 @@ class BAC:
         self.order = config.order
         self.recording = False
         self.force_record = False
-        self._span_value: Any = None
         self._sequence = -1
         self._inputs: dict[tuple[int, str], dict[str, Any]] = {}
         self._records: dict[int, list[dict[str, dict[int, np.ndarray]]]] = defaultdict(list)
@@ -190,10 +183,10 @@ class BAC:
             return
         num_steps = state.num_steps
         plan = self.schedule.for_steps(num_steps) if num_steps is not None else self._single_schedule()
-        online = self.config.calibrate_online and self.config.weighting is not Weighting.SENSITIVITY
+        online = self.config.calibrate_online and self.strategy.online
         if self.force_record or (plan is None and online and num_steps is not None):
-            if self.config.weighting is Weighting.SNR:
-                self.noise[num_steps] = self._noise_levels(num_steps)
+            if self.strategy.needs_weights and not self.strategy.probes:
+                self.prior_weights[num_steps] = self._step_weights(num_steps)
             self.recording = True
             self.active = None
             self._records[num_steps].append({b.key: {} for b in self.branches})
@@ -206,14 +199,14 @@ class BAC:
                 + (f", on calls {self.schedule.call}" if self.schedule.call else "")
                 + "). Calibrate with accel.methods.bac.calibrate(pipe, "
                 f"num_inference_steps={num_steps or 'N'}, config=...)"
-                + (", or set calibrate_online=True." if self.config.weighting is not Weighting.SENSITIVITY
+                + (", or set calibrate_online=True." if self.strategy.online
                    else " (weighting='sensitivity' probes the pipeline, which online calibration cannot).")
             )
         self.recording = False
         self.active = {key: frozenset(steps) for key, steps in plan.items()}
 
-    def _noise_levels(self, num_steps: int) -> list[float]:
-        weights = noise_weights(self.scheduler, num_steps)
+    def _step_weights(self, num_steps: int) -> list[float]:
+        weights = self.strategy.step_weights(self.scheduler, num_steps)
         if weights is None:
             raise UnsupportedModelError(
                 f"BAC weighting='snr' cannot read per-step noise levels from {type(self.scheduler).__name__} "
@@ -250,27 +243,6 @@ class BAC:
             return cached
         return branch.io.make_output(add_streams(branch.io.read_inputs(args, kwargs), cached))
 
-    def decide_span(self, block: Any, args: tuple, kwargs: dict) -> Any:
-        """Granularity ``stack``: the first block decides for all; on a reused step it returns
-        input + Δ and every later block passes its input through."""
-        state, unit = self.tracker.state, self.branches[0]
-        if block.index == unit.layer:
-            self._span_value = self._reuse(unit)
-            if self._span_value is None:
-                self._inputs[(state.branch, unit.key)] = block.io.read_inputs(args, kwargs)
-        cached = self._span_value
-        self.log.record(state.step_index, state.branch, block.name, ran=cached is None)
-        if cached is None:
-            return None
-        if block.index == unit.layer:
-            return block.io.make_output(add_streams(block.io.read_inputs(args, kwargs), cached))
-        return pass_through(block.io, args, kwargs)
-
-    def after_span(self, block: Any, output: Any, last: int) -> Any:
-        if block.index == last and self._span_value is None:
-            return self.after(self.branches[0], output, io=block.io)
-        return output
-
     def after(self, branch: _Branch, output: Any, io: Any = None) -> Any:
         state = self.tracker.state
         value = output
@@ -298,7 +270,7 @@ class BAC:
     def finish_recording(self) -> None:
         """Turn complete recorded sequences into schedules (called at each reset and by ``calibrate``)."""
         for num_steps, runs in self.take_records().items():
-            self.build(num_steps, runs, self.noise.get(num_steps))
+            self.build(num_steps, runs, self.prior_weights.get(num_steps))
 
     def take_records(self) -> dict[int, list[dict[str, dict[int, np.ndarray]]]]:
         """Stop recording and hand over the complete recorded runs per step count."""
@@ -314,17 +286,15 @@ class BAC:
         return result
 
     def build(self, num_steps: int, runs: list[dict[str, dict[int, np.ndarray]]],
-              sensitivity: list[float] | None = None) -> None:
-        """Schedules for ``num_steps`` from recorded runs (and probed per-step sensitivities)."""
+              weights: list[float] | None = None) -> None:
+        """Schedules for ``num_steps`` from recorded runs and per-step weights (probed sensitivities or
+        √SNR; unused by the similarity strategy)."""
         schedules, volatilities = {}, {}
         for branch in self.branches:
             features = np.stack(
                 [np.concatenate([run[branch.key][t] for run in runs]) for t in range(num_steps)]
             )  # (T, F * runs)
-            if sensitivity is not None:
-                gain = -reuse_error(features, sensitivity)
-            else:
-                gain = similarity_matrix(features, self.config.metric)
+            gain = self.strategy.gain(features, weights, self.config.metric)
             schedules[branch.key] = schedule_updates(gain, self.config.resolved_updates(num_steps))
             volatilities[branch.key] = volatility(features)
         layer_of = {b.key: b.layer for b in self.branches}
@@ -333,8 +303,8 @@ class BAC:
             schedules, volatilities, self.config.bubbling, layer_of, ffns
         )
         self.schedule.volatility[num_steps] = volatilities
-        if sensitivity is not None:
-            self.schedule.sensitivity[num_steps] = [round(s, 6) for s in sensitivity]
+        if weights is not None:
+            self.schedule.sensitivity[num_steps] = [round(w, 6) for w in weights]
 
     def report(self) -> dict[str, Any]:
         calibrated = sorted(self.schedule.steps)
@@ -397,9 +367,9 @@ def _units(adapter: Any, granularity: Granularity) -> list[_Branch]:
     """The cached units: every residual branch of every block, every whole block, or the whole stack."""
     result = []
     if granularity is Granularity.STACK:
-        blocks = adapter.blocks()
-        cost = sum(_cost(b.module) for b in blocks)
-        return [_Branch("stack", blocks[0].module, blocks[0].index, "ffn", cost)]
+        from accel.methods.bac_stack import stack_unit
+
+        return [stack_unit(adapter)]
     for block in adapter.blocks():
         if granularity is Granularity.BLOCK:
             cost = _cost(block.module)
@@ -425,23 +395,29 @@ def _apply(ctx: Any, config: BACConfig) -> BAC:
     if config.granularity is Granularity.STACK:
         require_residual_chain(ctx, "BAC granularity 'stack'", "Use granularity 'branch'.")
     scheduler = getattr(ctx.pipeline, "scheduler", None)
-    if config.weighting is Weighting.SNR and scheduler is None and config.schedule is None:
+    strategy = STRATEGIES[config.weighting]
+    if strategy.needs_weights and not strategy.probes and scheduler is None and config.schedule is None:
         raise ValueError(
             "BACConfig(weighting='snr') reads noise levels from the pipeline's scheduler; patch the pipeline, "
             "not the bare model (or use weighting='similarity')."
         )
-    if config.weighting is Weighting.SENSITIVITY and config.schedule is None and config.calibrate_online:
+    if strategy.probes and config.schedule is None and config.calibrate_online:
         raise ValueError(
             "BACConfig(weighting='sensitivity') needs a schedule from accel.methods.bac.calibrate(pipe, "
             "num_inference_steps=N, config=...), which probes each step's sensitivity; online calibration "
             "cannot. Pass schedule=<the saved JSON>, or use weighting='similarity'."
         )
+    if config.granularity is Granularity.STACK:
+        from accel.methods.bac_stack import StackReuse, hook_stack
+
+        stack = StackReuse(config, _units(ctx.adapter, config.granularity), ctx.tracker, schedule, scheduler)
+        _check_units(schedule, stack.branches, config)
+        ctx.tracker.on_reset(stack.on_reset)
+        hook_stack(ctx, stack)
+        return stack
     runtime = BAC(config, _units(ctx.adapter, config.granularity), ctx.tracker, schedule, scheduler)
     _check_units(schedule, runtime.branches, config)
     ctx.tracker.on_reset(runtime.on_reset)
-    if config.granularity is Granularity.STACK:
-        _hook_span(ctx, runtime)
-        return runtime
     # Decisions run compiler-disabled: they read per-unit schedules and the step, which as guards would
     # recompile at every step; each unit's own compute still compiles, shared across blocks of a kind.
     for branch in runtime.branches:
@@ -451,18 +427,6 @@ def _apply(ctx: Any, config: BACConfig) -> BAC:
         )
         ctx.hooks.add_hook(branch.module, hook, f"unit.{branch.key}")
     return runtime
-
-
-def _hook_span(ctx: Any, runtime: BAC) -> None:
-    blocks = ctx.adapter.blocks()
-    runtime.log = RunLog(units=len(blocks), cost={b.name: _cost(b.module) for b in blocks})
-    last = blocks[-1].index
-    for block in blocks:  # every block: the first decides, the rest pass through on reused steps
-        hook = SkipHook(
-            decide=torch.compiler.disable(lambda m, a, k, b=block: runtime.decide_span(b, a, k)),
-            after=torch.compiler.disable(lambda m, a, k, out, b=block: runtime.after_span(b, out, last)),
-        )
-        ctx.hooks.add_hook(block.module, hook, f"block.{block.name}")
 
 
 def _check_units(schedule: BACSchedule, units: list[_Branch], config: BACConfig) -> None:
@@ -477,117 +441,5 @@ def _check_units(schedule: BACSchedule, units: list[_Branch], config: BACConfig)
             )
 
 
-def default_calls(pipe: Any, seeds: Sequence[int] = (101, 102)) -> list[dict[str, Any]]:
-    """Calibration calls when none are given: built-in prompts or spread class labels, other seeds than
-    a benchmark's (see :func:`accel.calls.default_calls`)."""
-    from accel.calls import default_calls as calls_for
-
-    return calls_for(pipe, seeds)
-
-
-def calibrate(
-    pipe: Any,
-    *,
-    num_inference_steps: int | Sequence[int],
-    config: BACConfig | None = None,
-    calls: Sequence[dict[str, Any]] | None = None,
-    save_to: str | None = None,
-    sensitivity: Mapping[int, Sequence[float]] | None = None,
-) -> BACSchedule:
-    """Run ``pipe`` uncached at each step count, recording every unit, and return the schedule.
-
-    ``calls``: keyword arguments of each calibration call (default: every class label, two seeds —
-    suits class-conditional pipelines such as ``digits-dit``; text pipelines pass their prompts).
-    With ``config.weighting == "sensitivity"`` each step count also costs T − 1 probe calls (the first
-    call again, reusing every unit at one step t): the output change per unit of feature change is
-    that step's sensitivity s_t. ``sensitivity`` (e.g. an earlier schedule's ``.sensitivity``) skips
-    the probes for the step counts it covers: s_t depends on the model, sampler and step count, not on
-    the update budget.
-    """
-    import accel
-
-    config = (config or BACConfig()).replace(schedule=None, calibrate_online=False)
-    step_counts = [num_inference_steps] if isinstance(num_inference_steps, int) else list(num_inference_steps)
-    calls = list(calls) if calls is not None else default_calls(pipe)
-    weighted = config.weighting is Weighting.SENSITIVITY
-    known = dict(sensitivity or {})
-    total = sum(len(calls) + (steps - 1 if weighted and steps not in known else 0) for steps in step_counts)
-    with accel.patch(pipe, config) as patch, tqdm(total=total, desc="BAC calibration") as bar:
-        runtime: BAC = patch.handle("bac")
-        for steps in step_counts:
-            runtime.force_record = True
-            states = _generator_states(calls[0])
-            reference = _run(pipe, calls[0], steps)
-            bar.update()
-            for kwargs in calls[1:]:
-                _run(pipe, kwargs, steps)
-                bar.update()
-            runtime.force_record = False
-            records = runtime.take_records()
-            # Schedules are keyed by the denoiser steps a call runs, which some samplers make differ
-            # from num_inference_steps (PNDM runs one more).
-            key = next(iter(records)) if steps not in records and len(records) == 1 else steps
-            if key not in records:
-                raise RuntimeError(f"BAC calibration recorded no complete {steps}-step run (recorded: "
-                                   f"{sorted(records) or 'none'}); does the pipeline call its denoiser "
-                                   "each step?")
-            runs = records[key]
-            weights = list(known[key]) if weighted and key in known else runtime.noise.get(key)
-            if weighted and weights is None:
-                errors = _probe(runtime, pipe, calls[0], steps, key, states, reference, bar)
-                features = [np.stack([runs[0][u.key][t] for t in range(key)]) for u in runtime.branches]
-                weights = step_sensitivity(errors, features)
-            runtime.build(key, runs, weights)
-        schedule = runtime.schedule
-        from accel.calls import call_shape
-
-        schedule.call = call_shape(calls[0])
-    if save_to is not None:
-        schedule.save(save_to)
-    return schedule
-
-
-def _probe(runtime: BAC, pipe: Any, kwargs: dict[str, Any], steps: int, forwards: int,
-           states: list[torch.Tensor], reference: np.ndarray, bar: Any) -> dict[int, float]:
-    """Mean squared output change when every unit reuses step t − 1's value at step t, for each t ≥ 1
-    of the ``forwards`` denoiser steps a ``steps``-step call runs."""
-    errors = {}
-    runtime.order = 0  # probes measure plain reuse; the DP's distances are order-0 distances
-    try:
-        for t in range(1, forwards):
-            runtime.override = {u.key: frozenset(s for s in range(forwards) if s != t)
-                                for u in runtime.branches}
-            _restore_generators(kwargs, states)
-            errors[t] = float(np.mean((_run(pipe, kwargs, steps) - reference) ** 2))
-            bar.update()
-    finally:
-        runtime.override, runtime.order = None, runtime.config.order
-    return errors
-
-
-def _run(pipe: Any, kwargs: dict[str, Any], steps: int) -> np.ndarray:
-    """One pipeline call; its first output (images / frames) as float64."""
-    result = pipe(**{**kwargs, "num_inference_steps": steps, "output_type": "np"})
-    if hasattr(result, "to_tuple"):  # diffusers BaseOutput
-        result = result.to_tuple()
-    if isinstance(result, (tuple, list)):
-        result = result[0]
-    if isinstance(result, torch.Tensor):
-        result = result.detach().float().cpu()
-    return np.asarray(result, dtype=np.float64)
-
-
-def _generators(kwargs: dict[str, Any]) -> list[torch.Generator]:
-    found = kwargs.get("generator")
-    items = found if isinstance(found, (list, tuple)) else [found]
-    return [g for g in items if isinstance(g, torch.Generator)]
-
-
-def _generator_states(kwargs: dict[str, Any]) -> list[torch.Tensor]:
-    """Probes must see the reference call's noise, so the generators are rewound before each."""
-    return [g.get_state() for g in _generators(kwargs)]
-
-
-def _restore_generators(kwargs: dict[str, Any], states: list[torch.Tensor]) -> None:
-    for generator, state in zip(_generators(kwargs), states):
-        generator.set_state(state)
+# Calibration lives in its own module; ``accel.methods.bac.calibrate`` stays the public name.
+from accel.methods.bac_calibrate import calibrate, default_calls  # noqa: E402,F401

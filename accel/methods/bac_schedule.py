@@ -229,3 +229,72 @@ def noise_weights(scheduler: Any, num_steps: int) -> list[float] | None:
 
 def _config_get(config: Any, key: str) -> Any:
     return config.get(key) if hasattr(config, "get") else getattr(config, key, None)
+
+
+# ---- schedule strategies: what the DP optimises for each cached unit ------------------------------------
+
+class Weighting(str, enum.Enum):
+    """What the scheduler's DP optimises: feature similarity (the paper) or predicted output error."""
+
+    SIMILARITY = "similarity"
+    SENSITIVITY = "sensitivity"
+    SNR = "snr"
+
+
+class ScheduleStrategy:
+    """How a unit's (T, T) gain matrix for the DP is built from its recorded features (T, F).
+
+    ``online``: it can build a schedule from recorded calls alone, so the first call at a new step count
+    calibrates. ``step_weights`` are per-step weights known without probing (``None``: none, or they
+    must be probed by :func:`accel.methods.bac.calibrate`).
+    """
+
+    weighting: Weighting
+    online: bool = True
+    needs_weights: bool = False  # the gain weighs steps (by probed sensitivity or √SNR)
+    probes: bool = False  # calibration measures each step's sensitivity with extra pipeline calls
+
+    def step_weights(self, scheduler: Any, num_steps: int) -> list[float] | None:
+        return None
+
+    def gain(self, features: np.ndarray, weights: Sequence[float] | None, metric: Metric) -> np.ndarray:
+        raise NotImplementedError
+
+
+class SimilarityStrategy(ScheduleStrategy):
+    """The paper: maximise the similarity between each reused step and the update it reuses."""
+
+    weighting = Weighting.SIMILARITY
+
+    def gain(self, features: np.ndarray, weights: Sequence[float] | None, metric: Metric) -> np.ndarray:
+        return similarity_matrix(features, metric)
+
+
+class SensitivityStrategy(ScheduleStrategy):
+    """Minimise the predicted output error Σ s_t·‖f_a − f_t‖², s_t probed per step."""
+
+    weighting = Weighting.SENSITIVITY
+    online = False
+    needs_weights = True
+    probes = True
+
+    def gain(self, features: np.ndarray, weights: Sequence[float] | None, metric: Metric) -> np.ndarray:
+        if weights is None:
+            raise ValueError("weighting='sensitivity' needs probed per-step sensitivities.")
+        return -reuse_error(features, weights)
+
+
+class SNRStrategy(SensitivityStrategy):
+    """As ``sensitivity``, with each step's √SNR (read from the scheduler) in place of probes."""
+
+    weighting = Weighting.SNR
+    online = True
+    probes = False
+
+    def step_weights(self, scheduler: Any, num_steps: int) -> list[float] | None:
+        return noise_weights(scheduler, num_steps)
+
+
+STRATEGIES: dict[Weighting, ScheduleStrategy] = {
+    s.weighting: s for s in (SimilarityStrategy(), SensitivityStrategy(), SNRStrategy())
+}
