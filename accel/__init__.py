@@ -10,9 +10,11 @@ Importing accel never imports triton or gradio and never touches CUDA.
 
 from __future__ import annotations
 
+from accel import methods
 from accel.adapters.base import BlockInfo, ModelAdapter, TokenLayout
-from accel.api import Patch, PatchContext, PatchReport, active_patch, patch, unpatch
+from accel.api import Patch, PatchReport, active_patch, patch, unpatch
 from accel.config import MethodConfig
+from accel.contract import Handle, PatchContext
 from accel.errors import (
     AccelError,
     AlreadyPatchedError,
@@ -21,6 +23,12 @@ from accel.errors import (
     UnknownMethodError,
     UnsupportedModelError,
 )
+from accel.methods.adaspa import AdaSpaConfig
+from accel.methods.bac import BACConfig
+from accel.methods.delta_dit import DeltaDiTConfig
+from accel.methods.hierarchical_prune import HierarchicalPruneConfig
+from accel.methods.quest import QuESTConfig
+from accel.methods.vmoba import VMoBAConfig
 from accel.registry import (
     Stage,
     find_adapter,
@@ -30,19 +38,12 @@ from accel.registry import (
     supported_model_classes,
 )
 from accel.steps import StepState
-from accel import methods
-from accel.methods.adaspa import AdaSpaConfig
-from accel.methods.bac import BACConfig
-from accel.methods.delta_dit import DeltaDiTConfig
-from accel.methods.hierarchical_prune import HierarchicalPruneConfig
-from accel.methods.quest import QuESTConfig
-from accel.methods.vmoba import VMoBAConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AccelError", "QuESTConfig", "AdaSpaConfig", "VMoBAConfig", "BACConfig", "DeltaDiTConfig", "HierarchicalPruneConfig", "methods", "AlreadyPatchedError", "ArtifactMismatchError", "BlockInfo", "IncompatibleMethodsError",
-    "MethodConfig", "ModelAdapter", "Patch", "PatchContext", "PatchReport", "Stage", "StepState", "TokenLayout",
+    "Handle", "MethodConfig", "ModelAdapter", "Patch", "PatchContext", "PatchReport", "Stage", "StepState", "TokenLayout",
     "UnknownMethodError", "UnsupportedModelError", "active_patch", "find_adapter", "method_names", "patch",
     "register_adapter", "register_method", "supported_model_classes", "unpatch",
 ]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from accel.adapters.base import ModelAdapter
 from accel.config import MethodConfig
+from accel.contract import Handle, PatchContext
 from accel.errors import AlreadyPatchedError, IncompatibleMethodsError, UnsupportedModelError
 from accel.hooks import CallbackHook, HookSet, invalidate_registry_caches
 from accel.modules import resolve_target
@@ -23,32 +24,13 @@ logger = logging.getLogger(__name__)
 _PATCH_ATTR = "_accel_patch"
 
 
-class AppliedMethod(Protocol):
-    """What a method's apply function returns: something that reports and (optionally) cleans up."""
-
-    def report(self) -> dict[str, Any]: ...
-
-
-@dataclass
-class PatchContext:
-    """Everything a method's apply function may use. ``hooks`` belongs to that method alone."""
-
-    target: Any
-    pipeline: Any | None
-    model: torch.nn.Module
-    adapter: ModelAdapter
-    tracker: StepTracker
-    hooks: HookSet
-    method: str
-    applied: list[tuple[MethodSpec, MethodConfig]] = field(default_factory=list)
-
-
 @dataclass
 class _Attached:
-    spec: MethodSpec
-    config: MethodConfig
+    name: str
+    spec: MethodSpec | None  # None: attached with Patch.attach, not from the registry
+    config: MethodConfig | None
     hooks: HookSet
-    handle: Any
+    handle: Handle
 
 
 def _order_and_check(
@@ -134,34 +116,58 @@ class Patch:
         self._own_hooks = HookSet("accel.patch")
         self._removed = False
 
+    @classmethod
+    def on(cls, target: Any) -> Patch:
+        """An empty patch on ``target`` that tracks denoising steps, for tools that attach a method the
+        registry does not hold (a baseline, an experiment) with :meth:`attach`. ``accel.patch`` is the
+        way to attach registered methods."""
+        pipeline, model = resolve_target(target)
+        _refuse_patched(model)
+        result = cls(target, pipeline, model, find_adapter(model))
+        result._install_step_tracking()
+        return result
+
     @property
     def methods(self) -> tuple[MethodConfig, ...]:
-        return tuple(item.config for item in self._attached)
+        return tuple(item.config for item in self._attached if item.config is not None)
 
-    def handle(self, method: str) -> Any:
+    def handle(self, method: str) -> Handle:
         """The attached handle of ``method`` (by registry name, e.g. ``"bac"``): its runtime state, for
         reports and tools that read more than ``report()`` gives."""
         for item in self._attached:
-            if item.spec.name == method:
+            if item.name == method:
                 return item.handle
-        names = ", ".join(item.spec.name for item in self._attached) or "none"
+        names = ", ".join(item.name for item in self._attached) or "none"
         raise KeyError(f"{method!r} is not attached to this patch (attached: {names}).")
 
+    def attach(self, name: str, build: Callable[[PatchContext], Handle]) -> Handle:
+        """Attach an unregistered method: ``build(ctx)`` hooks through ``ctx.hooks`` and returns its
+        handle. It is removed, reported and reachable by ``name`` like a registered method."""
+        return self._attach_built(name, None, None, build)
+
     def _attach(self, spec: MethodSpec, config: MethodConfig) -> None:
-        hooks = HookSet(f"accel.{spec.name}")
+        self._attach_built(spec.name, spec, config, lambda ctx: spec.apply(ctx, config))
+
+    def _attach_built(self, name: str, spec: MethodSpec | None, config: MethodConfig | None,
+                      build: Callable[[PatchContext], Handle]) -> Handle:
+        hooks = HookSet(f"accel.{name}")
         ctx = PatchContext(
             target=self.target, pipeline=self.pipeline, model=self.model, adapter=self.adapter,
-            tracker=self.tracker, hooks=hooks, method=spec.name,
-            applied=[(a.spec, a.config) for a in self._attached],
+            tracker=self.tracker, hooks=hooks, method=name,
+            applied=[(a.spec, a.config) for a in self._attached if a.spec is not None and a.config is not None],
         )
         try:
-            handle = spec.apply(ctx, config)
+            handle = build(ctx)
+            if not isinstance(handle, Handle):
+                raise TypeError(f"Method {name!r} returned {type(handle).__name__} from apply, which is not a "
+                                "handle: it needs report() -> dict and remove() (see accel.contract.Handle).")
         except BaseException:
             hooks.remove()
             raise
-        self._attached.append(_Attached(spec, config, hooks, handle))
+        self._attached.append(_Attached(name, spec, config, hooks, handle))
         # Pruning may swap the model's block lists: later methods need a fresh view.
         self.adapter = find_adapter(self.model)
+        return handle
 
     def _install_step_tracking(self) -> None:
         adapter = self.adapter
@@ -219,9 +225,7 @@ class Patch:
         self._own_hooks.remove()
         for item in reversed(self._attached):
             item.hooks.remove()
-            undo = getattr(item.handle, "remove", None)
-            if callable(undo):
-                undo()
+            item.handle.remove()
         self._attached.clear()
         invalidate_registry_caches(self.model)
         self._removed = True
@@ -230,11 +234,8 @@ class Patch:
         """What ran: per method, the facts it records (blocks skipped per step, density, bits...)."""
         sections = {}
         for item in self._attached:
-            handle_report = getattr(item.handle, "report", None)
-            sections[item.spec.name] = {
-                "settings": item.config.settings(),
-                **(handle_report() if callable(handle_report) else {}),
-            }
+            settings = item.config.settings() if item.config is not None else {}
+            sections[item.name] = {"settings": settings, **item.handle.report()}
         state = self.tracker.state
         return PatchReport(
             model=type(self.model).__name__,
@@ -251,7 +252,7 @@ class Patch:
         self.remove()
 
     def __repr__(self) -> str:
-        names = ", ".join(item.spec.name for item in self._attached) or "no methods"
+        names = ", ".join(item.name for item in self._attached) or "no methods"
         state = "removed" if self._removed else "active"
         return f"<accel.Patch {state} on {type(self.model).__name__}: {names}>"
 
@@ -330,12 +331,7 @@ def patch(target: Any, *methods: str | MethodConfig, **options: Any) -> Patch:
         print(p.report()); p.remove()
     """
     pipeline, model = resolve_target(target)
-    existing = model.__dict__.get(_PATCH_ATTR)
-    if existing is not None:
-        raise AlreadyPatchedError(
-            f"{type(model).__name__} is already patched by accel ({existing!r}). Pass all methods in one "
-            "accel.patch(...) call, or call .remove() (or accel.unpatch(target)) first."
-        )
+    _refuse_patched(model)
     adapter = find_adapter(model)
     requested = list(methods) + _options_to_methods(options)
     if not requested:
@@ -352,6 +348,15 @@ def patch(target: Any, *methods: str | MethodConfig, **options: Any) -> Patch:
         raise
     logger.info("accel: patched %s with %s", type(model).__name__, [s.name for s, _ in items])
     return result
+
+
+def _refuse_patched(model: torch.nn.Module) -> None:
+    existing = model.__dict__.get(_PATCH_ATTR)
+    if existing is not None:
+        raise AlreadyPatchedError(
+            f"{type(model).__name__} is already patched by accel ({existing!r}). Pass all methods in one "
+            "accel.patch(...) call, or call .remove() (or accel.unpatch(target)) first."
+        )
 
 
 def unpatch(target: Any) -> bool:

@@ -33,6 +33,9 @@ class IdentityHandle:
     def report(self) -> dict[str, Any]:
         return {"calls": sum(self.calls.values())}
 
+    def remove(self) -> None:
+        self.removed = True
+
 
 def _apply_identity(ctx: accel.PatchContext, config: IdentityConfig) -> IdentityHandle:
     handle = IdentityHandle()

@@ -207,7 +207,7 @@ def test_identity_patch_is_exact_and_removal_restores(family: Family, identity_m
     patch = accel.patch(model, "identity")
     assert accel_hook_names(model)
     assert torch.equal(run_loop(model, family, steps=2), baseline)
-    calls = patch._attached[0].handle.calls
+    calls = patch.handle("identity").calls
     forwards = 2 if family.is_denoiser else 1
     for block in patch.adapter.blocks():
         assert calls[block.name] == forwards, block.name
@@ -229,7 +229,7 @@ def test_step_tracking_across_loops_and_cfg(family: Family, identity_method):
     model = family.build()
     (s0, s1), (f0, f1) = family.sizes, family.frames
     with accel.patch(model, "identity") as patch:
-        steps = patch._attached[0].handle.steps
+        steps = patch.handle("identity").steps
         run_loop(model, family, steps=3, batch=1, size=s0, frames=f0)
         assert steps == [(0, 0), (1, 0), (2, 0)]
         # Fewer steps, another size, frame count and batch: a new sequence from step 0.

@@ -87,7 +87,7 @@ def test_pipeline_scheduler_resets_steps(identity_method):
     pipe(5)
     assert p.tracker.state.num_steps == 5 and p.tracker.state.step_index == 4
     pipe(2)
-    handle = p._attached[0].handle
+    handle = p.handle("identity")
     assert handle.steps == [(i, 0) for i in range(5)] + [(0, 0), (1, 0)]
     p.remove()
     assert "set_timesteps" not in pipe.scheduler.__dict__
@@ -101,7 +101,7 @@ def test_separate_cfg_forwards_are_branches(identity_method):
         for t in (900.0, 500.0):
             for label in (3, 10):
                 model(x, timestep=torch.tensor([t]), class_labels=torch.tensor([label]))
-    assert p._attached[0].handle.steps == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert p.handle("identity").steps == [(0, 0), (0, 1), (1, 0), (1, 1)]
     p.remove()
 
 
@@ -128,6 +128,43 @@ def test_failed_method_rolls_back_everything(identity_method):
         assert accel.active_patch(model) is None
     finally:
         unregister_method("failing")
+
+
+def test_apply_must_return_a_handle_and_unregistered_methods_attach_like_registered_ones():
+    register_method(FailingConfig, name="failing", stage=Stage.ATTENTION)(lambda ctx, config: object())
+    try:
+        model = tiny_dit()
+        with pytest.raises(TypeError, match=r"'failing' returned object from apply, which is not a handle"):
+            accel.patch(model, "failing")
+        assert accel.active_patch(model) is None
+    finally:
+        unregister_method("failing")
+
+    class Counting:
+        def __init__(self, ctx: accel.PatchContext) -> None:
+            self.steps: list[int] = []
+            self.removed = False
+            block = ctx.adapter.blocks()[0]
+            ctx.hooks.add_hook(block.module, accel.hooks.CallbackHook(
+                before=lambda m, a, k: self.steps.append(ctx.tracker.state.step_index)), "count")
+
+        def report(self) -> dict:
+            return {"forwards": len(self.steps)}
+
+        def remove(self) -> None:
+            self.removed = True
+
+    model = tiny_dit()
+    keys, _ = snapshot(model)
+    patch = accel.Patch.on(model)
+    handle = patch.attach("counting", Counting)
+    loop(model, steps=3)
+    assert handle.steps == [0, 1, 2] and patch.handle("counting") is handle
+    assert patch.report().methods["counting"] == {"settings": {}, "forwards": 3}
+    with pytest.raises(accel.AlreadyPatchedError):
+        accel.Patch.on(model)
+    patch.remove()
+    assert handle.removed and snapshot(model)[0] == keys and accel.active_patch(model) is None
 
 
 def test_unknown_method_has_did_you_mean(identity_method):

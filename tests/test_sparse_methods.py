@@ -24,6 +24,12 @@ FAST = {"wan", "flux", "hunyuan_video", "timm_vit"}
 STEPS = 3
 
 
+def _only_handle(patch: accel.Patch) -> object:
+    """The handle of the patch's one method."""
+    (name,) = patch.report().methods
+    return patch.handle(name)
+
+
 def snapshot(model):
     return {name: sorted(m.__dict__) for name, m in model.named_modules()}, {
         k: v.clone() for k, v in model.state_dict().items()}
@@ -145,8 +151,8 @@ def test_family_patched_is_finite_and_removal_exact(name, config):
     if family.is_denoiser:
         patch.reset(num_steps=STEPS)
     out = run(model, family)
-    runtime = patch._attached[0].handle
-    report = patch.report().methods[patch._attached[0].spec.name]
+    runtime = _only_handle(patch)
+    report = next(iter(patch.report().methods.values()))
     patch.remove()
     assert torch.isfinite(out).all()
     assert report["backend"] and "per_step" in report
@@ -168,8 +174,8 @@ def test_reported_density_matches_the_mask(config):
     patch = accel.patch(model, config)
     patch.reset(num_steps=STEPS)
     run(model, family)
-    runtime = patch._attached[0].handle
-    report = patch.report().methods[patch._attached[0].spec.name]
+    runtime = _only_handle(patch)
+    report = next(iter(patch.report().methods.values()))
     last_step = max(r.step for r in runtime.records())
     sparse = [r for r in runtime.records() if r.step == last_step]
     assert sparse and all(not r.backend.startswith("dense") for r in sparse)
@@ -188,7 +194,7 @@ def test_joint_text_is_always_attended():
     patch = accel.patch(model, AdaSpaConfig(sparsity=0.9, warmup=0.0, search_steps=(0.0,), head_adaptive=False))
     patch.reset(num_steps=STEPS)
     run(model, family)
-    runtime = patch._attached[0].handle
+    runtime = _only_handle(patch)
     assert runtime.last_masks
     for mask in runtime.last_masks.values():
         table = mask.to_dense()
@@ -217,7 +223,7 @@ def test_adaspa_schedule_dense_search_reuse(backend):
     patch = accel.patch(model, AdaSpaConfig(sparsity=0.5, warmup=0.2, search_steps=(0.2, 0.6), backend=backend))
     patch.reset(num_steps=5)
     run_loop(model, family, steps=5, size=16, frames=3)
-    runtime = patch._attached[0].handle
+    runtime = _only_handle(patch)
     kinds = {}
     for rec in runtime.records():
         kinds.setdefault(rec.step, set()).add(rec.backend)
@@ -232,13 +238,38 @@ def test_adaspa_schedule_dense_search_reuse(backend):
     patch.remove()
 
 
+def test_reused_pattern_keeps_its_index_lists(monkeypatch):
+    """AdaSpa's reuse steps hand the searched table again: the runtime builds its index lists once per
+    search and layer, and the outputs equal a run that rebuilds them every call."""
+    from accel.attention import runtime as rt
+
+    family = FAMILIES["wan"]
+    config = AdaSpaConfig(sparsity=0.5, warmup=0.2, search_steps=(0.2, 0.6), backend="gather")
+    built = []
+    original = rt.BlockSparseMask.from_dense
+    monkeypatch.setattr(rt.BlockSparseMask, "from_dense",
+                        classmethod(lambda cls, *a, **k: built.append(1) or original(*a, **k)))
+    model = family.build()
+    with accel.patch(model, config) as patch:
+        patch.reset(num_steps=5)
+        out = run_loop(model, family, steps=5, size=16, frames=3)
+        layers = len(_only_handle(patch).layers)
+    assert len(built) == 2 * layers  # steps 2 and 4 reuse the searches of steps 1 and 3
+    monkeypatch.setattr(rt._BuiltMask, "matches", lambda self, plan, call: False)
+    built.clear()
+    with accel.patch(model, config) as patch:
+        patch.reset(num_steps=5)
+        assert torch.equal(run_loop(model, family, steps=5, size=16, frames=3), out)
+    assert len(built) == 2 * layers
+
+
 def test_vmoba_dense_warmup_fraction():
     family = FAMILIES["wan"]
     model = family.build()
     patch = accel.patch(model, VMoBAConfig(chunk_tokens=32))
     patch.reset(num_steps=4)
     run_loop(model, family, steps=4, size=16, frames=3)
-    steps = {r.step: r.backend for r in patch._attached[0].handle.records()}
+    steps = {r.step: r.backend for r in _only_handle(patch).records()}
     assert steps[0] == "dense (warm-up)" and not steps[1].startswith("dense")
     patch.remove()
 
@@ -259,7 +290,7 @@ def test_bare_loop_places_warmup_and_searches_by_timestep(config):
     with accel.patch(model, config) as p:
         by_timestep = run_loop(model, family, steps=5, size=16, frames=3)
         facts = p.report().methods[name]
-        steps = {r.step: r.backend for r in p._attached[0].handle.records()}
+        steps = {r.step: r.backend for r in _only_handle(p).records()}
     assert counted["steps_by"] == "step count"
     assert facts["steps_by"].startswith("timestep (the step count is unknown")
     assert steps[0] == "dense (warm-up)" and not steps[4].startswith("dense")

@@ -27,6 +27,7 @@ from accel.attention.backends import sparse_attention
 from accel.attention.format import BlockSparseMask
 from accel.attention.intercept import SparseAttentionHook, original_sdpa
 from accel.attention.tokens import SequenceGeometry, inverse_permutation
+from accel.contract import PatchContext
 from accel.hooks import CallbackHook
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,14 @@ class Plan:
     note: str = ""
 
 
+@dataclass(frozen=True)
+class Dense:
+    """A method's decision to run this call as dense attention; ``reason`` is logged for the step
+    (``"warm-up"``, ``"search"``...)."""
+
+    reason: str = "dense step"
+
+
 @dataclass
 class Computed:
     """A call the method has already answered with dense attention (``output`` (B, H, S, D)); ``reason``
@@ -85,6 +94,22 @@ class Computed:
 
     output: torch.Tensor
     reason: str
+
+
+@dataclass
+class _BuiltMask:
+    """Index lists built from one plan, valid while the method hands the same table and order again."""
+
+    table: torch.Tensor
+    perm: torch.Tensor | None
+    geometry: SequenceGeometry
+    shape: torch.Size
+    mask: BlockSparseMask
+    density: float
+
+    def matches(self, plan: Plan, call: AttentionCall) -> bool:
+        return (plan.table is self.table and plan.perm is self.perm and call.geometry == self.geometry
+                and call.q.shape == self.shape)
 
 
 @dataclass
@@ -111,13 +136,14 @@ class SparseAttentionRuntime:
 
     method = "sparse-attention"
 
-    def __init__(self, ctx: Any, block_size: int, backend: str) -> None:
+    def __init__(self, ctx: PatchContext, block_size: int, backend: str) -> None:
         self.tracker = ctx.tracker
         self.adapter = ctx.adapter
         self.block_size = block_size
         self.backend = backend
         self.stats = _Stats()
         self.last_masks: dict[tuple[str, int], BlockSparseMask] = {}
+        self._built: dict[tuple[str, int], _BuiltMask] = {}
         self._layout: TokenLayout | None = None
         self._warned: set[str] = set()
         self.layers: list[LayerInfo] = []
@@ -126,7 +152,7 @@ class SparseAttentionRuntime:
         ctx.tracker.on_reset(self.reset)
 
     # -- attaching -------------------------------------------------------------------------------------
-    def _attach(self, ctx: Any) -> None:
+    def _attach(self, ctx: PatchContext) -> None:
         modules = []
         for block in ctx.adapter.blocks():
             for role, module in (("self_attn", block.self_attn), ("self_attn2", block.extra.get("self_attn2"))):
@@ -166,9 +192,14 @@ class SparseAttentionRuntime:
         )
 
     def reset(self) -> None:
-        """A new sequence: drop per-sequence logs and masks (subclasses drop their caches too)."""
+        """A new sequence: drop per-sequence logs and every cache."""
         self.stats.records.clear()
+        self.drop_caches()
+
+    def drop_caches(self) -> None:
+        """Forget masks and patterns kept for later calls (subclasses drop their own caches too)."""
         self.last_masks.clear()
+        self._built.clear()
 
     # -- one call --------------------------------------------------------------------------------------
     def _dense(self, call_args: tuple, call_kwargs: dict, record: tuple[LayerInfo, int, int] | None,
@@ -214,8 +245,8 @@ class SparseAttentionRuntime:
         if isinstance(plan, Computed):
             self._log(call.step, call.branch, info.name, 1.0, f"dense ({plan.reason})", query, key)
             return plan.output
-        if plan is None or isinstance(plan, str):
-            return self._dense(args, kwargs, record, plan or "dense step")
+        if isinstance(plan, Dense):
+            return self._dense(args, kwargs, record, plan.reason)
         return self._run(call, plan)
 
     def _run(self, call: AttentionCall, plan: Plan) -> torch.Tensor:
@@ -224,22 +255,33 @@ class SparseAttentionRuntime:
             perm = plan.perm.to(q.device)
             q, k, v = (t.index_select(2, perm) for t in (q, k, v))
             key_mask = None if key_mask is None else key_mask.index_select(1, perm)
-        table = plan.table.to(q.device).clone()
-        special = _permuted_special_blocks(call.geometry, plan.perm, self.block_size, q.device)
-        if bool(special.any()):
-            table[:, :, :, special] = True  # everyone attends text / class tokens
-            table[:, :, special, :] = True  # and they attend everything
-        mask = BlockSparseMask.from_dense(table, self.block_size, q.shape[2], k.shape[2])
+        mask, density = self._mask_for(call, plan, q.device)
         self.last_masks[(call.layer.name, call.branch)] = mask
         out, used = sparse_attention(q, k, v, mask, scale=call.scale, key_mask=key_mask, backend=self.backend)
         if plan.perm is not None:
             out = out.index_select(2, inverse_permutation(plan.perm).to(out.device))
-        self._log(call.step, call.branch, call.layer.name, mask.density(), used, call.q, call.k)
+        self._log(call.step, call.branch, call.layer.name, density, used, call.q, call.k)
         return out
 
-    def select(self, call: AttentionCall) -> Plan | Computed | str | None:  # pragma: no cover - abstract
-        """A :class:`Plan`, a :class:`Computed` output, or ``None`` / a short reason (``"search"``) to run
-        this call dense."""
+    def _mask_for(self, call: AttentionCall, plan: Plan, device: torch.device) -> tuple[BlockSparseMask, float]:
+        """The plan's index lists and density. A plan a method hands again (AdaSpa reuses one pattern
+        for many steps) keeps the lists built the first time: no table-to-lists conversion and no host
+        sync on the steps in between."""
+        key = (call.layer.name, call.branch)
+        built = self._built.get(key)
+        if built is not None and built.matches(plan, call):
+            return built.mask, built.density
+        table = plan.table.to(device).clone()
+        special = _permuted_special_blocks(call.geometry, plan.perm, self.block_size, device)
+        if bool(special.any()):
+            table[:, :, :, special] = True  # everyone attends text / class tokens
+            table[:, :, special, :] = True  # and they attend everything
+        mask = BlockSparseMask.from_dense(table, self.block_size, call.q.shape[2], call.k.shape[2])
+        self._built[key] = _BuiltMask(plan.table, plan.perm, call.geometry, call.q.shape, mask, mask.density())
+        return mask, self._built[key].density
+
+    def select(self, call: AttentionCall) -> Plan | Computed | Dense:  # pragma: no cover - abstract
+        """A :class:`Plan` to run sparse, a :class:`Computed` output, or :class:`Dense` with its reason."""
         raise NotImplementedError
 
     # -- reporting -------------------------------------------------------------------------------------
@@ -255,6 +297,10 @@ class SparseAttentionRuntime:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, stacklevel=3)
+
+    def remove(self) -> None:
+        """Drop the caches; the run's records stay readable for a report after removal."""
+        self.drop_caches()
 
     def report(self) -> dict[str, Any]:
         """Density (attended fraction of token pairs) overall, per step and per layer, and backends used."""

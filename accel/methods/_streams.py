@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from accel.contract import PatchContext
 from accel.errors import UnsupportedModelError
 
 Streams = dict[str, "torch.Tensor | None"]
@@ -29,7 +30,7 @@ def pass_through(io: Any, args: tuple, kwargs: dict) -> Any:
     return io.make_output(io.read_inputs(args, kwargs))
 
 
-def require_residual_chain(ctx: Any, what: str, instead: str) -> None:
+def require_residual_chain(ctx: PatchContext, what: str, instead: str) -> None:
     """A Δ over a range of blocks needs blocks that form one residual chain (a UNet's do not)."""
     if not getattr(ctx.adapter, "sequential_blocks", True):
         raise UnsupportedModelError(

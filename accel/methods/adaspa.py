@@ -26,9 +26,10 @@ from typing import Any
 import torch
 
 from accel.attention.backends import BACKENDS
-from accel.attention.runtime import AttentionCall, Computed, Plan, SparseAttentionRuntime
+from accel.attention.runtime import AttentionCall, Computed, Dense, Plan, SparseAttentionRuntime
 from accel.attention.search import attention_and_block_sums, block_sums
 from accel.config import MethodConfig, check_choice, check_float
+from accel.contract import PatchContext
 from accel.registry import Stage, register_method
 
 
@@ -169,7 +170,7 @@ class AdaSpa(SparseAttentionRuntime):
 
     method = "adaspa"
 
-    def __init__(self, ctx: Any, config: AdaSpaConfig) -> None:
+    def __init__(self, ctx: PatchContext, config: AdaSpaConfig) -> None:
         self.config = config
         self.cache: dict[tuple[str, int], _LayerCache] = {}
         # fused: the C++ CPU kernel's attention pass gave the scores (exact, current LSE)
@@ -177,8 +178,8 @@ class AdaSpa(SparseAttentionRuntime):
         self.searched: dict[tuple[str, int], set[float]] = {}  # per layer: search fractions reached
         super().__init__(ctx, config.block_size, config.backend.value)
 
-    def reset(self) -> None:
-        super().reset()
+    def drop_caches(self) -> None:
+        super().drop_caches()
         self.cache.clear()
         self.searched.clear()
 
@@ -196,13 +197,13 @@ class AdaSpa(SparseAttentionRuntime):
         done.update(due)
         return bool(due)
 
-    def select(self, call: AttentionCall) -> Plan | Computed | str | None:
+    def select(self, call: AttentionCall) -> Plan | Computed | Dense:
         key = (call.layer.name, call.branch)
         cached = self.cache.get(key)
         if not self.adapter.is_denoiser:  # one forward per input: search and apply at once
             return Plan(self._search(call, None))
         if call.before(self.config.warmup):
-            return "warm-up"
+            return Dense("warm-up")
         shape_ok = cached is not None and cached.lse.shape == call.q.shape[:3]
         if self._is_search_step(call, key) or not shape_ok:
             fused = attention_and_block_sums(call.q, call.k, call.v, call.block_size, call.scale, call.key_mask,
@@ -214,7 +215,7 @@ class AdaSpa(SparseAttentionRuntime):
                 return Computed(out, "search")
             reuse = cached.lse if shape_ok and cached.step < call.step else None
             self._search(call, reuse)
-            return "search"  # the search step has paid for full attention scores: it runs dense
+            return Dense("search")  # the search step has paid for full attention scores: it runs dense
         return Plan(cached.table)
 
     def _search(self, call: AttentionCall, lse: torch.Tensor | None) -> torch.Tensor:
@@ -253,5 +254,5 @@ class AdaSpa(SparseAttentionRuntime):
 
 @register_method(AdaSpaConfig, name="adaspa", stage=Stage.ATTENTION,
                  summary="AdaSpa: exact block search at a few steps, cached masks, head-adaptive sparsity")
-def _apply(ctx: Any, config: AdaSpaConfig) -> AdaSpa:
+def _apply(ctx: PatchContext, config: AdaSpaConfig) -> AdaSpa:
     return AdaSpa(ctx, config)

@@ -39,6 +39,7 @@ import torch
 
 from accel.artifacts import architecture_fingerprint
 from accel.config import MethodConfig, check_choice, check_float, check_int
+from accel.contract import PatchContext
 from accel.errors import ArtifactMismatchError, UnsupportedModelError
 from accel.hooks import SkipHook
 from accel.methods._runlog import RunLog
@@ -306,6 +307,10 @@ class BAC:
         if weights is not None:
             self.schedule.sensitivity[num_steps] = [round(w, 6) for w in weights]
 
+    def remove(self) -> None:
+        self.cache.clear()
+        self._inputs.clear()
+
     def report(self) -> dict[str, Any]:
         calibrated = sorted(self.schedule.steps)
         summary = {}
@@ -384,7 +389,7 @@ def _units(adapter: Any, granularity: Granularity) -> list[_Branch]:
 
 @register_method(BACConfig, name="bac", stage=Stage.CACHE, needs_denoiser=True,
                  summary="BAC: per-branch update schedules from a similarity DP, with the Bubbling Union")
-def _apply(ctx: Any, config: BACConfig) -> BAC:
+def _apply(ctx: PatchContext, config: BACConfig) -> BAC:
     fingerprint = architecture_fingerprint(ctx.model)
     if config.schedule is not None:
         schedule = BACSchedule.load(config.schedule)

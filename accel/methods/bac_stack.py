@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from accel.adapters.base import ModelAdapter
+from accel.contract import PatchContext
 from accel.hooks import SkipHook
 from accel.methods._runlog import RunLog
 from accel.methods._streams import add_streams, pass_through
@@ -55,7 +56,7 @@ class StackReuse(BAC):
         return output
 
 
-def hook_stack(ctx: Any, runtime: StackReuse) -> None:
+def hook_stack(ctx: PatchContext, runtime: StackReuse) -> None:
     """Hooks on every block; the log counts blocks run, so the compute fraction is per block."""
     blocks = ctx.adapter.blocks()
     runtime.log = RunLog(units=len(blocks), cost={b.name: _cost(b.module) for b in blocks})

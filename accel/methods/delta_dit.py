@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from accel.config import MethodConfig, check_float, check_int
+from accel.contract import PatchContext
 from accel.hooks import SkipHook
 from accel.methods._runlog import RunLog
 from accel.methods._streams import Streams, add_streams, require_residual_chain, subtract_streams
@@ -161,6 +162,10 @@ class DeltaDiT:
                     self.deltas[key] = subtract_streams(io.read_outputs(output), self.inputs.pop(key, {}))
         return output
 
+    def remove(self) -> None:
+        self.inputs.clear()
+        self.deltas.clear()
+
     def report(self) -> dict[str, Any]:
         return {
             "ranges": {"front": [self.front.start, self.front.stop - 1], "rear": [self.rear.start, self.rear.stop - 1]},
@@ -171,7 +176,7 @@ class DeltaDiT:
 
 @register_method(DeltaDiTConfig, name="delta-dit", stage=Stage.CACHE, needs_denoiser=True,
                  summary="Δ-DiT: cache the output−input deviation of rear (early steps) / front (late steps) blocks")
-def _apply(ctx: Any, config: DeltaDiTConfig) -> DeltaDiT:
+def _apply(ctx: PatchContext, config: DeltaDiTConfig) -> DeltaDiT:
     require_residual_chain(ctx, "delta-dit", "Use 'bac', which caches per branch.")
     blocks = ctx.adapter.blocks()
     runtime = DeltaDiT(config, [block.name for block in blocks], ctx.tracker)

@@ -36,6 +36,7 @@ import torch
 
 from accel.artifacts import architecture_fingerprint, weights_digest
 from accel.config import MethodConfig, check_float, check_int
+from accel.contract import PatchContext
 from accel.modules import resolve_target
 from accel.prune.artifact import PruneArtifact
 from accel.prune.distill import DistillResult, InputPool, distill, feature_weights, record_inputs
@@ -314,6 +315,9 @@ class HierarchicalPrune:
         self.names, self.removed, self.source = names, removed, source
         self.bytes_before, self.bytes_after, self.latency = bytes_before, bytes_after, latency
 
+    def remove(self) -> None:
+        """Nothing to drop: the removed blocks come back through the patch's hooks."""
+
     def report(self) -> dict[str, Any]:
         out = {"removed_blocks": [self.names[i] for i in self.removed],
                "blocks": f"{len(self.names) - len(self.removed)}/{len(self.names)} kept",
@@ -340,7 +344,7 @@ def _load_into_copy(module: torch.nn.Module, prefix: str,
 
 @register_method(HierarchicalPruneConfig, name="hierarchical-prune", stage=Stage.PRUNE,
                  summary="HierarchicalPrune: remove late, insensitive blocks (distilled weights from an artifact)")
-def _apply(ctx: Any, config: HierarchicalPruneConfig) -> HierarchicalPrune:
+def _apply(ctx: PatchContext, config: HierarchicalPruneConfig) -> HierarchicalPrune:
     model = ctx.model
     blocks = prunable_blocks(ctx.adapter)
     bytes_before = parameter_bytes(model)
@@ -384,7 +388,6 @@ def prune_then_quantize(target: Any, prune_config: HierarchicalPruneConfig, quan
     ``memory = {"fp32_bytes", "pruned_bytes", "quantized_bytes", "ratio"}`` (ratio: quantized / fp32).
     """
     import accel
-
     from accel.methods import quest
 
     _, model = resolve_target(target)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from accel.config import MethodConfig, check_choice, check_float, check_int
+from accel.contract import PatchContext
 from accel.errors import ArtifactMismatchError, UnsupportedModelError
 from accel.modules import parent_of
 from accel.quant import kernels as qkernels
@@ -141,6 +142,9 @@ class QuEST:
         self.quant_bytes = quant_bytes
         self.kept = kept or set()
 
+    def remove(self) -> None:
+        """Nothing to drop: the float layers come back through the patch's hooks."""
+
     def report(self) -> dict[str, Any]:
         layers = [layer for name, layer in self.qmodel.layers.items() if name not in self.kept]
         kernels: dict[str, int] = {}
@@ -201,7 +205,7 @@ class QuEST:
     stage=Stage.QUANTIZE,
     summary="QuEST: W8A8/W4A8/W4A4 linear layers, timestep-aware calibration, selective finetuning",
 )
-def _apply(ctx: Any, config: QuESTConfig) -> QuEST:
+def _apply(ctx: PatchContext, config: QuESTConfig) -> QuEST:
     fp32_bytes = _model_bytes(ctx.model)
     if config.artifact is not None:
         qmodel = QuantizedModel.load(config.artifact)

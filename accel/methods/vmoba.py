@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
-from accel.attention.runtime import AttentionCall, Plan, SparseAttentionRuntime
+from accel.attention.runtime import AttentionCall, Dense, Plan, SparseAttentionRuntime
 from accel.attention.tokens import SequenceGeometry, partition_permutation
 from accel.config import MethodConfig, check_choice, check_float, check_int
+from accel.contract import PatchContext
 from accel.methods.adaspa import AttentionBackend, check_block_size
 from accel.registry import Stage, register_method
 
@@ -158,7 +159,7 @@ class VMoBA(SparseAttentionRuntime):
 
     method = "vmoba"
 
-    def __init__(self, ctx: Any, config: VMoBAConfig) -> None:
+    def __init__(self, ctx: PatchContext, config: VMoBAConfig) -> None:
         self.config = config
         self._partitions: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         super().__init__(ctx, config.block_size, config.backend.value)
@@ -173,16 +174,16 @@ class VMoBA(SparseAttentionRuntime):
             self._partitions[key] = (perm, chunk_of, member, member.T.clone())
         return self._partitions[key]
 
-    def select(self, call: AttentionCall) -> Plan | str | None:
+    def select(self, call: AttentionCall) -> Plan | Dense:
         if self.adapter.is_denoiser and call.before(self.config.warmup):
-            return "warm-up"
+            return Dense("warm-up")
         mode = PARTITIONS[call.layer.index % 3]
         geometry = call.geometry
         if geometry.visual_tokens <= self.block_size:
-            return "one chunk"
+            return Dense("one chunk")
         perm, chunk_of, member, own = self.partition(geometry, mode)
         if member.shape[0] < 2:
-            return "one chunk"
+            return Dense("one chunk")
         q = call.q.index_select(2, perm.to(call.q.device))
         k = call.k.index_select(2, perm.to(call.k.device))
         key_mask = None if call.key_mask is None else call.key_mask.index_select(1, perm.to(call.q.device))
@@ -194,5 +195,5 @@ class VMoBA(SparseAttentionRuntime):
 
 @register_method(VMoBAConfig, name="vmoba", stage=Stage.ATTENTION,
                  summary="VMoBA: 1D/2D/3D chunked mixture-of-block attention, dense warm-up")
-def _apply(ctx: Any, config: VMoBAConfig) -> VMoBA:
+def _apply(ctx: PatchContext, config: VMoBAConfig) -> VMoBA:
     return VMoBA(ctx, config)
