@@ -154,13 +154,13 @@ class Patch:
         ctx = PatchContext(
             target=self.target, pipeline=self.pipeline, model=self.model, adapter=self.adapter,
             tracker=self.tracker, hooks=hooks, method=name,
-            applied=[(a.spec, a.config) for a in self._attached if a.spec is not None and a.config is not None],
+            applied=[(a.spec, a.config) for a in self._attached if a.spec is not None and a.config],
         )
         try:
             handle = build(ctx)
             if not isinstance(handle, Handle):
-                raise TypeError(f"Method {name!r} returned {type(handle).__name__} from apply, which is not a "
-                                "handle: it needs report() -> dict and remove() (see accel.contract.Handle).")
+                raise TypeError(f"Method {name!r} returned {type(handle).__name__} from apply, which is not "
+                                "a handle: it needs report() -> dict and remove() (see accel.contract.Handle).")
         except BaseException:
             hooks.remove()
             raise
