@@ -17,7 +17,7 @@ from accel.errors import AlreadyPatchedError, IncompatibleMethodsError, Unsuppor
 from accel.hooks import CallbackHook, HookSet, invalidate_registry_caches
 from accel.modules import resolve_target
 from accel.registry import MethodSpec, Stage, find_adapter, get_method, method_names, resolve_method
-from accel.steps import StepTracker, timestep_value
+from accel.steps import StepTracker, host_timestep
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,10 @@ class Patch:
         self._attached: list[_Attached] = []
         self._own_hooks = HookSet("accel.patch")
         self._removed = False
+        # The scheduler's timesteps on the host, copied once per pipeline call: reading a device
+        # timestep in every forward would sync the host with the device each time.
+        self._host_timesteps: list[float] | None = None
+        self.tracker.on_reset(self._forget_host_timesteps)
 
     @classmethod
     def on(cls, target: Any) -> Patch:
@@ -177,7 +181,8 @@ class Patch:
         @torch.compiler.disable
         def before(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             layout = adapter.token_layout(args, kwargs) if adapter.is_denoiser else None
-            timestep = timestep_value(adapter.timestep(args, kwargs))
+            timestep = host_timestep(adapter.timestep(args, kwargs), self._host_timesteps,
+                                     self.tracker.next_step_index())
             self.tracker.begin_forward(timestep, adapter.batch_size(args, kwargs), layout, _context_name(hook))
 
         hook = _TrackerHook(before)
@@ -189,6 +194,11 @@ class Patch:
             self._own_hooks.set_attr(scheduler, "step", self._wrap_step(scheduler))
         self._own_hooks.set_attr(self.model, _PATCH_ATTR, self)
 
+    def _forget_host_timesteps(self) -> None:
+        # Any reset but set_timesteps' own (patch.reset, a restart seen by the tracker) may start a loop
+        # over other timesteps than the scheduler's.
+        self._host_timesteps = None
+
     def _wrap_set_timesteps(self, scheduler: Any) -> Callable[..., Any]:
         original = scheduler.set_timesteps
 
@@ -199,6 +209,7 @@ class Patch:
             result = original(*args, **kwargs)
             timesteps = getattr(scheduler, "timesteps", None)
             self.tracker.reset(num_steps=len(timesteps) if timesteps is not None else None)
+            self._host_timesteps = _host_copy(timesteps)  # after the reset, which drops any older copy
             return result
 
         return set_timesteps
@@ -348,6 +359,12 @@ def patch(target: Any, *methods: str | MethodConfig, **options: Any) -> Patch:
         raise
     logger.info("accel: patched %s with %s", type(model).__name__, [s.name for s, _ in items])
     return result
+
+
+def _host_copy(timesteps: Any) -> list[float] | None:
+    if isinstance(timesteps, torch.Tensor) and timesteps.dim() == 1:
+        return timesteps.detach().float().cpu().tolist()
+    return None
 
 
 def _refuse_patched(model: torch.nn.Module) -> None:

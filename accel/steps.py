@@ -93,6 +93,14 @@ class StepTracker:
         for callback in self._reset_callbacks:
             callback()
 
+    def next_step_index(self) -> int | None:
+        """The step the next forward belongs to once the scheduler drives the steps: after each
+        ``scheduler.step`` the next one, before it the same one (another CFG branch). ``None`` until the
+        scheduler has stepped in this sequence: a loop may use the scheduler's timesteps without its step."""
+        if self._stepped is None:
+            return None
+        return self.state.step_index + (1 if self._stepped else 0)
+
     def end_step(self) -> None:
         """The sampler finished a step (``scheduler.step`` returned): the next forward starts the next."""
         self._stepped = True
@@ -141,6 +149,17 @@ class StepTracker:
         if layout != prev.layout or batch_size != prev.batch_size:
             return "new-shape"
         return None
+
+
+def host_timestep(timestep: Any, host_timesteps: list[float] | None, step_index: int | None) -> float | None:
+    """The forward's timestep as a float without a device sync where one can be avoided: a timestep on an
+    accelerator is read from ``host_timesteps`` (the scheduler's timesteps, copied to the host once per
+    call) at the step the forward belongs to; anything else is read directly (:func:`timestep_value`)."""
+    on_device = isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu"
+    known = host_timesteps is not None and step_index is not None and 0 <= step_index < len(host_timesteps)
+    if on_device and known:
+        return host_timesteps[step_index]
+    return timestep_value(timestep)
 
 
 def timestep_value(timestep: Any) -> float | None:

@@ -93,6 +93,50 @@ def test_pipeline_scheduler_resets_steps(identity_method):
     assert "set_timesteps" not in pipe.scheduler.__dict__
 
 
+def test_device_timesteps_come_from_the_host_copy_at_the_predicted_step(identity_method, monkeypatch):
+    """A timestep on an accelerator is not read back per forward: the scheduler's timesteps are copied to
+    the host once per call and, once the scheduler has stepped, indexed by the step the tracker predicts.
+    On pipeline loops (one forward per step; two CFG forwards per step) the prediction must match every
+    forward; a hand-written loop after them gets no index (its timesteps are read)."""
+    from accel import api
+    from accel.steps import host_timestep
+    from tiny import TinyPipe
+
+    meta = torch.empty(1, device="meta")  # stands for a device tensor: reading it would fail
+    assert host_timestep(meta, [900.0, 500.0], 1) == 500.0
+    assert host_timestep(torch.tensor([7.0]), [900.0], 0) == 7.0  # host tensors are read directly
+    assert host_timestep(torch.tensor([7.0]), [900.0], None) == 7.0
+    seen = []
+
+    def spy(timestep, host, index):
+        seen.append((float(timestep.reshape(-1)[0]), host, index))
+        return host_timestep(timestep, host, index)
+
+    monkeypatch.setattr(api, "host_timestep", spy)
+    pipe = TinyPipe()
+    with accel.patch(pipe, "identity") as p:
+        pipe([1, 2], num_inference_steps=4)
+        host = pipe.scheduler.timesteps.float().tolist()
+        assert [(t, i) for t, h, i in seen] == [(t, i or None) for i, t in enumerate(host)]  # step 0: read
+        assert all(h == host for _, h, _ in seen)
+        seen.clear()
+        pipe.scheduler.set_timesteps(3)  # cond and uncond as separate forwards, as Wan runs them
+        x = torch.randn(1, 1, 8, 8)
+        with torch.no_grad():
+            for t in pipe.scheduler.timesteps:
+                for label in (1, 10):
+                    eps = pipe.transformer(x, timestep=t.expand(1), class_labels=torch.tensor([label])).sample
+                x = pipe.scheduler.step(eps, t, x).prev_sample
+        host = pipe.scheduler.timesteps.float().tolist()
+        assert [(t, i) for t, _, i in seen] == [(t, i or None) for i, t in enumerate(host) for _ in range(2)]
+        seen.clear()
+        p.reset(num_steps=2)  # a hand-written loop: its timesteps need not be the scheduler's
+        for t in (700.0, 300.0):
+            pipe.transformer(torch.randn(1, 1, 8, 8), timestep=torch.tensor([t]), class_labels=torch.tensor([1]))
+        assert [(h, i) for _, h, i in seen] == [(None, None), (None, None)]
+        assert p.handle("identity").steps[-2:] == [(0, 0), (1, 0)]
+
+
 def test_separate_cfg_forwards_are_branches(identity_method):
     model = tiny_dit()
     p = accel.patch(model, "identity")
