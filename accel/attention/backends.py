@@ -21,6 +21,7 @@ gather with one warning.
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import warnings
@@ -33,7 +34,19 @@ from accel.kernels.reference import block_sparse_attention_reference
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "triton", "cpp", "flex", "gather", "reference")
+class AttentionBackend(str, enum.Enum):
+    """Where block-sparse attention runs: ``auto`` = Triton on CUDA; on CPU the C++ kernel, else
+    compiled FlexAttention or block gather."""
+
+    AUTO = "auto"
+    TRITON = "triton"
+    CPP = "cpp"
+    FLEX = "flex"
+    GATHER = "gather"
+    REFERENCE = "reference"
+
+
+BACKENDS: tuple[str, ...] = tuple(b.value for b in AttentionBackend)
 FLEX_MIN_TOKENS = 2048
 _GATHER_CHUNK_ELEMENTS = 1 << 25  # score elements per masked gather chunk (fp32: 128 MiB)
 # Gathered K+V bytes per unmasked SDPA call. Small enough that the copy is still in cache when SDPA reads

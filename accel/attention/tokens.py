@@ -10,6 +10,7 @@ when a dimension does not divide (no padding tokens enter the attention).
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
@@ -79,6 +80,15 @@ class SequenceGeometry:
         return mask.reshape(nb, block_size).any(-1)
 
 
+class Partition(str, enum.Enum):
+    """How VMoBA cuts a video's tokens into chunks: runs of whole frames, spatial tiles across all frames,
+    or spatio-temporal cubes (its layers cycle through them in this order)."""
+
+    ONE_D = "1d"
+    TWO_D = "2d"
+    THREE_D = "3d"
+
+
 def chunk_ids(frames: int, height: int, width: int, mode: str, chunk: tuple[int, int, int]) -> torch.Tensor:
     """(F*H*W,) chunk id of each visual token in raster order (frame, row, column).
 
@@ -91,14 +101,14 @@ def chunk_ids(frames: int, height: int, width: int, mode: str, chunk: tuple[int,
     r = torch.arange(height).view(1, -1, 1)
     c = torch.arange(width).view(1, 1, -1)
     nh, nw = math.ceil(height / ch), math.ceil(width / cw)
-    if mode == "1d":
+    if mode not in tuple(Partition):
+        raise ValueError(f"partition mode must be one of {', '.join(p.value for p in Partition)}, got {mode!r}.")
+    if mode == Partition.ONE_D:
         ids = (t // ct).expand(frames, height, width)
-    elif mode == "2d":
+    elif mode == Partition.TWO_D:
         ids = ((r // ch) * nw + c // cw).expand(frames, height, width)
-    elif mode == "3d":
-        ids = ((t // ct) * nh + r // ch) * nw + c // cw
     else:
-        raise ValueError(f"partition mode must be '1d', '2d' or '3d', got {mode!r}.")
+        ids = ((t // ct) * nh + r // ch) * nw + c // cw
     return ids.reshape(-1)
 
 

@@ -19,34 +19,17 @@ Example::
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from accel.attention.backends import BACKENDS
+from accel.attention.backends import AttentionBackend  # noqa: F401 - configs name it here too
 from accel.attention.runtime import AttentionCall, Computed, Dense, Plan, SparseAttentionRuntime
 from accel.attention.search import attention_and_block_sums, block_sums
 from accel.config import MethodConfig, check_choice, check_float
 from accel.contract import PatchContext
 from accel.registry import Stage, register_method
-
-
-class AttentionBackend(str, enum.Enum):
-    """Where block-sparse attention runs: ``auto`` = Triton on CUDA; on CPU the C++ kernel, else
-    compiled FlexAttention or block gather."""
-
-    AUTO = "auto"
-    TRITON = "triton"
-    CPP = "cpp"
-    FLEX = "flex"
-    GATHER = "gather"
-    REFERENCE = "reference"
-
-
-if tuple(b.value for b in AttentionBackend) != BACKENDS:  # keep the enum and the dispatcher in step
-    raise ImportError("AttentionBackend and accel.attention.backends.BACKENDS disagree.")
 
 
 def check_block_size(name: str, value: Any) -> int:

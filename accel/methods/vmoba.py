@@ -25,13 +25,13 @@ from typing import Any
 import torch
 
 from accel.attention.runtime import AttentionCall, Dense, Plan, SparseAttentionRuntime
-from accel.attention.tokens import SequenceGeometry, partition_permutation
+from accel.attention.tokens import Partition, SequenceGeometry, partition_permutation
 from accel.config import MethodConfig, check_choice, check_float, check_int
 from accel.contract import PatchContext
 from accel.methods.adaspa import AttentionBackend, check_block_size
 from accel.registry import Stage, register_method
 
-PARTITIONS = ("1d", "2d", "3d")
+PARTITIONS: tuple[Partition, ...] = tuple(Partition)  # layer i uses PARTITIONS[i % 3]
 
 
 class Selection(str, enum.Enum):
@@ -79,19 +79,21 @@ class VMoBAConfig(MethodConfig):
         return [{"top_k": 5}, {"top_k": 3}, {"top_k": 1}]
 
 
-def chunk_shape(geometry: SequenceGeometry, mode: str, tokens: int) -> tuple[str, tuple[int, int, int]]:
+def chunk_shape(geometry: SequenceGeometry, mode: Partition | str, tokens: int
+                ) -> tuple[Partition, tuple[int, int, int]]:
     """``(mode for chunk_ids, (frames, rows, cols))`` of one chunk of about ``tokens`` tokens."""
     T, H, W = geometry.frames, geometry.height, geometry.width
-    if mode == "1d":
+    mode = Partition(mode)
+    if mode is Partition.ONE_D:
         if T > 1:
-            return "1d", (max(1, tokens // (H * W)), H, W)
-        return "2d", (1, max(1, tokens // W), W)  # an image: runs of whole rows
-    if mode == "2d":
+            return Partition.ONE_D, (max(1, tokens // (H * W)), H, W)
+        return Partition.TWO_D, (1, max(1, tokens // W), W)  # an image: runs of whole rows
+    if mode is Partition.TWO_D:
         side = max(1, round(math.sqrt(max(1, tokens // T))))
-        return "2d", (1, min(H, side), min(W, side))
+        return Partition.TWO_D, (1, min(H, side), min(W, side))
     ct = min(T, max(1, round(tokens ** (1 / 3))))
     side = max(1, round(math.sqrt(tokens / ct)))
-    return "3d", (ct, min(H, side), min(W, side))
+    return Partition.THREE_D, (ct, min(H, side), min(W, side))
 
 
 def chunk_membership(chunk_of: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -164,7 +166,8 @@ class VMoBA(SparseAttentionRuntime):
         self._partitions: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         super().__init__(ctx, config.block_size, config.backend.value)
 
-    def partition(self, geometry: SequenceGeometry, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def partition(self, geometry: SequenceGeometry, mode: Partition
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(perm, chunk_of, membership (C, nb), own (Qb, C))`` for a geometry and partition mode."""
         key = (geometry, mode)
         if key not in self._partitions:
@@ -190,7 +193,7 @@ class VMoBA(SparseAttentionRuntime):
         scores = chunk_scores(q, k, chunk_of, self.block_size, key_mask)
         chosen = select_chunks(scores, own, self.config.selection, self.config.top_k, self.config.tau)
         table = (chosen.float() @ member.float().to(chosen.device)) > 0  # (B, H, Qb, nb)
-        return Plan(table, perm, note=mode)
+        return Plan(table, perm, note=mode.value)
 
 
 @register_method(VMoBAConfig, name="vmoba", stage=Stage.ATTENTION,

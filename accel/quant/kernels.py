@@ -28,13 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from accel.quant.options import Kernel
 from accel.timing import median_time
 
 if TYPE_CHECKING:
     from accel.quant.qlinear import LayerSpec
 
-KERNELS = ("int_mm", "onednn", "fake")
-INTEGER_KERNELS = ("int_mm", "onednn")
+KERNELS: tuple[str, ...] = tuple(k.value for k in Kernel if k is not Kernel.AUTO)
+INTEGER_KERNELS: tuple[str, ...] = (Kernel.INT_MM.value, Kernel.ONEDNN.value)
 
 
 def unavailable(kernel: str, spec: LayerSpec, device: torch.device) -> str | None:
