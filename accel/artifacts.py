@@ -102,3 +102,9 @@ def weights_digest(model: torch.nn.Module, sample: int = 2048) -> str:
         h.update(repr(tuple(tensor.shape)).encode())
         h.update(flat[::step][:sample].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """``architecture:values``: what an artifact that keeps the rest of the model's weights (QuEST's
+    layers) must match, so a retrained checkpoint of the same architecture is refused."""
+    return f"{architecture_fingerprint(model)}:{weights_digest(model)}"

@@ -89,6 +89,6 @@ def test_quest_artifact_of_version_1_keeps_loading_and_checking(tmp_path):
 
 
 def quest_fingerprint_v1(model: torch.nn.Module) -> str:
-    from accel.quant.artifact import model_fingerprint
+    from accel.quant.artifact import fingerprint_for
 
-    return model_fingerprint(model, version=1)
+    return fingerprint_for(model, version=1)

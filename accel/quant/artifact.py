@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from accel.artifacts import architecture_fingerprint, read_artifact, weights_digest, write_artifact
+from accel.artifacts import architecture_fingerprint, model_fingerprint, read_artifact, write_artifact
 from accel.errors import ArtifactMismatchError
 from accel.quant.qlinear import LayerSpec, QuantLinear
 
@@ -26,12 +26,13 @@ JSON_NAME = "quest.json"
 TENSORS_NAME = "quest.safetensors"
 
 
-def model_fingerprint(model: torch.nn.Module, version: int = VERSION) -> str:
-    """Architecture *and* values: the artifact replaces the linear layers but keeps every other parameter
-    of the model, so a retrained checkpoint must be refused. Artifacts of ``version`` 1 digested the
-    values their own way; they are checked that way, so they keep loading."""
-    digest = weights_digest(model) if version >= 2 else _values_digest_v1(model)
-    return f"{architecture_fingerprint(model)}:{digest}"
+def fingerprint_for(model: torch.nn.Module, version: int = VERSION) -> str:
+    """The model's fingerprint as an artifact of ``version`` recorded it: version 2 on is
+    :func:`accel.artifacts.model_fingerprint`; version 1 digested the values its own way and is checked
+    that way, so those files keep loading."""
+    if version >= 2:
+        return model_fingerprint(model)
+    return f"{architecture_fingerprint(model)}:{_values_digest_v1(model)}"
 
 
 def _values_digest_v1(model: torch.nn.Module) -> str:
@@ -56,7 +57,7 @@ class QuantizedModel:
     version: int = VERSION  # of the file it was read from: says how its fingerprint was computed
 
     def check_model(self, model: torch.nn.Module) -> None:
-        found = model_fingerprint(model, self.version)
+        found = fingerprint_for(model, self.version)
         if found != self.fingerprint:
             arch_saved, arch_found = self.fingerprint.rsplit(":", 1)[0], found.rsplit(":", 1)[0]
             what = "weights" if arch_saved == arch_found else "architecture"

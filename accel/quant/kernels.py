@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
 from accel.quant.options import Kernel
 from accel.timing import median_time
 

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from accel.artifacts import model_fingerprint
 from accel.errors import UnsupportedModelError
 from accel.modules import resolve_target
 from accel.quant import kernels as qkernels
-from accel.quant.artifact import QuantizedModel, model_fingerprint
+from accel.quant.artifact import QuantizedModel
 from accel.quant.calibration import Calibration, collect
+from accel.quant.config import QuESTConfig
 from accel.quant.finetune import (
     distill,
     evaluate,
@@ -30,15 +32,10 @@ from accel.quant.qlinear import LayerSpec, LSQLinear, QuantLinear
 from accel.quant.quantizers import act_qparams, weight_qparams
 from accel.registry import find_adapter
 
-if TYPE_CHECKING:
-    from accel.methods.quest import QuESTConfig
-
 logger = logging.getLogger(__name__)
 
 
 def _default_config() -> QuESTConfig:
-    from accel.methods.quest import QuESTConfig
-
     return QuESTConfig()
 
 
