@@ -417,10 +417,14 @@ def _fastercache(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
 
 
 def _torchao_missing() -> str | None:
+    from accel.extras import MissingExtraError, require
+
     try:
-        import torchao.quantization  # noqa: F401
-    except Exception:  # noqa: BLE001 - an ImportError, or a torchao built for another torch fails otherwise
-        return "torchao is not installed (pip install torchao)"
+        require("torchao.quantization", "bench", "the torchao-int8 baseline")
+    except MissingExtraError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - a torchao built for another torch fails with anything
+        return f"torchao does not import here ({type(exc).__name__}: {exc})"
     return None
 
 

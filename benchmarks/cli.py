@@ -24,6 +24,7 @@ from accel.benchmarks import report
 from accel.benchmarks.runner import Record, measure, pair_speedup, score, select_fastest
 from accel.benchmarks.spec import BenchMethod, available_names, check_method_names, parse_methods
 from accel.benchmarks.workloads import Workload, build_workload
+from accel.extras import MissingExtraError, require
 from accel.registry import get_method, method_names
 
 DEFAULT_BATCH = {"image": 10, "video": 1, "classifier": 120, "shape": 1}
@@ -217,6 +218,7 @@ def _fits(name: str, workload: Workload) -> bool:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
+    require("accelerate", "bench", "accel-bench's process state (it shards samples under accelerate launch)")
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
@@ -349,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         print("note: --min-psnr only selects points under --sweep", file=sys.stderr)
     try:
         return run(args, argv)
-    except (ValueError, FileNotFoundError, OSError) as exc:
+    except (ValueError, FileNotFoundError, OSError, MissingExtraError) as exc:
         print(f"accel-bench: error: {exc}", file=sys.stderr)
         return 2
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import accel
+from accel.extras import require
 from accel.methods import quest
 from accel.modules import output_tensor
 from accel.quant.finetune import relative_error, swapped, teacher_outputs
@@ -253,10 +254,9 @@ def _baselines(bench: _Dit, args: argparse.Namespace) -> list[dict[str, Any]]:
     images, latency = _swap_run(bench, dyn)
     rows.append(_row("digits-dit", "w8a8", "torch.ao dynamic int8", bench, images, latency, _bytes(dyn), {}))
     try:
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
-
+        torchao = require("torchao.quantization", "bench", "quest_bench's torchao row")
         tao = copy.deepcopy(model)
-        quantize_(tao, Int8DynamicActivationInt8WeightConfig())
+        torchao.quantize_(tao, torchao.Int8DynamicActivationInt8WeightConfig())
         images, latency = _swap_run(bench, tao)
         rows.append(
             _row(
@@ -265,7 +265,7 @@ def _baselines(bench: _Dit, args: argparse.Namespace) -> list[dict[str, Any]]:
         )
     except ImportError as exc:
         rows.append(
-            {"model": "digits-dit", "bits": "w8a8", "method": "torchao", "note": f"not installed ({exc})"}
+            {"model": "digits-dit", "bits": "w8a8", "method": "torchao", "note": str(exc)}
         )
     try:
         from optimum.quanto import Calibration, freeze, qint8, quantize

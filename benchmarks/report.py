@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from accel.benchmarks.runner import Record
+from accel.extras import require
 
 COLUMNS = (
     ("model", "model", "{}"), ("method", "method", "{}"), ("settings", "settings", "{}"),
@@ -84,8 +85,7 @@ def write_markdown(path: Path, env: dict[str, Any], records: list[Record]) -> No
 
 def write_pareto(path: Path, records: list[Record]) -> None:
     """Speedup vs PSNR, one series per method (the baseline's infinite PSNR is drawn at the top)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "bench", "accel-bench's pareto.png")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

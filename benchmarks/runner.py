@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from accel.benchmarks.spec import BenchMethod
 from accel.benchmarks.workloads import Workload
+from accel.extras import require
 
 import accel
 
@@ -165,8 +166,7 @@ def peak_memory_mb(device: torch.device) -> Iterator[list[float]]:
         finally:
             peak[0] = torch.cuda.max_memory_allocated(device) / 2**20
         return
-    import psutil
-
+    psutil = require("psutil", "bench", "accel-bench's CPU peak memory")
     process = psutil.Process()
     peak = [process.memory_info().rss / 2**20]
     done = threading.Event()

@@ -23,7 +23,6 @@ import os
 import time
 from typing import Any
 
-import gradio as gr
 from accel.demos import render
 from accel.demos.compare import (
     MAX_REPEATS,
@@ -42,6 +41,9 @@ from accel.demos.compare import (
 )
 
 from accel.errors import AccelError
+from accel.extras import require
+
+gr = require("gradio", "demo", "accel-demo")
 
 logger = logging.getLogger(__name__)
 

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from accel.extras import require
+
 TILE = 128  # displayed side of one sample, px
 GAP = 4
 GIF_FRAME_MS = 120
@@ -132,9 +134,9 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 def pareto_figure(history: list[dict[str, Any]]) -> Any:
     """Speedup vs PSNR of this session's runs, the Pareto front joined; identical outputs sit on top."""
-    from matplotlib.figure import Figure  # no pyplot: no global figure registry to leak between requests
-
-    fig = Figure(figsize=(6, 3.6), dpi=100, layout="constrained")
+    # no pyplot: no global figure registry to leak between requests
+    figure = require("matplotlib.figure", "demo", "accel-demo's Pareto plot")
+    fig = figure.Figure(figsize=(6, 3.6), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     ax.set_xlabel("speedup over baseline (×)")
     ax.set_ylabel("PSNR vs baseline (dB)")

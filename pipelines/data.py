@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from accel.extras import require
+
 #: Fraction of the digits held out for evaluation (judge, ViT and generation targets use the same split).
 TEST_FRACTION = 0.2
 #: Seed of the train/test split; changing it changes every reported number.
@@ -20,21 +22,20 @@ SPLIT_SEED = 0
 
 @functools.lru_cache(maxsize=1)
 def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
+    datasets = require("sklearn.datasets", "bench", "the digits the embedded models are scored on")
+    data = datasets.load_digits()
     return data.images.astype(np.float32) / 16.0, data.target.astype(np.int64)  # (1797, 8, 8) in [0, 1]
 
 
 def split_indices(split: str) -> np.ndarray:
     """Indices of the ``"train"``, ``"test"`` or ``"all"`` split (stratified, fixed seed)."""
-    from sklearn.model_selection import train_test_split
-
+    model_selection = require("sklearn.model_selection", "bench", "the digits' train/test split")
     _, labels = _raw_digits()
     idx = np.arange(len(labels))
     if split == "all":
         return idx
-    train, test = train_test_split(idx, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=labels)
+    train, test = model_selection.train_test_split(idx, test_size=TEST_FRACTION, random_state=SPLIT_SEED,
+                                                   stratify=labels)
     if split == "train":
         return np.sort(train)
     if split == "test":
