@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +35,14 @@ from accel.methods import hierarchical_prune as hp
 from accel.prune.sensitivity import analyze_blocks
 from accel.prune.structure import parameter_bytes, pinned_blocks, prunable_blocks
 from accel.registry import find_adapter
+from accel.timing import median_time
 
 TARGET = "-30% blocks: latency <= 0.72x and judge-accuracy drop <= 3 points; with int4 weights memory <= 0.25x"
 
 
 def timed(fn: Any, repeats: int) -> dict[str, float]:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
+    median, _, times = median_time(fn, repeats)
+    return {"median_s": median, "min_s": min(times), "max_s": max(times), "repeats": repeats}
 
 
 def random_blocks(model: torch.nn.Module, k: int, seed: int) -> list[int]:
