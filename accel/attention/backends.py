@@ -3,14 +3,13 @@
 - ``triton``: the Triton kernel (CUDA).
 - ``cpp``: the C++ CPU kernel (``accel.kernels.cpu_block_sparse``, built on first use): each query block
   walks its KV list in place with MKL GEMMs on whole blocks and a vectorised online softmax; takes key
-  padding. Measured (RESULTS.md, 2 threads) 0.76-0.99 of the ideal 1/density at 4K-32K tokens.
+  padding; the fastest CPU path (RESULTS.md, "Sparse attention").
 - ``flex``: ``torch.compile(flex_attention)`` with a ``BlockMask`` from the same index lists and a
   ``mask_mod`` reading the same table (CPU, torch >= 2.5; inductor's C++ kernel skips unlisted blocks).
 - ``gather``: PyTorch block gather: each query block's listed K/V blocks are gathered and attended with
   dense SDPA, in chunks of query blocks to bound memory. Runs anywhere; no compile. When blocks are whole
   and no key is padded, query blocks with equal counts share one *unmasked* SDPA call, which takes the
-  fused CPU kernel, over cache-sized gathers into reused buffers. Measured (RESULTS.md, 2 threads):
-  0.52-0.69 of the ideal 1/density at 4K-16K tokens and 0.45 at 32K, vs 0.32-0.38 for compiled flex.
+  fused CPU kernel, over cache-sized gathers into reused buffers; faster than compiled flex on CPU.
 - ``reference``: dense masked attention in fp32 (tests, tiny inputs).
 
 ``auto`` picks triton on CUDA (gather where keys are padded: the Triton kernel has no key-padding input); on
@@ -49,9 +48,9 @@ class AttentionBackend(str, enum.Enum):
 BACKENDS: tuple[str, ...] = tuple(b.value for b in AttentionBackend)
 FLEX_MIN_TOKENS = 2048
 _GATHER_CHUNK_ELEMENTS = 1 << 25  # score elements per masked gather chunk (fp32: 128 MiB)
-# Gathered K+V bytes per unmasked SDPA call. Small enough that the copy is still in cache when SDPA reads
-# it (32 MiB L3 on the 2-core CI machine): 128 MiB chunks ran at 0.29-0.37 of the ideal 1/density at 16K
-# tokens and density 0.1, 4 MiB chunks at 0.60-0.70; 0.5 MiB chunks pay per-call overhead instead.
+# Gathered K+V bytes per unmasked SDPA call: small enough that the copy is still in cache when SDPA reads
+# it (much larger chunks spill the last-level cache and run at half the speed); much smaller ones pay
+# SDPA's per-call overhead instead.
 _GATHER_CHUNK_BYTES = 4 << 20
 _compiled_flex: Any = None
 _flex_failed: set[str] = set()
