@@ -41,6 +41,18 @@ from accel.steps import StepState
 
 __version__ = "0.1.0"
 
+# Subpackages reachable as attributes (``accel.pipelines.load``) without importing them with ``accel``:
+# the embedded models, the benchmark and the demo pull in more than patching needs.
+_LAZY_SUBPACKAGES = ("attention", "benchmarks", "demos", "kernels", "metrics", "pipelines", "prune", "quant")
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY_SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"accel.{name}")
+    raise AttributeError(f"module 'accel' has no attribute {name!r}")
+
 __all__ = [
     "AccelError", "QuESTConfig", "AdaSpaConfig", "VMoBAConfig", "BACConfig", "DeltaDiTConfig", "HierarchicalPruneConfig", "methods", "AlreadyPatchedError", "ArtifactMismatchError", "BlockInfo", "IncompatibleMethodsError",
     "Handle", "MethodConfig", "ModelAdapter", "Patch", "PatchContext", "PatchReport", "Stage", "StepState", "TokenLayout",

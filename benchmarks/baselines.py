@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 
+from accel.config import coerce
 from accel.modules import resolve_target
 from accel.steps import StepTracker
 
 Settings = dict[str, Any]
 _CONTEXT_HOOK = "accel.baseline.context"
 _BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks", "layers")
-_BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 
 class BaselineHandle:
@@ -100,12 +100,11 @@ def _keys(baseline: Baseline) -> str:
 
 
 def _coerce(name: str, key: str, text: str, default: Any) -> Any:
-    kind = type(default)
+    """A setting read as its default's type, by the same rules as accel's method settings."""
     try:
-        return _BOOLS[text.strip().lower()] if kind is bool else kind(text.strip())
-    except (KeyError, ValueError):
-        raise ValueError(f"{name}:{key}={text!r} is not a valid {kind.__name__}; "
-                         f"write e.g. {name}:{key}={default}.") from None
+        return coerce(text.strip(), type(default), f"{name}:{key}")
+    except ValueError as exc:
+        raise ValueError(f"{exc} Write e.g. {name}:{key}={default}.") from None
 
 
 def _require(ok: bool, name: str, key: str, value: Any, allowed: str) -> None:
@@ -451,17 +450,16 @@ def _torchao_int8(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
 
 
 class _WindowHandle(BaselineHandle):
-    """A local-window attention runtime plus the step tracking it reads; removal undoes both."""
+    """A local-window attention runtime on its own accel patch (which tracks the steps); removal undoes it."""
 
-    def __init__(self, patch: Any, hooks: Any, runtime: Any) -> None:
-        self._patch, self._hooks, self._runtime = patch, hooks, runtime
+    def __init__(self, patch: Any, runtime: Any) -> None:
+        self._patch, self._runtime = patch, runtime
 
     def report(self) -> dict[str, Any]:
         facts = self._runtime.report()
         return {"density": facts.get("density")} if "density" in facts else {}
 
     def remove(self) -> None:
-        self._hooks.remove()
         self._patch.remove()
 
 
@@ -470,12 +468,8 @@ def _flex_window(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
     density matches ``density``: the dense-equivalent pattern a user would write by hand with
     FlexAttention. It rides on accel's attention runtime (same hooks, backends and reports) with no
     data-dependent selection, which is what makes it the baseline for AdaSpa and VMoBA."""
-    from types import SimpleNamespace
-
     from accel.api import Patch
     from accel.attention.runtime import Plan, SparseAttentionRuntime
-    from accel.hooks import HookSet
-    from accel.registry import find_adapter
 
     density = float(s["density"])
     if not 0.0 < density <= 1.0:
@@ -483,33 +477,38 @@ def _flex_window(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
 
     class LocalWindow(SparseAttentionRuntime):
         method = "flex-window"
+        tables: dict[tuple[int, ...], torch.Tensor] = {}
 
         def select(self, call: Any) -> Plan:
-            blocks = call.num_blocks
-            radius = max(0, round((density * blocks - 1) / 2))
-            index = torch.arange(blocks)
-            table = (index[:, None] - index[None, :]).abs() <= radius  # (Qb, Kb)
-            return Plan(table.expand(call.q.shape[0], call.q.shape[1], blocks, blocks))
+            # One table per shape, handed again on every call, as a hand-built FlexAttention mask is
+            # built once: the runtime then keeps its index lists too.
+            B, H, blocks = call.q.shape[0], call.q.shape[1], call.num_blocks
+            if (B, H, blocks) not in self.tables:
+                radius = max(0, round((density * blocks - 1) / 2))
+                index = torch.arange(blocks)
+                table = (index[:, None] - index[None, :]).abs() <= radius  # (Qb, Kb)
+                self.tables[(B, H, blocks)] = table.expand(B, H, blocks, blocks)
+            return Plan(self.tables[(B, H, blocks)])
 
-    pipeline, model = resolve_target(pipe)
-    patch = Patch(pipe, pipeline, model, find_adapter(model))
-    hooks = HookSet("accel.baseline.flex-window")
-    ctx = SimpleNamespace(tracker=patch.tracker, adapter=patch.adapter, hooks=hooks, model=model)
+    patch = Patch.on(pipe)
     try:
-        runtime = LocalWindow(ctx, block_size=int(s["block_size"]), backend="auto")
-        patch._install_step_tracking()
+        runtime = patch.attach("flex-window", lambda ctx: LocalWindow(ctx, block_size=int(s["block_size"]),
+                                                                      backend="auto"))
     except Exception:
-        hooks.remove()
         patch.remove()
         raise
-    return _WindowHandle(patch, hooks, runtime)
+    return _WindowHandle(patch, runtime)
 
 
 def _cache_dit_missing() -> str | None:
+    from accel.extras import require
+
     try:
-        import cache_dit  # noqa: F401
-    except Exception:  # noqa: BLE001 - not installed, or built against another diffusers
-        return "cache-dit is not installed (pip install cache-dit)"
+        require("cache_dit", "peers", "the cache-dit baseline")
+    except ImportError as exc:  # not installed, or built against another diffusers
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - cache-dit failing at import is the same as missing
+        return f"cache-dit failed to import ({type(exc).__name__}: {exc})"
     return None
 
 

@@ -290,6 +290,16 @@ def test_import_is_lean():
     assert out.strip() == "[]"
 
 
+def test_subpackages_are_attributes_without_an_import():
+    """The README's first lines (``accel.pipelines.load``) work in a fresh process."""
+    code = ("import sys, accel; assert 'accel.pipelines' not in sys.modules; "
+            "print(callable(accel.pipelines.load), callable(accel.metrics.psnr))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True True"
+    with pytest.raises(AttributeError, match="has no attribute 'pipline'"):
+        accel.pipline
+
+
 def test_coexists_with_diffusers_first_block_cache(identity_method):
     from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
     from diffusers.hooks.hooks import CacheContext, HookRegistry, _set_cache_context

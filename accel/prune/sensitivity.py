@@ -84,8 +84,9 @@ class SensitivityProfile:
 
     def plot(self, path: str | Path) -> Path:
         """A PNG: each metric without block i, by position, with the baseline as a dashed line."""
-        import matplotlib
+        from accel.extras import require
 
+        matplotlib = require("matplotlib", "bench", "SensitivityProfile.plot")
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
