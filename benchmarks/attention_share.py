@@ -1,6 +1,7 @@
 """How much of an embedded pipeline's time is attention: the ceiling sparse attention works under.
 
     python -m accel.benchmarks.attention_share --model digits-video-dit --steps 3
+    python -m accel.benchmarks.attention_share --model shape:wan-1.3b:blocks=1:frames=11 --steps 1
 
 Profiles one sampling call (after one warm-up call) and sums the self time of the SDPA kernels against the
 whole call. By Amdahl's law, attention that is a share ``a`` of the step and runs ``x`` times faster gives
@@ -21,8 +22,13 @@ ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_sc
 
 def sampling_call(name: str, steps: int) -> Any:
     """A zero-argument callable running one sampling call of embedded model ``name`` (one sample of digit 3,
-    the generation settings the reported numbers use)."""
+    the generation settings the reported numbers use), or of a published shape (``shape:...``, one seed)."""
+    from accel.benchmarks.shapes import ShapePipeline, is_shape, parse_shape
     from accel.pipelines import default_generation_kwargs, generate, load
+
+    if is_shape(name):
+        shape_pipe = ShapePipeline(parse_shape(name))
+        return lambda: shape_pipe(num_inference_steps=steps, seeds=[0])
 
     pipe, kwargs = load(name), default_generation_kwargs(name)
     kwargs["steps"] = steps
@@ -42,7 +48,8 @@ def attention_share(call: Any) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="digits-video-dit", choices=("digits-dit", "digits-video-dit"))
+    parser.add_argument("--model", default="digits-video-dit",
+                        help="digits-dit, digits-video-dit or a published shape (shape:wan-1.3b:blocks=1:frames=11)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)

@@ -168,6 +168,13 @@ def test_attention_share_counts_only_the_sdpa_kernels():
     assert 0 < attention < total
 
 
+def test_attention_share_profiles_a_published_shape():
+    from accel.benchmarks.attention_share import attention_share, sampling_call
+
+    attention, total = attention_share(sampling_call("shape:wan-1.3b:blocks=1:frames=1:latent=8", 1))
+    assert 0 < attention < total
+
+
 @pytest.mark.parametrize("shape", [(3, 1, 16, 16), (3, 3, 12, 20), (2, 4, 1, 8, 8)])
 def test_grid_cell_equals_the_image_it_shows(tmp_path, shape):
     """Each row of the benchmark grid shows every sample once, pixel for pixel (enlarged 4x)."""

@@ -106,6 +106,12 @@ def sparse_attention(
     Rows that attend nothing get output 0.
     """
     bs = mask.block_size
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if key_mask is None:  # training: the operator with a backward over the same block lists
+            from accel.attention.trainable import block_sparse_attention_trainable
+
+            return block_sparse_attention_trainable(q, k, v, mask, scale), "trainable"
+        return gather_attention(q, k, v, mask, scale, key_mask, differentiable=True), "gather"
     whole = key_mask is None and q.shape[2] % bs == 0 and k.shape[2] % bs == 0
     name = choose_backend(backend, q.device, q.shape[2], whole_blocks=whole)
     if name == "triton" and key_mask is not None:
@@ -151,14 +157,15 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMa
 
 def gather_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, scale: float | None = None,
-    key_mask: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None, differentiable: bool = False,
 ) -> torch.Tensor:
-    """PyTorch block gather: per query block, attend the concatenation of its listed KV blocks."""
+    """PyTorch block gather: per query block, attend the concatenation of its listed KV blocks.
+    ``differentiable``: skip the whole-block fast path, whose reused buffers autograd cannot follow."""
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     bs = mask.block_size
     qb, kb = mask.num_q_blocks, mask.num_kv_blocks
-    if key_mask is None and Sk == kb * bs and Sq == qb * bs:
+    if key_mask is None and Sk == kb * bs and Sq == qb * bs and not differentiable:
         return _gather_by_count(q, k, v, mask, scale)
     width = max(1, int(mask.kv_counts.max())) if mask.kv_counts.numel() else 1
     # Key blocks padded to whole blocks; padded keys are masked out below.

@@ -148,6 +148,7 @@ class SparseAttentionRuntime:
         self._warned: set[str] = set()
         self.layers: list[LayerInfo] = []
         self.steps_by: str | None = None  # what placed the warm-up and searches (report)
+        self.training = getattr(self, "training", False)  # every forward selects; no steps to place
         self._attach(ctx)
         ctx.tracker.on_reset(self.reset)
 
@@ -229,13 +230,13 @@ class SparseAttentionRuntime:
             return self._dense(args, kwargs, record, "one block")
         layout = state.layout if self.adapter.is_denoiser else self._layout
         num_steps = state.num_steps
-        if self.adapter.is_denoiser and num_steps is None and state.progress is None:
+        if self.adapter.is_denoiser and not self.training and num_steps is None and state.progress is None:
             raise RuntimeError(
                 f"{self.method} needs the step count or the timesteps to place its dense warm-up and searches: "
                 "this model's forward passes no timestep. Call patch.reset(num_steps=N) before a hand-written "
                 "loop."
             )
-        if self.adapter.is_denoiser:
+        if self.adapter.is_denoiser and not self.training:
             self.steps_by = state.progress_by
         scale_value = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
         call = AttentionCall(info, query, key, value, scale_value, SequenceGeometry.from_layout(layout, S),

@@ -13,6 +13,14 @@ Example::
     patch = accel.patch(pipe, accel.VMoBAConfig(top_k=3))
     video = pipe(prompt, num_inference_steps=50).frames
     print(patch.report())
+
+Training (the paper's first use): patch the bare denoiser with ``training=True``; every forward selects
+chunks (no dense warm-up: there are no denoising steps) and gradients flow through the sparse attention
+(``accel.attention.trainable``)::
+
+    patch = accel.patch(model.transformer, accel.VMoBAConfig(training=True, selection="threshold", tau=0.25))
+    loss = flow_loss(model(noisy, t, y), target); loss.backward(); opt.step()
+    patch.remove()                                   # the model is exactly as before, trained weights kept
 """
 
 from __future__ import annotations
@@ -53,8 +61,11 @@ class VMoBAConfig(MethodConfig):
         selection: ``topk`` (default), ``global`` or ``threshold``.
         top_k: chunks added per query block (``topk``; ``global`` keeps ``top_k`` per block on average).
         tau: share of a head's normalised score mass to keep (``threshold``), in (0, 1].
-        warmup: fraction of the steps run dense first.
-        backend: ``auto``, ``triton``, ``cpp``, ``flex``, ``gather`` or ``reference``.
+        warmup: fraction of the steps run dense first (inference only).
+        backend: ``auto``, ``triton``, ``cpp``, ``flex``, ``gather`` or ``reference`` (the forward's kernel;
+            with gradients, ``torch.ops.accel.block_sparse_attention`` runs whatever the device has).
+        training: select in every forward with no warm-up and no step placement, for training through
+            the sparse attention (gradients to q, k and v of every attended block).
     """
 
     block_size: int = 64
@@ -64,9 +75,12 @@ class VMoBAConfig(MethodConfig):
     tau: float = 0.25
     warmup: float = 0.25
     backend: AttentionBackend = AttentionBackend.AUTO
+    training: bool = False
 
     def __post_init__(self) -> None:
         check_block_size("VMoBAConfig.block_size", self.block_size)
+        if not isinstance(self.training, bool):
+            raise TypeError(f"VMoBAConfig.training must be True or False, got {self.training!r}.")
         check_int("VMoBAConfig.chunk_tokens", self.chunk_tokens, low=1)
         object.__setattr__(self, "selection", check_choice("VMoBAConfig.selection", self.selection, Selection))
         check_int("VMoBAConfig.top_k", self.top_k, low=0)
@@ -164,6 +178,7 @@ class VMoBA(SparseAttentionRuntime):
     def __init__(self, ctx: PatchContext, config: VMoBAConfig) -> None:
         self.config = config
         self._partitions: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.training = config.training
         super().__init__(ctx, config.block_size, config.backend.value)
 
     def partition(self, geometry: SequenceGeometry, mode: Partition
@@ -177,8 +192,9 @@ class VMoBA(SparseAttentionRuntime):
             self._partitions[key] = (perm, chunk_of, member, member.T.clone())
         return self._partitions[key]
 
+    @torch.no_grad()  # the selection is discrete: no gradient flows through the chunk scores
     def select(self, call: AttentionCall) -> Plan | Dense:
-        if self.adapter.is_denoiser and call.before(self.config.warmup):
+        if self.adapter.is_denoiser and not self.training and call.before(self.config.warmup):
             return Dense("warm-up")
         mode = PARTITIONS[call.layer.index % 3]
         geometry = call.geometry
@@ -197,6 +213,6 @@ class VMoBA(SparseAttentionRuntime):
 
 
 @register_method(VMoBAConfig, name="vmoba", stage=Stage.ATTENTION,
-                 summary="VMoBA: 1D/2D/3D chunked mixture-of-block attention, dense warm-up")
+                 summary="VMoBA: 1D/2D/3D chunked mixture-of-block attention, dense warm-up; trainable")
 def _apply(ctx: PatchContext, config: VMoBAConfig) -> VMoBA:
     return VMoBA(ctx, config)

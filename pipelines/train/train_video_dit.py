@@ -7,12 +7,19 @@ teach motion); longer clips were too slow to train on 2 CPU cores. Inference run
 (16 frames x 32x32 px = 4,096 tokens); 3D RoPE is relative, so the temporal extrapolation is measured
 by ``accel.pipelines.evaluate`` rather than assumed.
 Writes a diffusers pipeline folder to ``pipelines/weights/digits-video-dit/``.
+
+``--attention vmoba[:key=value...]`` trains through VMoBA's block-sparse attention (``training=True``;
+settings in accel's spec syntax, e.g. ``vmoba:selection=threshold:tau=0.25``); ``--log FILE`` writes each
+step's loss and seconds as JSON lines, so a dense and a sparse run can be compared step for step.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from accel.pipelines.data import load_digit_images, moving_digit_videos
@@ -65,8 +72,24 @@ def sample_batch(digits: torch.Tensor, labels: torch.Tensor, size: int, frames: 
     return moving_digit_videos(digits[idx], frames, CANVAS, gen), labels[idx]
 
 
+def sparse_attention_patch(model: VideoModel, spec: str) -> Any:
+    """``--attention``: ``dense`` (no patch) or a VMoBA spec, attached to the transformer in training mode."""
+    import accel
+    from accel.methods.vmoba import VMoBAConfig
+    from accel.registry import parse_method
+
+    if spec == "dense":
+        return None
+    config = parse_method(spec)
+    if not isinstance(config, VMoBAConfig):
+        raise SystemExit(f"--attention takes 'dense' or a vmoba spec (vmoba:selection=threshold:tau=0.25), "
+                         f"got {spec!r}.")
+    return accel.patch(model.transformer, config.replace(training=True))
+
+
 def train(steps: int, image_batch: int, clip_batch: int, clip_frames: int, lr: float, label_dropout: float,
-          seed: int, folder: Path, save_every: int, init: Path | None = None) -> None:
+          seed: int, folder: Path, save_every: int, init: Path | None = None, attention: str = "dense",
+          log: Path | None = None) -> None:
     gen = seed_everything(seed)
     digits, labels = load_digit_images(DIGIT, "train")
     model = VideoModel().train()
@@ -74,8 +97,11 @@ def train(steps: int, image_batch: int, clip_batch: int, clip_frames: int, lr: f
         load_weights(model, init)
     ema = EMA(model, decay=0.998)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    patch = sparse_attention_patch(model, attention)  # after the EMA copy: the copy stays unpatched
     progress = Progress(steps)
+    log_file = open(log, "w") if log is not None else None
     for step in range(steps):
+        start = time.perf_counter()
         set_lr(opt, cosine_lr(step, steps, lr, warmup=50))
         images, y_img = sample_batch(digits, labels, image_batch, 1, gen)
         clips, y_clip = sample_batch(digits, labels, clip_batch, clip_frames, gen)
@@ -84,10 +110,20 @@ def train(steps: int, image_batch: int, clip_batch: int, clip_frames: int, lr: f
         loss = loss_img + loss_clip
         optimizer_step(opt, loss, model, step, ema)
         progress.log(step, loss.item(), image=loss_img.item(), clip=loss_clip.item())
+        if log_file is not None:
+            row = {"step": step, "loss": loss.item(), "image": loss_img.item(), "clip": loss_clip.item(),
+                   "seconds": time.perf_counter() - start}
+            log_file.write(json.dumps(row) + "\n")
+            log_file.flush()
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             # Snapshots let a long CPU run be evaluated (and kept) before it ends.
             save(ema.model, folder / f"step-{step + 1}", {"steps_done": step + 1, "of_steps": steps})
-    save(ema.model, folder, {"init": str(init) if init else None, "steps": steps, "image_batch": image_batch, "lr": lr, "label_dropout": label_dropout,
+    if patch is not None:
+        print(f"attention: {attention}, density {patch.report().methods['vmoba'].get('density')}", flush=True)
+        patch.remove()
+    if log_file is not None:
+        log_file.close()
+    save(ema.model, folder, {"attention": attention, "init": str(init) if init else None, "steps": steps, "image_batch": image_batch, "lr": lr, "label_dropout": label_dropout,
                      "seed": seed, "train_seconds": round(progress.elapsed(), 1), "model": MODEL_CONFIG,
                      "canvas": CANVAS, "digit": DIGIT, "clip_batch": clip_batch, "train_clip_frames": [1, clip_frames]})
 
@@ -121,9 +157,13 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=0, help="also save EMA snapshots to OUT/step-N")
     parser.add_argument("--init", type=Path, default=None,
                         help="start from this pipeline folder's weights (continue an earlier run)")
+    parser.add_argument("--attention", default="dense",
+                        help="dense, or vmoba with settings (vmoba:selection=threshold:tau=0.25)")
+    parser.add_argument("--log", type=Path, default=None,
+                        help="write each step's loss and seconds (JSON lines)")
     args = parser.parse_args()
     train(args.steps, args.image_batch, args.clip_batch, args.clip_frames, args.lr, args.label_dropout, args.seed,
-          args.out, args.save_every, args.init)
+          args.out, args.save_every, args.init, args.attention, args.log)
 
 
 if __name__ == "__main__":

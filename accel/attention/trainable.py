@@ -1,0 +1,258 @@
+"""Block-sparse attention with a backward pass, for training through sparse attention (VMoBA's first use).
+
+One operator, ``torch.ops.accel.block_sparse_attention(q, k, v, kv_counts, kv_indices, block_size, scale)``
+-> ``(out, lse)``, registered with ``torch.library.custom_op``: a fake implementation for tracing, and an
+autograd formula, so ``torch.autograd.gradcheck`` checks it and ``torch.compile`` keeps it as one node.
+
+- Forward: the C++ CPU kernel (fp32/bf16/fp16 on CPU) or the Triton kernel (CUDA), both of which return the
+  row log-sum-exp; float64 (gradcheck) and machines without either run the same block-list walk in PyTorch.
+- Backward: FlashAttention's formula over the same index lists, recomputing each query block's
+  probabilities from the saved log-sum-exp: ``dV += Pᵀ dO``, ``dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O))``,
+  ``dQ = dS K · scale``, ``dK += dSᵀ Q · scale``. Query blocks that list the same number of KV blocks are
+  processed together (no padded slots), and K/V gradients are scattered back with ``index_add_``, so an
+  unlisted block is never read: a NaN there cannot reach any gradient.
+
+Key padding masks are not taken here (training clips have none); tail keys past ``Sk`` are masked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from accel.attention.format import BlockSparseMask
+
+#: Score elements (rows x listed keys) processed per chunk of query blocks: bounds the recompute's memory.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def block_sparse_attention_trainable(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, scale: float | None = None
+) -> torch.Tensor:
+    """Block-sparse attention ``(B, H, Sq, D)`` that gradients flow through (to q, k and v)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, _ = torch.ops.accel.block_sparse_attention(
+        q, k, v, mask.kv_counts, mask.kv_indices, mask.block_size, scale
+    )
+    return out
+
+
+# ---- the block-list walk (PyTorch) -------------------------------------------------------------------------
+
+
+def _rows(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(B, H, S, D) -> (B*H*nb, bs, D), zero-padded to whole blocks."""
+    B, H, S, D = x.shape
+    nb = math.ceil(S / block_size)
+    x = torch.nn.functional.pad(x, (0, 0, 0, nb * block_size - S))
+    return x.reshape(B * H * nb, block_size, D)
+
+
+def _groups(kv_counts: torch.Tensor, kv_indices: torch.Tensor, num_kv_blocks: int, width: int):
+    """Per listed-block count c > 0: the query rows (B*H*Qb indices) with c blocks, split in chunks of at
+    most ``width // c`` rows, each with its (rows, c) KV row indices into (B*H*Kb)."""
+    qb = kv_counts.shape[-1]
+    counts = kv_counts.reshape(-1).long()
+    offsets = torch.arange(counts.numel(), device=counts.device) // qb * num_kv_blocks
+    indices = kv_indices.reshape(counts.numel(), -1).long() + offsets[:, None]
+    for c in counts.unique().tolist():
+        if c == 0:
+            continue
+        rows = (counts == c).nonzero().squeeze(1)
+        step = max(1, width // c)
+        for start in range(0, rows.numel(), step):
+            part = rows[start : start + step]
+            yield part, indices.index_select(0, part)[:, :c]
+
+
+def _key_valid(kv_len: int, num_kv_blocks: int, block_size: int, device: torch.device) -> torch.Tensor:
+    return (torch.arange(num_kv_blocks * block_size, device=device) < kv_len).reshape(
+        num_kv_blocks, block_size
+    )
+
+
+def _scores(
+    q_rows: torch.Tensor,
+    k_rows: torch.Tensor,
+    valid: torch.Tensor,
+    part: torch.Tensor,
+    kv_rows: torch.Tensor,
+    scale: float,
+    num_kv_blocks: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores (n, bs, c*bs) of rows ``part`` over their listed keys, tail keys at -inf; and the gathered keys."""
+    n, c = kv_rows.shape
+    bs = q_rows.shape[1]
+    kg = k_rows.index_select(0, kv_rows.reshape(-1)).reshape(n, c * bs, -1)
+    s = torch.matmul(q_rows.index_select(0, part), kg.transpose(1, 2)) * scale
+    ok = valid.index_select(0, (kv_rows % num_kv_blocks).reshape(-1)).reshape(n, 1, c * bs)
+    return s.masked_fill(~ok, float("-inf")), kg
+
+
+def forward_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_counts: torch.Tensor,
+    kv_indices: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out (B, H, Sq, D), lse (B, H, Sq))`` by walking the block lists in PyTorch (any dtype); the
+    log-sum-exp is fp32, or float64 for float64 inputs (gradcheck needs it exact)."""
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    kb = math.ceil(Sk / block_size)
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q_rows, k_rows, v_rows = (_rows(t.to(work), block_size) for t in (q, k, v))
+    valid = _key_valid(Sk, kb, block_size, q.device)
+    out = torch.zeros_like(q_rows)
+    lse = torch.full(q_rows.shape[:2], float("-inf"), dtype=work, device=q.device)
+    width = max(1, _CHUNK_ELEMENTS // (block_size * block_size))
+    for part, kv_rows in _groups(kv_counts, kv_indices, kb, width):
+        s, _ = _scores(q_rows, k_rows, valid, part, kv_rows, scale, kb)
+        row_lse = torch.logsumexp(s, -1)  # (n, bs)
+        vg = v_rows.index_select(0, kv_rows.reshape(-1)).reshape(part.numel(), -1, D)
+        out.index_copy_(0, part, torch.matmul(torch.exp(s - row_lse[..., None]), vg))
+        lse.index_copy_(0, part, row_lse)
+    qb = q_rows.shape[0] // (B * H)
+    out = out.reshape(B, H, qb * block_size, D)[:, :, :Sq].to(q.dtype)
+    return out, lse.reshape(B, H, qb * block_size)[:, :, :Sq]  # float64 for float64 inputs, else fp32
+
+
+def backward_blocks(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kv_counts: torch.Tensor,
+    kv_indices: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` from the saved ``out`` and ``lse``, over the same block lists."""
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    kb = math.ceil(Sk / block_size)
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q_rows, k_rows, v_rows = (_rows(t.to(work), block_size) for t in (q, k, v))
+    do_rows, o_rows = _rows(grad_out.to(work), block_size), _rows(out.to(work), block_size)
+    lse_rows = torch.nn.functional.pad(lse.to(work), (0, q_rows.shape[0] // (B * H) * block_size - Sq))
+    lse_rows = lse_rows.reshape(-1, block_size)
+    delta = (do_rows * o_rows).sum(-1)  # (rows, bs): rowsum(dO ∘ O)
+    valid = _key_valid(Sk, kb, block_size, q.device)
+    dq, dk, dv = torch.zeros_like(q_rows), torch.zeros_like(k_rows), torch.zeros_like(v_rows)
+    width = max(1, _CHUNK_ELEMENTS // (block_size * block_size))
+    for part, kv_rows in _groups(kv_counts, kv_indices, kb, width):
+        n, c = kv_rows.shape
+        flat = kv_rows.reshape(-1)
+        s, kg = _scores(q_rows, k_rows, valid, part, kv_rows, scale, kb)
+        p = torch.exp(s - lse_rows.index_select(0, part)[..., None])  # (n, bs, c*bs); 0 at masked keys
+        do = do_rows.index_select(0, part)
+        vg = v_rows.index_select(0, flat).reshape(n, c * block_size, D)
+        dv.index_add_(0, flat, torch.matmul(p.transpose(1, 2), do).reshape(n * c, block_size, D))
+        ds = p * (torch.matmul(do, vg.transpose(1, 2)) - delta.index_select(0, part)[..., None])
+        dq.index_copy_(0, part, torch.matmul(ds, kg) * scale)
+        dk.index_add_(
+            0,
+            flat,
+            (torch.matmul(ds.transpose(1, 2), q_rows.index_select(0, part)) * scale).reshape(
+                n * c, block_size, D
+            ),
+        )
+    qb = q_rows.shape[0] // (B * H)
+    dq = dq.reshape(B, H, qb * block_size, D)[:, :, :Sq]
+    dk = dk.reshape(B, H, kb * block_size, D)[:, :, :Sk]
+    dv = dv.reshape(B, H, kb * block_size, D)[:, :, :Sk]
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ---- the operator ------------------------------------------------------------------------------------------
+
+
+def _kernel_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_counts: torch.Tensor,
+    kv_indices: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.dtype != torch.float64 and block_size in (64, 128):  # the kernels' tiles
+        if q.is_cuda and 16 <= q.shape[-1] <= 256:
+            from accel.kernels.block_sparse_attention import block_sparse_attention
+
+            return block_sparse_attention(q, k, v, kv_counts, kv_indices, block_size, scale)
+        from accel.attention.backends import cpu_kernel_available
+
+        if q.device.type == "cpu" and cpu_kernel_available():
+            from accel.kernels.cpu_block_sparse import block_sparse_attention_cpu
+
+            return block_sparse_attention_cpu(q, k, v, kv_counts, kv_indices, block_size, scale, None)
+    return forward_blocks(q, k, v, kv_counts, kv_indices, block_size, scale)
+
+
+@torch.library.custom_op("accel::block_sparse_attention", mutates_args=())
+def _op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_counts: torch.Tensor,
+    kv_indices: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _kernel_forward(
+        q.contiguous(), k.contiguous(), v.contiguous(), kv_counts, kv_indices, block_size, scale
+    )
+    return out.contiguous(), lse.contiguous()
+
+
+@_op.register_fake
+def _(q, k, v, kv_counts, kv_indices, block_size, scale):
+    return torch.empty_like(q), q.new_empty(
+        q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, kv_counts, kv_indices, block_size, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kv_counts, kv_indices)
+    ctx.block_size, ctx.scale = block_size, scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, kv_counts, kv_indices = ctx.saved_tensors
+    dq, dk, dv = torch.ops.accel.block_sparse_attention_backward(
+        grad_out.contiguous(), q, k, v, out, lse, kv_counts, kv_indices, ctx.block_size, ctx.scale
+    )
+    return dq, dk, dv, None, None, None, None
+
+
+@torch.library.custom_op("accel::block_sparse_attention_backward", mutates_args=())
+def _backward_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kv_counts: torch.Tensor,
+    kv_indices: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backward_blocks(grad_out, q, k, v, out, lse, kv_counts, kv_indices, block_size, scale)
+
+
+@_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, kv_counts, kv_indices, block_size, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,162 @@
+"""Block-sparse attention with a backward pass, and VMoBA in training mode."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import accel
+from accel.attention.backends import cpu_kernel_available
+from accel.attention.format import BlockSparseMask
+from accel.attention.trainable import backward_blocks, block_sparse_attention_trainable, forward_blocks
+from accel.kernels.reference import block_sparse_attention_reference, random_block_case
+from accel.methods.vmoba import VMoBAConfig
+
+
+def _case(seq: int, block: int, density: float, dtype: torch.dtype, seed: int = 0, heads: int = 2):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, heads, seq, 8, generator=gen, dtype=dtype) for _ in range(3))
+    nb = math.ceil(seq / block)
+    table = torch.rand(1, heads, nb, nb, generator=gen) < density
+    table[..., 0, :] = False  # one query block attends nothing: its output and gradients are 0
+    return q, k, v, BlockSparseMask.from_dense(table, block, seq, seq)
+
+
+@pytest.mark.parametrize("seq", [64, 70])  # whole blocks and a tail block
+def test_gradcheck_float64(seq: int) -> None:
+    q, k, v, mask = _case(seq, 16, 0.5, torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: block_sparse_attention_trainable(a, b, c, mask), inputs, eps=1e-6, atol=1e-6
+    )
+
+
+def test_forward_and_gradients_equal_dense_attention_when_every_block_is_listed() -> None:
+    q, k, v, _ = _case(70, 16, 1.0, torch.float64)
+    full = BlockSparseMask.from_dense(torch.ones(1, 2, 5, 5, dtype=torch.bool), 16, 70, 70)
+    grads = []
+    for fn in (
+        lambda a, b, c: block_sparse_attention_trainable(a, b, c, full),
+        lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(a, b, c),
+    ):
+        a, b, c = (t.clone().requires_grad_() for t in (q, k, v))
+        out = fn(a, b, c)
+        out.pow(2).sum().backward()
+        grads.append((out.detach(), a.grad, b.grad, c.grad))
+    for mine, dense in zip(*grads):
+        torch.testing.assert_close(mine, dense, rtol=1e-9, atol=1e-9)
+
+
+def test_nan_in_unlisted_blocks_never_reaches_a_gradient() -> None:
+    q, k, v, _ = _case(64, 16, 1.0, torch.float32)
+    table = torch.ones(1, 2, 4, 4, dtype=torch.bool)
+    table[..., 3] = False  # nobody attends key block 3
+    mask = BlockSparseMask.from_dense(table, 16, 64, 64)
+    k, v = k.clone(), v.clone()
+    k[:, :, 48:] = float("nan")
+    v[:, :, 48:] = float("nan")
+    a, b, c = (t.clone().requires_grad_() for t in (q, k, v))
+    block_sparse_attention_trainable(a, b, c, mask).sum().backward()
+    assert all(torch.isfinite(g[:, :, :48]).all() for g in (a.grad, b.grad, c.grad))
+    assert torch.isfinite(a.grad).all() and (b.grad[:, :, 48:] == 0).all() and (c.grad[:, :, 48:] == 0).all()
+
+
+@pytest.mark.skipif(not cpu_kernel_available(), reason="the C++ CPU kernel does not build here")
+def test_cpu_kernel_forward_feeds_the_backward() -> None:
+    """On CPU the operator's forward is the C++ kernel: its out and log-sum-exp must be what the backward
+    recomputes from (the PyTorch walk), and the gradients the same as with the walk's own forward."""
+    from accel.kernels.cpu_block_sparse import block_sparse_attention_cpu
+
+    q, k, v, mask = _case(200, 64, 0.5, torch.float32, seed=3)
+    out, lse = block_sparse_attention_cpu(q, k, v, mask.kv_counts, mask.kv_indices, 64, 8**-0.5, None)
+    walk_out, walk_lse = forward_blocks(q, k, v, mask.kv_counts, mask.kv_indices, 64, 8**-0.5)
+    torch.testing.assert_close(out, walk_out, rtol=1e-4, atol=1e-5)
+    listed = mask.kv_counts.repeat_interleave(64, -1)[..., :200] > 0
+    torch.testing.assert_close(lse[listed], walk_lse[listed], rtol=1e-4, atol=1e-4)
+    a, b, c = (t.clone().requires_grad_() for t in (q, k, v))
+    block_sparse_attention_trainable(a, b, c, mask).pow(2).sum().backward()
+    grad_out = 2 * walk_out
+    expected = backward_blocks(
+        grad_out, q, k, v, walk_out, walk_lse, mask.kv_counts, mask.kv_indices, 64, 8**-0.5
+    )
+    for got, want in zip((a.grad, b.grad, c.grad), expected):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+
+
+def test_walk_matches_the_reference_on_random_cases() -> None:
+    q, k, v, counts, indices = random_block_case(300, 32, 64, seed=5, batch=2, heads=3)
+    ref, _ = block_sparse_attention_reference(q, k, v, counts, indices, 64, None)
+    out, _ = forward_blocks(q, k, v, counts, indices, 64, 32**-0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_operator_traces_under_torch_compile() -> None:
+    q, k, v, mask = _case(64, 16, 0.5, torch.float32)
+
+    def loss(a, b, c):
+        return block_sparse_attention_trainable(a, b, c, mask).square().sum()
+
+    a, b, c = (t.clone().requires_grad_() for t in (q, k, v))
+    loss(a, b, c).backward()
+    eager = (a.grad.clone(), b.grad.clone(), c.grad.clone())
+    a.grad = b.grad = c.grad = None
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    compiled(a, b, c).backward()
+    for got, want in zip((a.grad, b.grad, c.grad), eager):
+        torch.testing.assert_close(got, want)
+
+
+def test_vmoba_training_step_updates_weights_and_removal_restores_the_model() -> None:
+    from families import FAMILIES, forward_kwargs
+
+    family = FAMILIES["wan"]
+    model = family.build().train()
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    kwargs = forward_kwargs(family, batch=2, size=16, frames=3)
+    with torch.no_grad():
+        dense_out = model(**kwargs)[0]
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    patch = accel.patch(model, VMoBAConfig(training=True, chunk_tokens=32, selection="threshold", tau=0.3))
+    out = model(**kwargs)[0]
+    out.square().mean().backward()
+    report = patch.report().methods["vmoba"]
+    assert report["backend"].get("trainable", 0) > 0 and report["density"] < 1.0
+    attn = model.blocks[0].attn1
+    assert attn.to_q.weight.grad is not None and attn.to_q.weight.grad.abs().sum() > 0
+    opt.step()
+    patch.remove()
+    assert any(not torch.equal(v, reference[k]) for k, v in model.state_dict().items())  # trained
+    for k, v in model.state_dict().items():  # patch removal keeps the trained weights, adds nothing
+        assert v.shape == reference[k].shape
+    with torch.no_grad():
+        assert not torch.equal(model(**kwargs)[0], dense_out)
+    assert accel.active_patch(model) is None
+
+
+def test_train_video_dit_runs_with_vmoba_attention(tmp_path) -> None:
+    import json
+
+    from accel.pipelines.train import train_video_dit as tv
+
+    log = tmp_path / "log.jsonl"
+    tv.train(
+        steps=2,
+        image_batch=2,
+        clip_batch=1,
+        clip_frames=4,
+        lr=1e-4,
+        label_dropout=0.1,
+        seed=0,
+        folder=tmp_path / "out",
+        save_every=0,
+        attention="vmoba:selection=threshold:tau=0.25",
+        log=log,
+    )
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1] and all(math.isfinite(r["loss"]) for r in rows)
+    info = json.loads((tmp_path / "out" / "train_info.json").read_text())
+    assert info["attention"] == "vmoba:selection=threshold:tau=0.25"
+    with pytest.raises(SystemExit, match="takes 'dense' or a vmoba spec"):
+        tv.sparse_attention_patch(tv.VideoModel(), "adaspa")
