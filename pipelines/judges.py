@@ -34,13 +34,12 @@ def load_judge_model() -> torch.nn.Module:
 
 
 @torch.no_grad()
-def judge_accuracy(images_or_frames: torch.Tensor, labels: Any, judge: torch.nn.Module | None = None,
-                   video: bool | None = None, digit_box: int = 16) -> float:
-    """Fraction of generated digits the judge classifies as their conditioning label.
+def judge_predictions(images_or_frames: torch.Tensor, judge: torch.nn.Module | None = None,
+                      video: bool | None = None, digit_box: int = 16) -> torch.Tensor:
+    """The judge's digit for every image, or every frame of every video: (N,) or (N, F).
 
     Args:
         images_or_frames: images (N, 1, H, W) / (N, H, W) or videos (N, F, H, W) in [0, 1].
-        labels: (N,) conditioning labels; for video every frame is judged against its video's label.
         judge: a classifier on (M, 1, 16, 16) in [0, 1]; the embedded judge when None.
         video: force the video reading of a 4-D tensor (see ``as_images``).
         digit_box: for frames larger than the judge's input, the side of the crop taken around the ink's
@@ -48,19 +47,37 @@ def judge_accuracy(images_or_frames: torch.Tensor, labels: Any, judge: torch.nn.
     """
     from accel.pipelines.data import crop_digit
 
-    judge = judge or load_judge_model()
-    labels = torch.as_tensor(labels).reshape(-1)
+    judge = (judge or load_judge_model()).eval()
     x = torch.as_tensor(images_or_frames).detach().float().cpu()
     is_video = video if video is not None else (x.ndim == 5 or (x.ndim == 4 and x.shape[1] not in (1, 3)))
     frames = as_images(x, video=is_video)  # (M, 1, H, W)
-    per_sample = frames.shape[0] // max(1, len(labels))
-    if per_sample * len(labels) != frames.shape[0]:
-        raise ValueError(f"judge_accuracy got {len(labels)} labels for {tuple(x.shape)} inputs.")
-    frame_labels = labels.repeat_interleave(per_sample)
     size = getattr(judge, "image_size", 16)
     if frames.shape[-1] > size and frames.shape[-1] > digit_box:
         frames = crop_digit(frames[:, 0], box=digit_box, size=size)
-    return top1(judge, frames, frame_labels)
+    parameter = next(judge.parameters())
+    preds = torch.cat([judge(frames[i:i + 256].to(parameter.device, parameter.dtype)).argmax(-1).cpu()
+                       for i in range(0, len(frames), 256)])
+    return preds.reshape(x.shape[0], -1) if is_video else preds
+
+
+def judge_accuracy(images_or_frames: torch.Tensor, labels: Any, judge: torch.nn.Module | None = None,
+                   video: bool | None = None, digit_box: int = 16) -> float:
+    """Fraction of generated digits the judge classifies as their conditioning label; for video every
+    frame is judged against its video's label (arguments as :func:`judge_predictions`)."""
+    labels = torch.as_tensor(labels).reshape(-1)
+    preds = judge_predictions(images_or_frames, judge, video, digit_box).reshape(-1)
+    if len(preds) % max(1, len(labels)):
+        raise ValueError(f"judge_accuracy got {len(labels)} labels for "
+                         f"{tuple(torch.as_tensor(images_or_frames).shape)} inputs.")
+    return float((preds == labels.repeat_interleave(len(preds) // len(labels))).float().mean())
+
+
+def label_consistency(videos: torch.Tensor, judge: torch.nn.Module | None = None) -> float:
+    """Mean over videos of the share of frames the judge reads as that video's most frequent digit:
+    1.0 when no digit changes identity from frame to frame (whether or not it is the prompted one)."""
+    preds = judge_predictions(videos, judge, video=True)  # (N, F)
+    majority = preds.mode(dim=1).values
+    return float((preds == majority[:, None]).float().mean())
 
 
 # ---- digits-pixart: does each picture show what its prompt says, and do pictures vary like real ones ----

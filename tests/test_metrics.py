@@ -121,3 +121,16 @@ def test_clip_score_from_a_local_folder(tmp_path):
     score = metrics.clip_score(images, ["a red fox", "a blue car"], model=tmp_path / "clip")
     assert isinstance(score, float)
     assert "not a CLIP model folder" in metrics.clip_score(images, ["a", "b"], model=tmp_path)
+
+
+def test_label_consistency_counts_frames_that_keep_their_video_digit() -> None:
+    from accel.pipelines.data import load_digit_images
+
+    images, labels = load_digit_images(16, "test")
+    threes = images[labels == 3][:1, 0].expand(4, -1, -1)  # one picture per digit: judged the same each time
+    sevens = images[labels == 7][:1, 0].expand(4, -1, -1)
+    steady = torch.stack([threes, threes])  # (2 videos, 4 frames, 16, 16): one digit each
+    assert judges.label_consistency(steady) == 1.0
+    flicker = torch.stack([torch.cat([threes[:2], sevens[:2]]), threes])  # first video changes digit
+    assert judges.label_consistency(flicker) == pytest.approx(0.75)
+    assert judges.judge_predictions(steady).shape == (2, 4)

@@ -160,3 +160,17 @@ def test_train_video_dit_runs_with_vmoba_attention(tmp_path) -> None:
     assert info["attention"] == "vmoba:selection=threshold:tau=0.25"
     with pytest.raises(SystemExit, match="takes 'dense' or a vmoba spec"):
         tv.sparse_attention_patch(tv.VideoModel(), "adaspa")
+
+
+def test_train_compare_writes_a_table_and_loss_curves(tmp_path) -> None:
+    import json
+
+    from accel.benchmarks.train_compare import main
+
+    for name, seconds, loss in (("dense", 2.0, 0.5), ("vmoba", 1.0, 0.51)):
+        rows = [{"step": i, "loss": loss + 0.01 * (i % 2), "seconds": seconds} for i in range(30)]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main([str(tmp_path / "dense.jsonl"), str(tmp_path / "vmoba.jsonl"), "--out", str(tmp_path / "c")]) == 0
+    table = (tmp_path / "c.md").read_text()
+    assert "| vmoba | 30 | 1.00 | 2.00x |" in table and "+2.0%" in table
+    assert (tmp_path / "c.png").stat().st_size > 1000

@@ -24,7 +24,7 @@ import torch
 from accel.attention.format import BlockSparseMask
 
 #: Score elements (rows x listed keys) processed per chunk of query blocks: bounds the recompute's memory.
-_CHUNK_ELEMENTS = 1 << 24
+_CHUNK_ELEMENTS = 1 << 19  # 2 MiB of fp32 scores: the chunk's working set stays in cache
 
 
 def block_sparse_attention_trainable(
@@ -75,19 +75,21 @@ def _key_valid(kv_len: int, num_kv_blocks: int, block_size: int, device: torch.d
 def _scores(
     q_rows: torch.Tensor,
     k_rows: torch.Tensor,
-    valid: torch.Tensor,
+    valid: torch.Tensor | None,
     part: torch.Tensor,
     kv_rows: torch.Tensor,
-    scale: float,
     num_kv_blocks: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores (n, bs, c*bs) of rows ``part`` over their listed keys, tail keys at -inf; and the gathered keys."""
+    """Scores (n, bs, c*bs) of rows ``part`` (``q_rows`` already scaled) over their listed keys, tail keys
+    at -inf (``valid`` is None when there is no tail); and the gathered keys."""
     n, c = kv_rows.shape
     bs = q_rows.shape[1]
     kg = k_rows.index_select(0, kv_rows.reshape(-1)).reshape(n, c * bs, -1)
-    s = torch.matmul(q_rows.index_select(0, part), kg.transpose(1, 2)) * scale
-    ok = valid.index_select(0, (kv_rows % num_kv_blocks).reshape(-1)).reshape(n, 1, c * bs)
-    return s.masked_fill(~ok, float("-inf")), kg
+    s = torch.matmul(q_rows.index_select(0, part), kg.transpose(1, 2))
+    if valid is not None:
+        ok = valid.index_select(0, (kv_rows % num_kv_blocks).reshape(-1)).reshape(n, 1, c * bs)
+        s.masked_fill_(~ok, float("-inf"))
+    return s, kg
 
 
 def forward_blocks(
@@ -106,15 +108,16 @@ def forward_blocks(
     kb = math.ceil(Sk / block_size)
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     q_rows, k_rows, v_rows = (_rows(t.to(work), block_size) for t in (q, k, v))
-    valid = _key_valid(Sk, kb, block_size, q.device)
+    q_rows = q_rows * scale
+    valid = _key_valid(Sk, kb, block_size, q.device) if Sk % block_size else None
     out = torch.zeros_like(q_rows)
     lse = torch.full(q_rows.shape[:2], float("-inf"), dtype=work, device=q.device)
     width = max(1, _CHUNK_ELEMENTS // (block_size * block_size))
     for part, kv_rows in _groups(kv_counts, kv_indices, kb, width):
-        s, _ = _scores(q_rows, k_rows, valid, part, kv_rows, scale, kb)
+        s, _ = _scores(q_rows, k_rows, valid, part, kv_rows, kb)
         row_lse = torch.logsumexp(s, -1)  # (n, bs)
         vg = v_rows.index_select(0, kv_rows.reshape(-1)).reshape(part.numel(), -1, D)
-        out.index_copy_(0, part, torch.matmul(torch.exp(s - row_lse[..., None]), vg))
+        out.index_copy_(0, part, torch.matmul(s.sub_(row_lse[..., None]).exp_(), vg))
         lse.index_copy_(0, part, row_lse)
     qb = q_rows.shape[0] // (B * H)
     out = out.reshape(B, H, qb * block_size, D)[:, :, :Sq].to(q.dtype)
@@ -139,32 +142,28 @@ def backward_blocks(
     kb = math.ceil(Sk / block_size)
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     q_rows, k_rows, v_rows = (_rows(t.to(work), block_size) for t in (q, k, v))
+    q_rows = q_rows * scale  # dK = dSᵀ (Q·scale); dQ is scaled once at the end
     do_rows, o_rows = _rows(grad_out.to(work), block_size), _rows(out.to(work), block_size)
     lse_rows = torch.nn.functional.pad(lse.to(work), (0, q_rows.shape[0] // (B * H) * block_size - Sq))
     lse_rows = lse_rows.reshape(-1, block_size)
     delta = (do_rows * o_rows).sum(-1)  # (rows, bs): rowsum(dO ∘ O)
-    valid = _key_valid(Sk, kb, block_size, q.device)
+    valid = _key_valid(Sk, kb, block_size, q.device) if Sk % block_size else None
     dq, dk, dv = torch.zeros_like(q_rows), torch.zeros_like(k_rows), torch.zeros_like(v_rows)
     width = max(1, _CHUNK_ELEMENTS // (block_size * block_size))
     for part, kv_rows in _groups(kv_counts, kv_indices, kb, width):
         n, c = kv_rows.shape
         flat = kv_rows.reshape(-1)
-        s, kg = _scores(q_rows, k_rows, valid, part, kv_rows, scale, kb)
-        p = torch.exp(s - lse_rows.index_select(0, part)[..., None])  # (n, bs, c*bs); 0 at masked keys
+        s, kg = _scores(q_rows, k_rows, valid, part, kv_rows, kb)
+        p = s.sub_(lse_rows.index_select(0, part)[..., None]).exp_()  # (n, bs, c*bs); 0 at masked keys
         do = do_rows.index_select(0, part)
         vg = v_rows.index_select(0, flat).reshape(n, c * block_size, D)
         dv.index_add_(0, flat, torch.matmul(p.transpose(1, 2), do).reshape(n * c, block_size, D))
-        ds = p * (torch.matmul(do, vg.transpose(1, 2)) - delta.index_select(0, part)[..., None])
-        dq.index_copy_(0, part, torch.matmul(ds, kg) * scale)
-        dk.index_add_(
-            0,
-            flat,
-            (torch.matmul(ds.transpose(1, 2), q_rows.index_select(0, part)) * scale).reshape(
-                n * c, block_size, D
-            ),
-        )
+        ds = torch.matmul(do, vg.transpose(1, 2)).sub_(delta.index_select(0, part)[..., None]).mul_(p)
+        dq.index_copy_(0, part, torch.matmul(ds, kg))
+        dk.index_add_(0, flat, torch.matmul(ds.transpose(1, 2), q_rows.index_select(0, part))
+                      .reshape(n * c, block_size, D))
     qb = q_rows.shape[0] // (B * H)
-    dq = dq.reshape(B, H, qb * block_size, D)[:, :, :Sq]
+    dq = dq.mul_(scale).reshape(B, H, qb * block_size, D)[:, :, :Sq]
     dk = dk.reshape(B, H, kb * block_size, D)[:, :, :Sk]
     dv = dv.reshape(B, H, kb * block_size, D)[:, :, :Sk]
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
