@@ -72,14 +72,8 @@ def _key_valid(kv_len: int, num_kv_blocks: int, block_size: int, device: torch.d
     )
 
 
-def _scores(
-    q_rows: torch.Tensor,
-    k_rows: torch.Tensor,
-    valid: torch.Tensor | None,
-    part: torch.Tensor,
-    kv_rows: torch.Tensor,
-    num_kv_blocks: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _scores(q_rows: torch.Tensor, k_rows: torch.Tensor, valid: torch.Tensor | None, part: torch.Tensor,
+            kv_rows: torch.Tensor, num_kv_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores (n, bs, c*bs) of rows ``part`` (``q_rows`` already scaled) over their listed keys, tail keys
     at -inf (``valid`` is None when there is no tail); and the gathered keys."""
     n, c = kv_rows.shape
@@ -92,15 +86,9 @@ def _scores(
     return s, kg
 
 
-def forward_blocks(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_counts: torch.Tensor,
-    kv_indices: torch.Tensor,
-    block_size: int,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_counts: torch.Tensor,
+                   kv_indices: torch.Tensor, block_size: int, scale: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out (B, H, Sq, D), lse (B, H, Sq))`` by walking the block lists in PyTorch (any dtype); the
     log-sum-exp is fp32, or float64 for float64 inputs (gradcheck needs it exact)."""
     B, H, Sq, D = q.shape
@@ -124,18 +112,10 @@ def forward_blocks(
     return out, lse.reshape(B, H, qb * block_size)[:, :, :Sq]  # float64 for float64 inputs, else fp32
 
 
-def backward_blocks(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    kv_counts: torch.Tensor,
-    kv_indices: torch.Tensor,
-    block_size: int,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def backward_blocks(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    out: torch.Tensor, lse: torch.Tensor, kv_counts: torch.Tensor,
+                    kv_indices: torch.Tensor, block_size: int, scale: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` from the saved ``out`` and ``lse``, over the same block lists."""
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
@@ -172,15 +152,9 @@ def backward_blocks(
 # ---- the operator ------------------------------------------------------------------------------------------
 
 
-def _kernel_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_counts: torch.Tensor,
-    kv_indices: torch.Tensor,
-    block_size: int,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _kernel_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_counts: torch.Tensor,
+                    kv_indices: torch.Tensor, block_size: int, scale: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     if q.dtype != torch.float64 and block_size in (64, 128):  # the kernels' tiles
         if q.is_cuda and 16 <= q.shape[-1] <= 256:
             from accel.kernels.block_sparse_attention import block_sparse_attention
@@ -196,15 +170,8 @@ def _kernel_forward(
 
 
 @torch.library.custom_op("accel::block_sparse_attention", mutates_args=())
-def _op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_counts: torch.Tensor,
-    kv_indices: torch.Tensor,
-    block_size: int,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_counts: torch.Tensor,
+        kv_indices: torch.Tensor, block_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = _kernel_forward(
         q.contiguous(), k.contiguous(), v.contiguous(), kv_counts, kv_indices, block_size, scale
     )
@@ -233,20 +200,9 @@ def _backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, None, None, None, None
 
 
-@torch.library.custom_op("accel::block_sparse_attention_backward", mutates_args=())
-def _backward_op(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    kv_counts: torch.Tensor,
-    kv_indices: torch.Tensor,
-    block_size: int,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backward_blocks(grad_out, q, k, v, out, lse, kv_counts, kv_indices, block_size, scale)
+# The backward is an operator too, so a compiled training step keeps it as one node.
+_backward_op = torch.library.custom_op("accel::block_sparse_attention_backward",
+                                       mutates_args=())(backward_blocks)
 
 
 @_backward_op.register_fake
