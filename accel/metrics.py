@@ -87,17 +87,23 @@ def ssim(baseline: torch.Tensor, other: torch.Tensor, video: bool | None = None)
 
 
 @torch.no_grad()
-def top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
-    """Fraction of ``images`` whose argmax class equals ``labels`` (the model gets images as given)."""
+def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """(N,) argmax class of each image (the model gets images as given, in batches, on its device/dtype)."""
     model.eval()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
+    preds = [model(images[i:i + batch_size].to(device, dtype)).argmax(-1).cpu()
+             for i in range(0, len(images), batch_size)]
+    return torch.cat(preds)
+
+
+@torch.no_grad()
+def top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
+    """Fraction of ``images`` whose argmax class equals ``labels`` (the model gets images as given)."""
     labels = torch.as_tensor(labels).reshape(-1).cpu()
     if len(images) != len(labels):
         raise ValueError(f"top1 needs one label per image, got {len(images)} images and {len(labels)} labels.")
-    preds = [model(images[i:i + batch_size].to(device, dtype)).argmax(-1).cpu()
-             for i in range(0, len(images), batch_size)]
-    return float((torch.cat(preds) == labels).float().mean())
+    return float((predict(model, images, batch_size) == labels).float().mean())
 
 
 # torchvision's AlexNet weights (LPIPS backbone), torch-fidelity's Inception (FID) and the CLIP model would be

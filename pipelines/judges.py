@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from accel.metrics import as_images, frechet_distance, top1
+from accel.metrics import as_images, frechet_distance, predict, top1
 
 _JUDGE: dict[str, torch.nn.Module] = {}
 
@@ -47,16 +47,14 @@ def judge_predictions(images_or_frames: torch.Tensor, judge: torch.nn.Module | N
     """
     from accel.pipelines.data import crop_digit
 
-    judge = (judge or load_judge_model()).eval()
+    judge = judge or load_judge_model()
     x = torch.as_tensor(images_or_frames).detach().float().cpu()
     is_video = video if video is not None else (x.ndim == 5 or (x.ndim == 4 and x.shape[1] not in (1, 3)))
     frames = as_images(x, video=is_video)  # (M, 1, H, W)
     size = getattr(judge, "image_size", 16)
     if frames.shape[-1] > size and frames.shape[-1] > digit_box:
         frames = crop_digit(frames[:, 0], box=digit_box, size=size)
-    parameter = next(judge.parameters())
-    preds = torch.cat([judge(frames[i:i + 256].to(parameter.device, parameter.dtype)).argmax(-1).cpu()
-                       for i in range(0, len(frames), 256)])
+    preds = predict(judge, frames)
     return preds.reshape(x.shape[0], -1) if is_video else preds
 
 

@@ -135,6 +135,7 @@ class SparseAttentionRuntime:
     :meth:`select` and a backend."""
 
     method = "sparse-attention"
+    training = False  # True: every forward selects, no steps to place (VMoBAConfig(training=True))
 
     def __init__(self, ctx: PatchContext, block_size: int, backend: str) -> None:
         self.tracker = ctx.tracker
@@ -148,7 +149,6 @@ class SparseAttentionRuntime:
         self._warned: set[str] = set()
         self.layers: list[LayerInfo] = []
         self.steps_by: str | None = None  # what placed the warm-up and searches (report)
-        self.training = getattr(self, "training", False)  # every forward selects; no steps to place
         self._attach(ctx)
         ctx.tracker.on_reset(self.reset)
 
