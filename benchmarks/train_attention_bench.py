@@ -5,7 +5,7 @@
 
 For each (S, density): B=1, H=2, D=64 fp32 random Q/K/V needing gradients; the mask is AdaSpa's selection at
 that density (as ``attention_bench``). One timed call is ``out = attention(q, k, v); out.backward(g)``: the
-sparse side is ``torch.ops.accel.block_sparse_attention`` (C++ kernel forward, block-list backward), the
+sparse side is ``torch.ops.accel.block_sparse_attention`` (C++ kernel forward and backward), the
 dense side SDPA with autograd. Dense and sparse alternate in every repeat; "speedup" is the median of the
 per-repeat ratios, "of ideal" that over 1/density. Run on a quiet machine.
 """

@@ -1,4 +1,4 @@
-// Block-sparse flash-attention forward for the CPU (fp32).
+// Block-sparse flash-attention forward and backward for the CPU (fp32).
 //
 // Each (batch, head, query block) walks its own KV-block index list in place: no gathered copy of K/V.
 // Per group of up to kGroup listed blocks: S = scale * Q K^T with one MKL sgemm per block into one score
@@ -8,6 +8,12 @@
 //
 // Work items are (b, h, q-block) triples claimed from one atomic counter by torch's intra-op threads, in the
 // order the caller gives (cpu_block_sparse.py: head by head, longest KV list first within a head).
+//
+// The backward walks the same lists from each query block (FlashAttention-2's formula, probabilities
+// recomputed from the saved LSE): dQ is private to the block, while dK/dV of a listed KV block are shared by
+// every query block listing it. Rather than transposed lists and a second recompute pass, each worker owns
+// whole heads (dK/dV of a head are touched by that head's query blocks only), or, with fewer heads than
+// twice the workers, accumulates into its own dK/dV copy, summed at the end.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -127,6 +133,21 @@ inline void gemm_ab_acc(int m, int n, int k, const float* a, int lda, const floa
                         int ldc) {
   const float one = 1.0f;
   sgemm_("N", "N", &n, &m, &k, &one, b, &ldb, a, &lda, &one, c, &ldc);
+}
+
+// Row-major C (m x n, ldc) += alpha * A (m x k, lda) * B (k x n, ldb).
+inline void gemm_ab_scaled(int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
+                           float* c, int ldc) {
+  const float one = 1.0f;
+  sgemm_("N", "N", &n, &m, &k, &alpha, b, &ldb, a, &lda, &one, c, &ldc);
+}
+
+// Row-major C (m x n, ldc) += alpha * A^T B, A (k x m, lda), B (k x n, ldb).
+inline void gemm_atb_acc(int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
+                         float* c, int ldc) {
+  // Column-major view: C^T (n x m) = B^T (n x k) * A (k x m).
+  const float one = 1.0f;
+  sgemm_("N", "T", &n, &m, &k, &alpha, b, &ldb, a, &lda, &one, c, &ldc);
 }
 
 struct Workspace {
@@ -316,6 +337,159 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
   return {out, lse, sums};
 }
 
+namespace {
+
+struct BackwardWorkspace {
+  std::vector<float> p, dp, dq, delta;
+  BackwardWorkspace(int bs, int d)
+      : p(static_cast<size_t>(bs) * bs * kGroup), dp(static_cast<size_t>(bs) * bs * kGroup),
+        dq(static_cast<size_t>(bs) * d), delta(bs) {}
+};
+
+// x[i] = exp(x[i] - shift) (every x[i] <= shift up to rounding: shift is the row's LSE).
+void exp_shift(float* x, int n, float shift) {
+  const vfloat s = splat(shift);
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes) store(x + i, exp_nonpositive(load(x + i) - s));
+  for (; i < n; ++i) x[i] = exp_nonpositive(x[i] - shift);
+}
+
+// dp[i] = p[i] * (dp[i] - delta): the softmax's backward, dS = P o (dO V^T - rowsum(dO o O)).
+void softmax_grad(const float* p, float* dp, int n, float delta) {
+  const vfloat dv = splat(delta);
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes) store(dp + i, load(p + i) * (load(dp + i) - dv));
+  for (; i < n; ++i) dp[i] = p[i] * (dp[i] - delta);
+}
+
+float dot(const float* a, const float* b, int n) {
+  vfloat acc = splat(0.0f);
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc += load(a + i) * load(b + i);
+  float out = 0.0f;
+  for (int l = 0; l < kLanes; ++l) out += acc[l];
+  for (; i < n; ++i) out += a[i] * b[i];
+  return out;
+}
+
+// One query block's share of the backward: rows [q0, q0 + m) of one head against its `count` listed KV
+// blocks. Writes the block's dQ rows; adds into dK/dV (the head's, or this worker's copy) of listed blocks.
+void backward_block(const float* q, const float* k, const float* v, const float* o, const float* dout,
+                    const float* lse, const int32_t* list, int count, int m, int seq_k, int bs, int d,
+                    float scale, BackwardWorkspace& ws, float* dq, float* dk, float* dv) {
+  if (count == 0) {  // attended nothing: no gradient
+    std::fill(dq, dq + static_cast<size_t>(m) * d, 0.0f);
+    return;
+  }
+  const int ld_s = bs * kGroup;
+  float* p = ws.p.data();
+  float* dp = ws.dp.data();
+  float* acc = ws.dq.data();
+  float* delta = ws.delta.data();
+  std::fill(acc, acc + static_cast<size_t>(m) * d, 0.0f);
+  for (int r = 0; r < m; ++r) {
+    delta[r] = dot(dout + static_cast<size_t>(r) * d, o + static_cast<size_t>(r) * d, d);
+  }
+  int offsets[kGroup], widths[kGroup];
+  for (int g0 = 0; g0 < count; g0 += kGroup) {
+    const int g_n = std::min(kGroup, count - g0);
+    int width = 0;
+    for (int g = 0; g < g_n; ++g) {
+      const size_t start = static_cast<size_t>(list[g0 + g]) * bs;
+      offsets[g] = width;
+      widths[g] = std::min(bs, seq_k - static_cast<int>(start));
+      gemm_abt(m, widths[g], d, scale, q, d, k + start * d, d, 0.0f, p + width, ld_s);
+      gemm_abt(m, widths[g], d, 1.0f, dout, d, v + start * d, d, 0.0f, dp + width, ld_s);
+      width += widths[g];
+    }
+    for (int r = 0; r < m; ++r) {
+      float* pr = p + static_cast<size_t>(r) * ld_s;
+      exp_shift(pr, width, lse[r]);
+      softmax_grad(pr, dp + static_cast<size_t>(r) * ld_s, width, delta[r]);
+    }
+    for (int g = 0; g < g_n; ++g) {
+      const size_t start = static_cast<size_t>(list[g0 + g]) * bs;
+      const int w = widths[g];
+      gemm_atb_acc(w, d, m, 1.0f, p + offsets[g], ld_s, dout, d, dv + start * d, d);      // dV += P^T dO
+      gemm_atb_acc(w, d, m, scale, dp + offsets[g], ld_s, q, d, dk + start * d, d);      // dK += dS^T Q s
+      gemm_ab_scaled(m, d, w, scale, dp + offsets[g], ld_s, k + start * d, d, acc, d);   // dQ += dS K s
+    }
+  }
+  std::copy(acc, acc + static_cast<size_t>(m) * d, dq);
+}
+
+}  // namespace
+
+// grad_out, q, out (B, H, Sq, D), k/v (B, H, Sk, D) contiguous fp32; lse (B, H, Sq) fp32 from the forward;
+// kv_counts/kv_indices as in forward (no key padding). Returns (dq, dk, dv). Unlisted KV blocks are never
+// read, so a NaN there reaches no gradient.
+std::vector<torch::Tensor> backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                    torch::Tensor out, torch::Tensor lse, torch::Tensor kv_counts,
+                                    torch::Tensor kv_indices, int64_t block_size, double scale) {
+  for (const auto& t : {grad_out, q, k, v, out, lse}) {
+    TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous(),
+                "cpu block-sparse backward: grad_out, q, k, v, out, lse must be contiguous float32");
+  }
+  TORCH_CHECK(kv_counts.scalar_type() == torch::kInt32 && kv_indices.scalar_type() == torch::kInt32,
+              "counts/indices must be int32");
+  const int64_t B = q.size(0), H = q.size(1), seq_q = q.size(2), D = q.size(3), seq_k = k.size(2);
+  const int bs = static_cast<int>(block_size);
+  const int64_t qb = (seq_q + bs - 1) / bs, heads = B * H;
+  TORCH_CHECK(kv_counts.size(2) == qb, "kv_counts has ", kv_counts.size(2), " query blocks, expected ", qb);
+  auto counts = kv_counts.contiguous();
+  auto indices = kv_indices.contiguous();
+  const int64_t width = indices.size(3);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // Whole heads per worker when there are enough to balance; else per-worker dK/dV copies.
+  const bool by_head = heads >= 2 * threads || threads == 1;
+  const int64_t workers = by_head ? std::min(threads, heads) : std::min(threads, heads * qb);
+  auto dq = torch::empty_like(q);
+  auto dk = torch::zeros_like(k);
+  auto dv = torch::zeros_like(v);
+  torch::Tensor dk_parts, dv_parts;
+  if (!by_head) {
+    dk_parts = torch::zeros({workers, B, H, seq_k, D}, k.options());
+    dv_parts = torch::zeros({workers, B, H, seq_k, D}, v.options());
+  }
+  const float* gp = grad_out.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const float* op = out.data_ptr<float>();
+  const float* lp = lse.data_ptr<float>();
+  const int32_t* cp = counts.data_ptr<int32_t>();
+  const int32_t* ip = indices.data_ptr<int32_t>();
+  float* dqp = dq.data_ptr<float>();
+  const int64_t head_k = seq_k * D;
+  std::atomic<int64_t> next{0};
+  const int64_t items = by_head ? heads : heads * qb;
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t) {
+    BackwardWorkspace ws(bs, static_cast<int>(D));
+    const int previous = MKL_Set_Num_Threads_Local(1);
+    float* dk_base = by_head ? dk.data_ptr<float>() : dk_parts.data_ptr<float>() + w0 * heads * head_k;
+    float* dv_base = by_head ? dv.data_ptr<float>() : dv_parts.data_ptr<float>() + w0 * heads * head_k;
+    for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
+      const int64_t first = by_head ? i * qb : i, last = by_head ? first + qb : i + 1;
+      for (int64_t item = first; item < last; ++item) {
+        const int64_t bh = item / qb, row0 = (item % qb) * bs;
+        const int m = static_cast<int>(std::min<int64_t>(bs, seq_q - row0));
+        const int64_t rows = bh * seq_q + row0;
+        backward_block(qp + rows * D, kp + bh * head_k, vp + bh * head_k, op + rows * D, gp + rows * D,
+                       lp + rows, ip + item * width, cp[item], m, static_cast<int>(seq_k), bs,
+                       static_cast<int>(D), static_cast<float>(scale), ws, dqp + rows * D,
+                       dk_base + bh * head_k, dv_base + bh * head_k);
+      }
+    }
+    MKL_Set_Num_Threads_Local(previous);
+  });
+  if (!by_head) {
+    dk = dk_parts.sum(0);
+    dv = dv_parts.sum(0);
+  }
+  return {dq, dk, dv};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "Block-sparse attention forward (CPU, fp32)");
+  m.def("backward", &backward, "Block-sparse attention backward (CPU, fp32): dq, dk, dv");
 }

@@ -1,9 +1,11 @@
-"""The CPU block-sparse attention kernel (``cpu_block_sparse.cpp``): built on first use, then cached.
+"""The CPU block-sparse attention kernels (``cpu_block_sparse.cpp``): built on first use, then cached.
 
 Same contract as the Triton launcher: ``q, k, v`` (B, H, S, D), ``kv_counts`` / ``kv_indices`` in the
 ``BlockMask`` layout, block 64 or 128, any ``S`` (tail keys never enter the softmax); returns the output and
 the per-row LSE. Also takes a key-padding mask (padded prompt tokens in joint text+video attention). Computes
 in fp32 (fp16/bf16 inputs are converted and the output converted back).
+:func:`block_sparse_attention_backward_cpu` is its backward (dQ, dK, dV from the saved output and LSE, no
+key padding), for training.
 
 The extension is compiled with torch's C++ toolchain (``torch.utils.cpp_extension``) for this machine's
 CPU (``-march=native``; the build name carries a hash of the CPU's flags, so a cache shared with another
@@ -123,6 +125,29 @@ def attention_with_block_sums_cpu(
     two-pass search (``block_sums_reference``) at the cost of one attention call, and the output is dense
     attention's."""
     return _run(q, k, v, kv_counts, kv_indices, block_size, scale, key_mask, with_block_sums=True)
+
+
+def block_sparse_attention_backward_cpu(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, kv_counts: torch.Tensor, kv_indices: torch.Tensor, block_size: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` in the inputs' dtypes for :func:`block_sparse_attention_cpu`'s output ``out`` and
+    ``lse`` over the same block lists (without a key mask)."""
+    check_block_sparse_inputs(q, k, v, kv_counts, kv_indices, block_size)
+    if q.device.type != "cpu":
+        raise ValueError(f"the CPU block-sparse kernel runs on CPU tensors, got {q.device}.")
+    if tuple(grad_out.shape) != tuple(q.shape) or tuple(out.shape) != tuple(q.shape):
+        raise ValueError(f"grad_out and out must have q's shape {tuple(q.shape)}, got "
+                         f"{tuple(grad_out.shape)} and {tuple(out.shape)}.")
+    if tuple(lse.shape) != tuple(q.shape[:3]):
+        raise ValueError(f"lse must be (B, H, Sq) = {tuple(q.shape[:3])}, got {tuple(lse.shape)}.")
+    module = load_kernel()
+    if module is None:
+        raise RuntimeError(f"the CPU block-sparse kernel is unavailable ({_failure}).")
+    g32, q32, k32, v32, o32, l32 = (t.float().contiguous() for t in (grad_out, q, k, v, out, lse))
+    dq, dk, dv = module.backward(g32, q32, k32, v32, o32, l32, kv_counts.contiguous(),
+                                 kv_indices.contiguous(), int(block_size), float(scale))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def _work_order(counts: torch.Tensor) -> torch.Tensor:

@@ -85,6 +85,43 @@ def test_cpu_kernel_forward_feeds_the_backward() -> None:
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.skipif(not cpu_kernel_available(), reason="the C++ CPU kernel does not build here")
+@pytest.mark.parametrize("heads, threads", [(1, 2), (3, 1), (3, 2), (8, 2)])  # per-worker copies and per-head
+def test_cpu_kernel_backward_matches_the_walk(heads: int, threads: int) -> None:
+    from accel.kernels.cpu_block_sparse import block_sparse_attention_backward_cpu, block_sparse_attention_cpu
+
+    q, k, v, counts, indices = random_block_case(300, 32, 64, seed=heads, batch=2, heads=heads)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    out, lse = block_sparse_attention_cpu(q, k, v, counts, indices, 64, 32**-0.5, None)
+    expected = backward_blocks(grad, q, k, v, out, lse, counts, indices, 64, 32**-0.5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = block_sparse_attention_backward_cpu(grad, q, k, v, out, lse, counts, indices, 64, 32**-0.5)
+    finally:
+        torch.set_num_threads(before)
+    for mine, want in zip(got, expected):
+        torch.testing.assert_close(mine, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not cpu_kernel_available(), reason="the C++ CPU kernel does not build here")
+def test_cpu_kernel_backward_in_bf16_and_never_reads_unlisted_blocks() -> None:
+    q, k, v, _ = _case(256, 64, 1.0, torch.float32, seed=4)
+    table = torch.ones(1, 2, 4, 4, dtype=torch.bool)
+    table[..., 3] = False
+    mask = BlockSparseMask.from_dense(table, 64, 256, 256)
+    k, v = k.clone(), v.clone()
+    k[:, :, 192:], v[:, :, 192:] = float("nan"), float("nan")
+    a, b, c = (t.to(torch.bfloat16).requires_grad_() for t in (q, k, v))
+    block_sparse_attention_trainable(a, b, c, mask).float().pow(2).sum().backward()
+    assert a.grad.dtype == torch.bfloat16 and torch.isfinite(a.grad).all()
+    assert (b.grad[:, :, 192:] == 0).all() and (c.grad[:, :, 192:] == 0).all()
+    ref = [t.to(torch.bfloat16).double().nan_to_num(0.0).requires_grad_() for t in (q, k, v)]
+    block_sparse_attention_trainable(*ref, mask).pow(2).sum().backward()
+    for mine, want in zip((a.grad, b.grad, c.grad), (t.grad for t in ref)):
+        torch.testing.assert_close(mine.double()[:, :, :192], want[:, :, :192], rtol=3e-2, atol=3e-2)
+
+
 def test_walk_matches_the_reference_on_random_cases() -> None:
     q, k, v, counts, indices = random_block_case(300, 32, 64, seed=5, batch=2, heads=3)
     ref, _ = block_sparse_attention_reference(q, k, v, counts, indices, 64, None)

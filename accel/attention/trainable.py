@@ -8,9 +8,10 @@ autograd formula, so ``torch.autograd.gradcheck`` checks it and ``torch.compile`
   row log-sum-exp; float64 (gradcheck) and machines without either run the same block-list walk in PyTorch.
 - Backward: FlashAttention's formula over the same index lists, recomputing each query block's
   probabilities from the saved log-sum-exp: ``dV += Pᵀ dO``, ``dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O))``,
-  ``dQ = dS K · scale``, ``dK += dSᵀ Q · scale``. Query blocks that list the same number of KV blocks are
-  processed together (no padded slots), and K/V gradients are scattered back with ``index_add_``, so an
-  unlisted block is never read: a NaN there cannot reach any gradient.
+  ``dQ = dS K · scale``, ``dK += dSᵀ Q · scale``. On CPU the C++ kernel runs it (whole-block GEMMs, the
+  lists walked in place); elsewhere, and for float64, the PyTorch walk: query blocks that list the same
+  number of KV blocks are processed together (no padded slots) and K/V gradients scattered back with
+  ``index_add_``. Neither reads an unlisted block, so a NaN there cannot reach any gradient.
 
 Key padding masks are not taken here (training clips have none); tail keys past ``Sk`` are masked.
 """
@@ -200,9 +201,26 @@ def _backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, None, None, None, None
 
 
+def _kernel_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     out: torch.Tensor, lse: torch.Tensor, kv_counts: torch.Tensor, kv_indices: torch.Tensor,
+                     block_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if q.dtype != torch.float64 and block_size in (64, 128) and q.device.type == "cpu":
+        from accel.attention.backends import cpu_kernel_available
+
+        if cpu_kernel_available():
+            from accel.kernels.cpu_block_sparse import block_sparse_attention_backward_cpu
+
+            return block_sparse_attention_backward_cpu(grad_out, q, k, v, out, lse, kv_counts, kv_indices,
+                                                       block_size, scale)
+    return backward_blocks(grad_out, q, k, v, out, lse, kv_counts, kv_indices, block_size, scale)
+
+
 # The backward is an operator too, so a compiled training step keeps it as one node.
-_backward_op = torch.library.custom_op("accel::block_sparse_attention_backward",
-                                       mutates_args=())(backward_blocks)
+@torch.library.custom_op("accel::block_sparse_attention_backward", mutates_args=())
+def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, kv_counts: torch.Tensor, kv_indices: torch.Tensor, block_size: int,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernel_backward(grad_out, q, k, v, out, lse, kv_counts, kv_indices, block_size, scale)
 
 
 @_backward_op.register_fake
