@@ -13,13 +13,16 @@ ignored folder, carry it, and start with ``pip install --no-index --no-deps --ta
 <folder>/*.whl`` and ``PYTHONPATH=/tmp/site``.
 
 Parts, in order of importance (``--budget-s`` skips what would not finish in time, and says so):
-1. **kernels**: ``block_sparse_attention`` and ``block_sums`` against the fp32 references at awkward sizes
-   (sequence tails, head dims 72/80/96, blocks 64/128, rows attending zero or one block), fp32/fp16/bf16,
-   under FlashAttention's rule: error <= 2 x torch's own error in the same dtype (+1e-5).
+1. **kernels**: ``block_sparse_attention``, its backward (dQ, dK, dV) and ``block_sums`` against the
+   references at awkward sizes (sequence tails, head dims 72/80/96, blocks 64/128, rows attending zero or
+   one block), fp32/fp16/bf16, under FlashAttention's rule: error <= 2 x torch's own error in the same
+   dtype (+1e-5; for gradients also + 2 x the reference's own rounding to the dtype).
 2. **attention**: the block-sparse forward (accel's dispatch, Triton on CUDA) against dense SDPA
    (FlashAttention backend where torch has it) at Wan-1.3B's heads (12 x 128), 16K/32K/64K tokens, mask
    densities 0.1/0.2/0.4 chosen by AdaSpa's selection; speedup, ideal 1/density, fraction of ideal.
-3. **methods**: ``accel-bench`` on ``shape:wan-1.3b`` (adaspa, vmoba, delta-dit, quest) and
+3. **training**: forward + backward of the trainable sparse operator (Triton forward and backward) against
+   SDPA's at 16K/32K tokens, same heads and densities.
+4. **methods**: ``accel-bench`` on ``shape:wan-1.3b`` (adaspa, vmoba, delta-dit, quest) and
    ``shape:pixart-xl-512`` (delta-dit, bac, quest) in bf16: speedup against the same run's baseline,
    compute fraction, peak GPU memory. Random weights: quality is not measured.
 """
@@ -92,7 +95,9 @@ class Plan:
 
     kernel_cases: tuple[KernelCase, ...]
     sums_cases: tuple[KernelCase, ...]
+    backward_cases: tuple[KernelCase, ...]
     attention_lengths: tuple[int, ...]
+    train_lengths: tuple[int, ...]  # forward + backward timing (training through sparse attention)
     attention_heads: int
     attention_head_dim: int
     attention_block: int
@@ -130,7 +135,12 @@ GPU_PLAN = Plan(
     kernel_cases=_gpu_kernel_cases(),
     sums_cases=(KernelCase(200, 64, 64, "fp32"), KernelCase(97, 72, 64, "bf16"),
                 KernelCase(130, 80, 128, "fp16"), KernelCase(4099, 128, 128, "bf16", batch=2, heads=3)),
-    attention_lengths=(16384, 32768, 65536), attention_heads=12, attention_head_dim=128, attention_block=128,
+    backward_cases=(KernelCase(200, 64, 64, "fp32"), KernelCase(97, 72, 64, "bf16"),
+                    KernelCase(130, 80, 128, "fp16"), KernelCase(257, 96, 128, "bf16"),
+                    KernelCase(2050, 128, 128, "bf16", batch=2, heads=3),
+                    KernelCase(1000, 64, 64, "fp16", batch=2, heads=3)),
+    attention_lengths=(16384, 32768, 65536), train_lengths=(16384, 32768), attention_heads=12,
+    attention_head_dim=128, attention_block=128,
     densities=(0.1, 0.2, 0.4), attention_repeats=20,
     bench_runs=(
         tuple("--model shape:wan-1.3b:blocks=4 --methods none,adaspa,vmoba,delta-dit,quest "
@@ -143,7 +153,9 @@ GPU_PLAN = Plan(
 DRY_PLAN = Plan(  # the same parts at sizes the CPU interpreter runs in about a minute
     kernel_cases=(KernelCase(97, 72, 64, "bf16"), KernelCase(130, 80, 128, "fp16")),
     sums_cases=(KernelCase(97, 72, 64, "fp32"),),
-    attention_lengths=(256, 384), attention_heads=1, attention_head_dim=32, attention_block=64,
+    backward_cases=(KernelCase(97, 72, 64, "bf16"),),
+    attention_lengths=(256, 384), train_lengths=(256,), attention_heads=1, attention_head_dim=32,
+    attention_block=64,
     densities=(0.1, 0.2, 0.4), attention_repeats=1,
     bench_runs=(
         tuple("--model shape:wan-1.3b:blocks=2:latent=16:frames=4 --methods none,adaspa,delta-dit "
@@ -162,6 +174,7 @@ class Report:
     environment: dict[str, Any]
     kernels: list[dict[str, Any]] = field(default_factory=list)
     attention: list[dict[str, Any]] = field(default_factory=list)
+    training: list[dict[str, Any]] = field(default_factory=list)
     methods: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -207,11 +220,14 @@ def environment(device: str) -> dict[str, Any]:
 def check_kernels(plan: Plan, device: str) -> list[dict[str, Any]]:
     """Every kernel case: max error, torch's error in the same dtype, and whether the rule holds."""
     import torch
-    from accel.kernels.block_sparse_attention import block_sparse_attention
+    from accel.kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_backward
     from accel.kernels.block_sums import block_sums
     from accel.kernels.reference import (
+        backward_reference,
         block_sparse_attention_reference,
         block_sums_reference,
+        gradients_within_flash_rule,
+        masked_attention_grads_same_dtype,
         masked_attention_same_dtype,
         random_block_case,
         within_flash_rule,
@@ -241,6 +257,23 @@ def check_kernels(plan: Plan, device: str) -> list[dict[str, Any]]:
                 "ok": ok and empty_rows_ok,
             }
         )
+    for case in plan.backward_cases:
+        q, k, v, counts, indices = (
+            t.to(device)
+            for t in random_block_case(
+                case.seq_len, case.head_dim, case.block, batch=case.batch, heads=case.heads
+            )
+        )
+        grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(device)
+        reference = backward_reference(grad, q, k, v, counts, indices, case.block)
+        ql, kl, vl, gl = (t.to(dtypes[case.dtype]) for t in (q, k, v, grad))
+        out, lse = block_sparse_attention(ql, kl, vl, counts, indices, case.block)
+        grads = block_sparse_attention_backward(gl, ql, kl, vl, out, lse, counts, indices, case.block)
+        same = masked_attention_grads_same_dtype(gl, ql, kl, vl, counts, indices, case.block)
+        for name, (ok, err, err_torch) in zip(("dq", "dk", "dv"), gradients_within_flash_rule(grads, same,
+                                                                                              reference)):
+            rows.append({"kernel": f"block_sparse_attention_backward {name}", **asdict(case), "err": err,
+                         "err_torch": err_torch, "ok": ok})
     for case in plan.sums_cases:
         gen = torch.Generator().manual_seed(1)
         q, k = (
@@ -334,6 +367,48 @@ def time_attention(plan: Plan, device: str, deadline: float, skipped: list[str])
     return rows
 
 
+def time_training(plan: Plan, device: str, deadline: float, skipped: list[str]) -> list[dict[str, Any]]:
+    """Forward + backward of the trainable sparse operator vs dense SDPA's, per (length, density)."""
+    import torch
+    import torch.nn.functional as F
+    from accel.attention.trainable import block_sparse_attention_trainable
+    from accel.benchmarks.attention_bench import mask_at_density
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    rows = []
+    for seq in plan.train_lengths:
+        if time.monotonic() > deadline:
+            skipped.append(f"training at {seq} tokens and longer: out of time")
+            break
+        gen = torch.Generator().manual_seed(seq)
+        shape = (1, plan.attention_heads, seq, plan.attention_head_dim)
+        q, k, v = (torch.randn(shape, generator=gen).to(device, dtype).requires_grad_() for _ in range(3))
+        grad = torch.randn(shape, generator=gen).to(device, dtype)
+
+        def step(fn: Callable[..., torch.Tensor]) -> Callable[[], None]:
+            def run() -> None:
+                for t in (q, k, v):
+                    t.grad = None
+                fn(q, k, v).backward(grad)
+
+            return run
+
+        dense_ms = _time_ms(step(F.scaled_dot_product_attention), plan.attention_repeats, device)
+        for density in plan.densities:
+            with torch.no_grad():
+                mask = mask_at_density(q, k, density, plan.attention_block)
+            sparse_ms = _time_ms(step(lambda a, b, c, m=mask: block_sparse_attention_trainable(a, b, c, m)),
+                                 plan.attention_repeats, device)
+            actual = float(mask.density())
+            speedup = dense_ms / sparse_ms
+            rows.append({"tokens": seq, "heads": plan.attention_heads, "head_dim": plan.attention_head_dim,
+                         "block": plan.attention_block, "density": round(actual, 4),
+                         "dense_ms": round(dense_ms, 3), "sparse_ms": round(sparse_ms, 3),
+                         "speedup": round(speedup, 3), "ideal": round(1 / actual, 3),
+                         "fraction_of_ideal": round(speedup * actual, 3)})
+    return rows
+
+
 def run_methods(
     plan: Plan, out: Path, deadline: float, skipped: list[str], errors: list[str]
 ) -> list[dict[str, Any]]:
@@ -419,6 +494,18 @@ def markdown(report: Report) -> str:
     ]
     lines += [
         "",
+        "## Training: forward + backward of the sparse operator vs dense SDPA",
+        "",
+        "| tokens | density | dense ms | sparse ms | speedup | ideal | of ideal |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['tokens']:,} | {r['density']:.3f} | {r['dense_ms']:.2f} | {r['sparse_ms']:.2f} "
+        f"| {r['speedup']:.2f}x | {r['ideal']:.2f}x | {r['fraction_of_ideal']:.2f} |"
+        for r in report.training
+    ]
+    lines += [
+        "",
         "## Methods on shape-true workloads (random weights: speed only)",
         "",
         "| model | method | settings | steps | speedup | ± pairs | compute | peak MB | error |",
@@ -447,6 +534,9 @@ def _fmt(value: Any, fmt: str) -> str:
     return "" if value is None else fmt.format(value)
 
 
+PARTS = ("kernels", "attention", "training", "methods")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -465,17 +555,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=450.0,
         help="parts that would start after this many seconds are skipped (default 450)",
     )
-    p.add_argument("--parts", default="kernels,attention,methods", help="comma list of parts to run")
+    p.add_argument("--parts", default=",".join(PARTS), help="comma list of parts to run")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     parts = set(args.parts.split(","))
-    unknown = parts - {"kernels", "attention", "methods"}
+    unknown = parts - set(PARTS)
     if unknown:
         print(
-            f"gpu_check: unknown part(s) {sorted(unknown)}; accepted: kernels, attention, methods",
+            f"gpu_check: unknown part(s) {sorted(unknown)}; accepted: {', '.join(PARTS)}",
             file=sys.stderr,
         )
         return 2
@@ -499,6 +589,10 @@ def main(argv: list[str] | None = None) -> int:
         (
             "attention",
             lambda: report.attention.extend(time_attention(plan, plan.device, deadline, report.skipped)),
+        ),
+        (
+            "training",
+            lambda: report.training.extend(time_training(plan, plan.device, deadline, report.skipped)),
         ),
         (
             "methods",

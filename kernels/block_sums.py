@@ -58,8 +58,8 @@ def _block_sums_kernel(
         m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK], dtype=tl.float32)
         for j in range(NUM_KV_BLOCKS):
-            qk, keys, key_ok = _scores_tile(q, k_base, j, cols, dims, dim_ok, SEQ_K, stride_ks, stride_kd,
-                                            qk_scale, BLOCK, UPCAST, FP32_DOT)
+            qk, _, keys, key_ok = _scores_tile(q, k_base, j, cols, dims, dim_ok, SEQ_K, stride_ks,
+                                               stride_kd, qk_scale, BLOCK, UPCAST, FP32_DOT)
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(qk - m_new[:, None]), 1)
             m_i = m_new
@@ -70,8 +70,8 @@ def _block_sums_kernel(
 
     sums_base = Sums + b * stride_sb + h * stride_sh + qblock * stride_sq
     for j in range(NUM_KV_BLOCKS):
-        qk, keys, key_ok = _scores_tile(q, k_base, j, cols, dims, dim_ok, SEQ_K, stride_ks, stride_kd,
-                                        qk_scale, BLOCK, UPCAST, FP32_DOT)
+        qk, _, keys, key_ok = _scores_tile(q, k_base, j, cols, dims, dim_ok, SEQ_K, stride_ks, stride_kd,
+                                           qk_scale, BLOCK, UPCAST, FP32_DOT)
         p = tl.math.exp2(qk - lse2[:, None])
         p = tl.where(row_ok[:, None] & key_ok[None, :], p, 0.0)
         tl.store(sums_base + j * stride_sk, tl.sum(tl.sum(p, 1), 0))

@@ -163,3 +163,43 @@ def within_flash_rule(out: torch.Tensor, same_dtype: torch.Tensor, reference: to
     err = (out.float().cpu() - reference.float().cpu()).abs().max().item()
     err_torch = (same_dtype.float().cpu() - reference.float().cpu()).abs().max().item()
     return err <= 2 * err_torch + eps, err, err_torch
+
+
+def backward_reference(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       kv_counts: torch.Tensor, kv_indices: torch.Tensor, block_size: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 ``(dq, dk, dv)`` of block-masked attention (the PyTorch block-list walk, which
+    ``torch.autograd.gradcheck`` verifies in the tests), on the inputs' device."""
+    from accel.attention.trainable import backward_blocks, forward_blocks
+
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    q64, k64, v64, g64 = (t.double() for t in (q, k, v, grad_out))
+    out, lse = forward_blocks(q64, k64, v64, kv_counts, kv_indices, block_size, scale)
+    return backward_blocks(g64, q64, k64, v64, out, lse, kv_counts, kv_indices, block_size, scale)
+
+
+def masked_attention_grads_same_dtype(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                                      v: torch.Tensor, kv_counts: torch.Tensor, kv_indices: torch.Tensor,
+                                      block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`masked_attention_same_dtype` by torch's autograd in the inputs' own dtype (rows
+    that attend nothing give 0, as the kernels do): the yardstick of the flash rule for a backward."""
+    S = q.shape[2]
+    a, b, c = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    mask = token_mask(dense_block_table(kv_counts, kv_indices, math.ceil(S / block_size)), block_size, S, S)
+    has = mask.any(-1, keepdim=True)
+    scores = (a @ b.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    scores = scores.masked_fill(~mask, float("-inf")).masked_fill(~has, 0.0)
+    probs = torch.softmax(scores.float(), -1).to(q.dtype) * has
+    (probs @ c).backward(grad_out)
+    return a.grad, b.grad, c.grad
+
+
+def gradients_within_flash_rule(grads: tuple[torch.Tensor, ...], same_dtype: tuple[torch.Tensor, ...],
+                                reference: tuple[torch.Tensor, ...]) -> list[tuple[bool, float, float]]:
+    """:func:`within_flash_rule` per gradient, with FlashAttention's backward slack: twice the rounding of
+    the reference itself to the gradient's dtype (a gradient stored in fp16 cannot be closer than that)."""
+    results = []
+    for mine, same, ref in zip(grads, same_dtype, reference):
+        rounding = (ref.to(mine.dtype).double() - ref.double()).abs().max().item()
+        results.append(within_flash_rule(mine, same, ref.float(), eps=1e-5 + 2 * rounding))
+    return results

@@ -38,13 +38,18 @@ def test_dry_run_writes_every_part(tmp_path):
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["dry_run"] and report["passed"] and not report["errors"] and not report["skipped"]
     assert {"kernel", "err", "err_torch", "ok"} <= set(report["kernels"][0])
-    assert {r["kernel"] for r in report["kernels"]} == {"block_sparse_attention", "block_sums"}
+    assert {r["kernel"] for r in report["kernels"]} == {
+        "block_sparse_attention", "block_sums", "block_sparse_attention_backward dq",
+        "block_sparse_attention_backward dk", "block_sparse_attention_backward dv"}
     assert all(r["ok"] for r in report["kernels"])
     # One attention row per (length, density), each with a consistent fraction of the ideal.
     assert len(report["attention"]) == 2 * 3
     for row in report["attention"]:
         assert row["fraction_of_ideal"] == pytest.approx(row["speedup"] / row["ideal"], rel=1e-2, abs=2e-3)
         assert 0.0 < row["density"] <= 1.0 and row["cosine_vs_dense"] > 0
+    assert len(report["training"]) == 3
+    for row in report["training"]:
+        assert row["fraction_of_ideal"] == pytest.approx(row["speedup"] / row["ideal"], rel=1e-2, abs=2e-3)
     methods = {(r["model"].split(":")[1], r["method"]) for r in report["methods"]}
     assert methods == {
         ("wan-1.3b", "none"),
@@ -54,9 +59,10 @@ def test_dry_run_writes_every_part(tmp_path):
         ("pixart-xl-512", "quest"),
     }
     assert all(r["error"] is None and r["speedup"] > 0 for r in report["methods"])
-    assert set(report["part_seconds"]) == {"kernels", "attention", "methods"}
+    assert set(report["part_seconds"]) == {"kernels", "attention", "training", "methods"}
     table = (out / "gpu_check.md").read_text()
     assert "dry run" in table and "## Block-sparse attention vs dense SDPA" in table
+    assert "## Training: forward + backward" in table
     assert "shape:wan-1.3b:blocks=2" in table and "quest" in table
 
 

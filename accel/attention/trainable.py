@@ -9,9 +9,10 @@ autograd formula, so ``torch.autograd.gradcheck`` checks it and ``torch.compile`
 - Backward: FlashAttention's formula over the same index lists, recomputing each query block's
   probabilities from the saved log-sum-exp: ``dV += Pᵀ dO``, ``dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O))``,
   ``dQ = dS K · scale``, ``dK += dSᵀ Q · scale``. On CPU the C++ kernel runs it (whole-block GEMMs, the
-  lists walked in place); elsewhere, and for float64, the PyTorch walk: query blocks that list the same
-  number of KV blocks are processed together (no padded slots) and K/V gradients scattered back with
-  ``index_add_``. Neither reads an unlisted block, so a NaN there cannot reach any gradient.
+  lists walked in place), on CUDA the Triton kernels (dK/dV over the transposed lists, then dQ); for
+  float64 and elsewhere the PyTorch walk: query blocks that list the same number of KV blocks are
+  processed together (no padded slots) and K/V gradients scattered back with ``index_add_``. None of them
+  reads an unlisted block, so a NaN there cannot reach any gradient.
 
 Key padding masks are not taken here (training clips have none); tail keys past ``Sk`` are masked.
 """
@@ -204,6 +205,11 @@ def _backward(ctx, grad_out, grad_lse):
 def _kernel_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      out: torch.Tensor, lse: torch.Tensor, kv_counts: torch.Tensor, kv_indices: torch.Tensor,
                      block_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if q.dtype != torch.float64 and block_size in (64, 128) and q.is_cuda and 16 <= q.shape[-1] <= 256:
+        from accel.kernels.block_sparse_attention import block_sparse_attention_backward
+
+        return block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_counts, kv_indices, block_size,
+                                               scale)
     if q.dtype != torch.float64 and block_size in (64, 128) and q.device.type == "cpu":
         from accel.attention.backends import cpu_kernel_available
 
