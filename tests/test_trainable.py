@@ -172,7 +172,35 @@ def test_vmoba_training_step_updates_weights_and_removal_restores_the_model() ->
     assert accel.active_patch(model) is None
 
 
-def test_train_video_dit_runs_with_vmoba_attention(tmp_path) -> None:
+def test_adaspa_training_searches_every_n_forwards_and_trains_through_the_sparse_op() -> None:
+    from accel.methods.adaspa import AdaSpaConfig
+    from families import FAMILIES, forward_kwargs
+
+    family = FAMILIES["wan"]
+    model = family.build().train()
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    kwargs = forward_kwargs(family, batch=2, size=16, frames=3)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    patch = accel.patch(model, AdaSpaConfig(training=True, sparsity=0.5, search_every=2, head_adaptive=False))
+    runtime = patch.handle("adaspa")
+    layers = len(runtime.layers)
+    for forward in range(3):
+        opt.zero_grad()
+        model(**kwargs)[0].square().mean().backward()
+        opt.step()
+        assert runtime.searches["two_pass"] == layers * (1 if forward < 2 else 2)  # forwards 1 and 3 search
+    report = patch.report().methods["adaspa"]
+    assert report["backend"].get("trainable", 0) == 3 * layers and report["density"] < 1.0
+    assert model.blocks[0].attn1.to_q.weight.grad.abs().sum() > 0
+    patch.remove()
+    assert any(not torch.equal(v, reference[k]) for k, v in model.state_dict().items())
+    assert accel.active_patch(model) is None
+    with pytest.raises(ValueError, match="search_every must be a whole number"):
+        AdaSpaConfig(training=True, search_every=0)
+
+
+@pytest.mark.parametrize("spec", ["vmoba:selection=threshold:tau=0.25", "adaspa:sparsity=0.5:search_every=2"])
+def test_train_video_dit_runs_with_sparse_attention(tmp_path, spec: str) -> None:
     import json
 
     from accel.pipelines.train import train_video_dit as tv
@@ -188,15 +216,15 @@ def test_train_video_dit_runs_with_vmoba_attention(tmp_path) -> None:
         seed=0,
         folder=tmp_path / "out",
         save_every=0,
-        attention="vmoba:selection=threshold:tau=0.25",
+        attention=spec,
         log=log,
     )
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1] and all(math.isfinite(r["loss"]) for r in rows)
     info = json.loads((tmp_path / "out" / "train_info.json").read_text())
-    assert info["attention"] == "vmoba:selection=threshold:tau=0.25"
-    with pytest.raises(SystemExit, match="takes 'dense' or a vmoba spec"):
-        tv.sparse_attention_patch(tv.VideoModel(), "adaspa")
+    assert info["attention"] == spec
+    with pytest.raises(SystemExit, match="takes 'dense', a vmoba spec"):
+        tv.sparse_attention_patch(tv.VideoModel(), "delta-dit")
 
 
 def test_train_compare_writes_a_table_and_loss_curves(tmp_path) -> None:

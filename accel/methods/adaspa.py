@@ -15,6 +15,17 @@ Example::
     patch = accel.patch(pipe, accel.AdaSpaConfig(sparsity=0.8))
     video = pipe(prompt, num_inference_steps=50).frames
     print(patch.report())   # density per step and layer, backend
+
+Training (``training=True``, on a bare denoiser): there are no denoising steps to reuse a pattern across,
+so the reuse is across training forwards instead. Each layer searches its exact pattern at its first
+forward and again every ``search_every`` forwards (the search is one no-grad scoring pass; the weights move
+little between nearby optimizer steps, as the pattern does between nearby denoising steps), and every
+forward, search forwards included, runs the sparse attention with gradients
+(``accel.attention.trainable``)::
+
+    patch = accel.patch(model.transformer, accel.AdaSpaConfig(training=True, sparsity=0.8, search_every=20))
+    loss = flow_loss(model(noisy, t, y), target); loss.backward(); opt.step()
+    patch.remove()                                   # the model is exactly as before, trained weights kept
 """
 
 from __future__ import annotations
@@ -65,6 +76,9 @@ class AdaSpaConfig(MethodConfig):
         first_frame_sink: always attend the first frame's blocks.
         row_wise: top-k per query block instead of per head.
         backend: ``auto``, ``triton``, ``cpp``, ``flex``, ``gather`` or ``reference``.
+        training: search per layer at its first forward and every ``search_every`` forwards after, with no
+            warm-up and no step placement, for training through the sparse attention (see the module doc).
+        search_every: forwards of a layer between its searches in training.
     """
 
     sparsity: float = 0.8
@@ -77,8 +91,16 @@ class AdaSpaConfig(MethodConfig):
     first_frame_sink: bool = False
     row_wise: bool = False
     backend: AttentionBackend = AttentionBackend.AUTO
+    training: bool = False
+    search_every: int = 20
 
     def __post_init__(self) -> None:
+        if not isinstance(self.training, bool):
+            raise TypeError(f"AdaSpaConfig.training must be True or False, got {self.training!r}.")
+        every = self.search_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"AdaSpaConfig.search_every must be a whole number of forwards >= 1, got "
+                             f"{self.search_every!r}.")
         check_float("AdaSpaConfig.sparsity", self.sparsity, low=0.0, high=1.0, high_open=True,
                     hint="use sparsity=0 for dense attention; 1 would attend nothing.")
         check_block_size("AdaSpaConfig.block_size", self.block_size)
@@ -159,12 +181,21 @@ class AdaSpa(SparseAttentionRuntime):
         # fused: the C++ CPU kernel's attention pass gave the scores (exact, current LSE)
         self.searches: dict[str, int] = {"two_pass": 0, "one_pass": 0, "fused": 0}
         self.searched: dict[tuple[str, int], set[float]] = {}  # per layer: search fractions reached
+        self.training = config.training
+        self.forwards: dict[tuple[str, int], int] = {}  # training: forwards per layer since its last search
         super().__init__(ctx, config.block_size, config.backend.value)
+
+    def reset(self) -> None:
+        if self.training:  # each training forward looks like a new sequence: the patterns outlive it
+            self.stats.records.clear()
+            return
+        super().reset()
 
     def drop_caches(self) -> None:
         super().drop_caches()
         self.cache.clear()
         self.searched.clear()
+        self.forwards.clear()
 
     def _search_steps(self, num_steps: int) -> tuple[int, set[int]]:
         warm = round(self.config.warmup * num_steps)
@@ -180,11 +211,18 @@ class AdaSpa(SparseAttentionRuntime):
         done.update(due)
         return bool(due)
 
+    def _key(self, call: AttentionCall) -> tuple[str, int]:
+        """Per layer and CFG branch; in training per layer only (repeated timesteps there are new batches,
+        not branches)."""
+        return (call.layer.name, 0 if self.training else call.branch)
+
     def select(self, call: AttentionCall) -> Plan | Computed | Dense:
-        key = (call.layer.name, call.branch)
+        key = self._key(call)
         cached = self.cache.get(key)
         if not self.adapter.is_denoiser:  # one forward per input: search and apply at once
             return Plan(self._search(call, None))
+        if self.training:
+            return Plan(self._training_table(call, key, cached))
         if call.before(self.config.warmup):
             return Dense("warm-up")
         shape_ok = cached is not None and cached.lse.shape == call.q.shape[:3]
@@ -201,6 +239,18 @@ class AdaSpa(SparseAttentionRuntime):
             return Dense("search")  # the search step has paid for full attention scores: it runs dense
         return Plan(cached.table)
 
+    @torch.no_grad()  # the search is discrete: no gradient flows through the block scores
+    def _training_table(self, call: AttentionCall, key: tuple[str, int], cached: _LayerCache | None
+                        ) -> torch.Tensor:
+        """Training: the layer's latest pattern, searched again (two-pass, fresh LSE: the weights moved)
+        at its first forward, every ``search_every`` forwards, and whenever the sequence shape changes."""
+        count = self.forwards.get(key, 0)
+        if cached is None or cached.lse.shape != call.q.shape[:3] or count >= self.config.search_every:
+            self.forwards[key] = 1
+            return self._search(call, None)
+        self.forwards[key] = count + 1
+        return cached.table
+
     def _search(self, call: AttentionCall, lse: torch.Tensor | None) -> torch.Tensor:
         self.searches["two_pass" if lse is None else "one_pass"] += 1
         sums, lse = block_sums(call.q, call.k, call.block_size, call.scale, lse, call.key_mask)
@@ -216,7 +266,7 @@ class AdaSpa(SparseAttentionRuntime):
             per_head = torch.full((H,), config.sparsity)
         forced = self._forced_blocks(call, sums.shape)
         table = select_blocks(sums, per_head, forced, config.row_wise)
-        self.cache[(call.layer.name, call.branch)] = _LayerCache(table, lse, call.step)
+        self.cache[self._key(call)] = _LayerCache(table, lse, call.step)
         return table
 
     def _forced_blocks(self, call: AttentionCall, shape: torch.Size) -> torch.Tensor | None:
@@ -236,6 +286,7 @@ class AdaSpa(SparseAttentionRuntime):
 
 
 @register_method(AdaSpaConfig, name="adaspa", stage=Stage.ATTENTION,
-                 summary="AdaSpa: exact block search at a few steps, cached masks, head-adaptive sparsity")
+                 summary="AdaSpa: exact block search at a few steps, cached masks, head-adaptive sparsity; "
+                         "trainable")
 def _apply(ctx: PatchContext, config: AdaSpaConfig) -> AdaSpa:
     return AdaSpa(ctx, config)

@@ -8,9 +8,10 @@ teach motion); longer clips were too slow to train on 2 CPU cores. Inference run
 by ``accel.pipelines.evaluate`` rather than assumed.
 Writes a diffusers pipeline folder to ``pipelines/weights/digits-video-dit/``.
 
-``--attention vmoba[:key=value...]`` trains through VMoBA's block-sparse attention (``training=True``;
-settings in accel's spec syntax, e.g. ``vmoba:selection=threshold:tau=0.25``); ``--log FILE`` writes each
-step's loss and seconds as JSON lines, so a dense and a sparse run can be compared step for step.
+``--attention vmoba[:key=value...]`` (or ``adaspa[:...]``) trains through VMoBA's (AdaSpa's) block-sparse
+attention (``training=True``; settings in accel's spec syntax, e.g. ``vmoba:selection=threshold:tau=0.25``);
+``--log FILE`` writes each step's loss and seconds as JSON lines, so a dense and a sparse run can be
+compared step for step.
 """
 
 from __future__ import annotations
@@ -73,17 +74,19 @@ def sample_batch(digits: torch.Tensor, labels: torch.Tensor, size: int, frames: 
 
 
 def sparse_attention_patch(model: VideoModel, spec: str) -> Any:
-    """``--attention``: ``dense`` (no patch) or a VMoBA spec, attached to the transformer in training mode."""
+    """``--attention``: ``dense`` (no patch), or a VMoBA or AdaSpa spec attached to the transformer in
+    training mode."""
     import accel
+    from accel.methods.adaspa import AdaSpaConfig
     from accel.methods.vmoba import VMoBAConfig
     from accel.registry import parse_method
 
     if spec == "dense":
         return None
     config = parse_method(spec)
-    if not isinstance(config, VMoBAConfig):
-        raise SystemExit(f"--attention takes 'dense' or a vmoba spec (vmoba:selection=threshold:tau=0.25), "
-                         f"got {spec!r}.")
+    if not isinstance(config, (VMoBAConfig, AdaSpaConfig)):
+        raise SystemExit("--attention takes 'dense', a vmoba spec (vmoba:selection=threshold:tau=0.25) or an "
+                         f"adaspa spec (adaspa:sparsity=0.8:search_every=20), got {spec!r}.")
     return accel.patch(model.transformer, config.replace(training=True))
 
 
@@ -119,7 +122,8 @@ def train(steps: int, image_batch: int, clip_batch: int, clip_frames: int, lr: f
             # Snapshots let a long CPU run be evaluated (and kept) before it ends.
             save(ema.model, folder / f"step-{step + 1}", {"steps_done": step + 1, "of_steps": steps})
     if patch is not None:
-        print(f"attention: {attention}, density {patch.report().methods['vmoba'].get('density')}", flush=True)
+        (report,) = patch.report().methods.values()
+        print(f"attention: {attention}, density {report.get('density')}", flush=True)
         patch.remove()
     if log_file is not None:
         log_file.close()
@@ -158,7 +162,8 @@ def main() -> None:
     parser.add_argument("--init", type=Path, default=None,
                         help="start from this pipeline folder's weights (continue an earlier run)")
     parser.add_argument("--attention", default="dense",
-                        help="dense, or vmoba with settings (vmoba:selection=threshold:tau=0.25)")
+                        help="dense, or vmoba/adaspa with settings (vmoba:selection=threshold:tau=0.25, "
+                             "adaspa:sparsity=0.8:search_every=20)")
     parser.add_argument("--log", type=Path, default=None,
                         help="write each step's loss and seconds (JSON lines)")
     args = parser.parse_args()
