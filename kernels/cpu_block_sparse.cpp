@@ -13,7 +13,7 @@
 // recomputed from the saved LSE): dQ is private to the block, while dK/dV of a listed KV block are shared by
 // every query block listing it. Rather than transposed lists and a second recompute pass, each worker owns
 // whole heads (dK/dV of a head are touched by that head's query blocks only), or, with fewer heads than
-// twice the workers, accumulates into its own dK/dV copy, summed at the end.
+// twice the workers, each fixed range of items accumulates into its own dK/dV copy, summed at the end.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -461,27 +461,45 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_out, torch::Tensor q, tor
   const int32_t* ip = indices.data_ptr<int32_t>();
   float* dqp = dq.data_ptr<float>();
   const int64_t head_k = seq_k * D;
-  std::atomic<int64_t> next{0};
-  const int64_t items = by_head ? heads : heads * qb;
-  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t) {
-    BackwardWorkspace ws(bs, static_cast<int>(D));
-    const int previous = MKL_Set_Num_Threads_Local(1);
-    float* dk_base = by_head ? dk.data_ptr<float>() : dk_parts.data_ptr<float>() + w0 * heads * head_k;
-    float* dv_base = by_head ? dv.data_ptr<float>() : dv_parts.data_ptr<float>() + w0 * heads * head_k;
-    for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
-      const int64_t first = by_head ? i * qb : i, last = by_head ? first + qb : i + 1;
-      for (int64_t item = first; item < last; ++item) {
-        const int64_t bh = item / qb, row0 = (item % qb) * bs;
-        const int m = static_cast<int>(std::min<int64_t>(bs, seq_q - row0));
-        const int64_t rows = bh * seq_q + row0;
-        backward_block(qp + rows * D, kp + bh * head_k, vp + bh * head_k, op + rows * D, gp + rows * D,
-                       lp + rows, ip + item * width, cp[item], m, static_cast<int>(seq_k), bs,
-                       static_cast<int>(D), static_cast<float>(scale), ws, dqp + rows * D,
-                       dk_base + bh * head_k, dv_base + bh * head_k);
+  const int64_t items = heads * qb;
+  // One (b, h, query block) item: its dQ rows, and its dK/dV terms into the given head-sized buffers.
+  auto run_item = [&](int64_t item, BackwardWorkspace& ws, float* dk_base, float* dv_base) {
+    const int64_t bh = item / qb, row0 = (item % qb) * bs;
+    const int m = static_cast<int>(std::min<int64_t>(bs, seq_q - row0));
+    const int64_t rows = bh * seq_q + row0;
+    backward_block(qp + rows * D, kp + bh * head_k, vp + bh * head_k, op + rows * D, gp + rows * D, lp + rows,
+                   ip + item * width, cp[item], m, static_cast<int>(seq_k), bs, static_cast<int>(D),
+                   static_cast<float>(scale), ws, dqp + rows * D, dk_base + bh * head_k, dv_base + bh * head_k);
+  };
+  if (by_head) {
+    // Heads claimed dynamically; each head's items run in order on one worker: deterministic sums.
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      BackwardWorkspace ws(bs, static_cast<int>(D));
+      const int previous = MKL_Set_Num_Threads_Local(1);
+      for (int64_t head = next.fetch_add(1); head < heads; head = next.fetch_add(1)) {
+        for (int64_t item = head * qb; item < (head + 1) * qb; ++item) {
+          run_item(item, ws, dk.data_ptr<float>(), dv.data_ptr<float>());
+        }
       }
-    }
-    MKL_Set_Num_Threads_Local(previous);
-  });
+      MKL_Set_Num_Threads_Local(previous);
+    });
+  } else {
+    // A fixed contiguous range of items per copy (not per thread), so the summation order, and with it
+    // every bit of dK/dV, is the same in every run: gradcheck's reentrancy check, reproducible training.
+    at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+      BackwardWorkspace ws(bs, static_cast<int>(D));
+      const int previous = MKL_Set_Num_Threads_Local(1);
+      for (int64_t part = begin; part < end; ++part) {
+        float* dk_base = dk_parts.data_ptr<float>() + part * heads * head_k;
+        float* dv_base = dv_parts.data_ptr<float>() + part * heads * head_k;
+        for (int64_t item = part * items / workers; item < (part + 1) * items / workers; ++item) {
+          run_item(item, ws, dk_base, dv_base);
+        }
+      }
+      MKL_Set_Num_Threads_Local(previous);
+    });
+  }
   if (!by_head) {
     dk = dk_parts.sum(0);
     dv = dv_parts.sum(0);

@@ -145,6 +145,37 @@ def test_block_sparse_backward_never_reads_unlisted_blocks():
     assert (dk[:, :, 192:] == 0).all() and (dv[:, :, 192:] == 0).all()
 
 
+@interp
+def test_gradcheck_through_the_triton_kernels():
+    """The Triton forward and backward under gradcheck: float64 inputs cast to fp32 around the kernels (they
+    take fp16/bf16/fp32), finite differences at a step fp32 resolves. Fast mode (random projections: the
+    full Jacobian is minutes in the interpreter); each gradient's elementwise error is bounded by
+    test_block_sparse_backward_matches_reference."""
+    from accel.kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_backward
+
+    _, _, _, counts, indices = random_block_case(80, 16, 64, seed=4, heads=1)
+
+    class Attention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out, lse = block_sparse_attention(q, k, v, counts, indices, 64)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            q, k, v, out, lse = ctx.saved_tensors
+            return block_sparse_attention_backward(grad.contiguous(), q, k, v, out, lse, counts, indices, 64)
+
+    gen = torch.Generator().manual_seed(5)
+    inputs = tuple(torch.randn(1, 1, 80, 16, generator=gen, dtype=torch.float64).requires_grad_()
+                   for _ in range(3))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: Attention.apply(a.float(), b.float(), c.float()).double(), inputs,
+        eps=1e-3, atol=5e-4, rtol=5e-3, fast_mode=True,
+    )
+
+
 QUICK = [  # one of each: tail + odd head dim + bf16, zero/one-block rows, block 128, both search passes
     "test_block_sparse_attention_matches_reference[200-72-64-bf16]",
     "test_block_sparse_attention_matches_reference[130-72-128-fp16]",
@@ -153,6 +184,7 @@ QUICK = [  # one of each: tail + odd head dim + bf16, zero/one-block rows, block
     "test_block_sparse_backward_matches_reference[97-72-64-bf16]",
     "test_block_sparse_backward_matches_reference[130-80-128-fp16]",
     "test_block_sparse_backward_never_reads_unlisted_blocks",
+    "test_gradcheck_through_the_triton_kernels",
 ]
 
 
@@ -160,7 +192,7 @@ def _run_child(node_ids: list[str]) -> str:
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "ACCEL_KERNEL_CHILD": "1"}
     targets = [f"{__file__}::{node}" for node in node_ids] if node_ids else [
-        __file__, "-k", "matches_reference or non_contiguous or two_pass or unlisted"]
+        __file__, "-k", "matches_reference or non_contiguous or two_pass or unlisted or gradcheck"]
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *targets],
         env=env, capture_output=True, text=True, check=False, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

@@ -33,6 +33,19 @@ def test_gradcheck_float64(seq: int) -> None:
     )
 
 
+@pytest.mark.skipif(not cpu_kernel_available(), reason="the C++ CPU kernel does not build here")
+def test_gradcheck_through_the_cpu_kernels() -> None:
+    """The C++ forward and backward (fp32 kernels) under gradcheck: float64 inputs cast to fp32 around the
+    operator, so the finite differences use a step fp32 resolves and fp32-sized tolerances."""
+    q, k, v, mask = _case(150, 64, 0.6, torch.float64, seed=2)
+    inputs = tuple(t.requires_grad_() for t in (q, k, v))
+
+    def attention(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return block_sparse_attention_trainable(a.float(), b.float(), c.float(), mask).double()
+
+    assert torch.autograd.gradcheck(attention, inputs, eps=1e-3, atol=5e-4, rtol=5e-3, fast_mode=True)
+
+
 def test_forward_and_gradients_equal_dense_attention_when_every_block_is_listed() -> None:
     q, k, v, _ = _case(70, 16, 1.0, torch.float64)
     full = BlockSparseMask.from_dense(torch.ones(1, 2, 5, 5, dtype=torch.bool), 16, 70, 70)
