@@ -314,3 +314,61 @@ def test_attention_that_bypasses_sdpa_is_reported_not_silently_dense():
     report = patch.report().methods["vmoba"]
     assert report["not_intercepted"] == {"transformer_blocks.0": STEPS, "transformer_blocks.1": STEPS}
     patch.remove()
+
+
+@pytest.mark.parametrize("select", ["set_attention_backend", "attention_backend"])
+def test_diffusers_accel_backend_runs_the_sparse_path_without_the_sdpa_override(select, monkeypatch):
+    """A dispatcher model (Wan) on diffusers' 'accel' backend: same sparse outputs as the SDPA interception,
+    reached without swapping F.scaled_dot_product_attention, and the report says which path ran."""
+    import accel.attention.intercept as intercept
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry, attention_backend
+
+    # set_attention_backend also sets diffusers' process-wide active backend: restore it after the test
+    active = _AttentionBackendRegistry._active_backend
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", active)
+    family = FAMILIES["wan"]
+    model = family.build()
+    config = AdaSpaConfig(warmup=0.0, sparsity=0.5, search_steps=(0.0,))
+    with accel.patch(model, config) as patch:
+        patch.reset(num_steps=STEPS)
+        reference = run(model, family)
+        assert patch.report().methods["adaspa"]["attention_path"] == {"sdpa-intercept": 2 * STEPS}
+    installs = []
+    real_override = intercept._sdpa_override
+
+    def counting_override():
+        installs.append(1)
+        return real_override()
+
+    monkeypatch.setattr(intercept, "_sdpa_override", counting_override)
+    with accel.patch(model, config) as patch:
+        patch.reset(num_steps=STEPS)
+        if select == "set_attention_backend":
+            model.set_attention_backend("accel")
+            out = run(model, family)
+            model.reset_attention_backend()
+        else:
+            with attention_backend("accel"):
+                out = run(model, family)
+        report = patch.report().methods["adaspa"]
+    assert report["attention_path"] == {"diffusers-dispatcher": 2 * STEPS} and report["density"] < 1.0
+    assert installs == []  # no process-wide SDPA swap on the dispatcher path
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+    with attention_backend("accel"):  # without a patch the backend is plain SDPA
+        dense = run(model, family)
+    torch.testing.assert_close(dense, run(model, family), rtol=1e-5, atol=1e-6)
+
+
+def test_accel_backend_registration_is_idempotent_and_refuses_context_parallel():
+    from accel.attention.dispatcher import _accel_attention, register_diffusers_backend
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    assert register_diffusers_backend() == register_diffusers_backend() == "accel"
+    member = AttentionBackendName("accel")
+    assert list(_AttentionBackendRegistry.list_backends()).count(member) == 1
+    assert "accel" in {m.value for m in AttentionBackendName.__members__.values()}
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="does not support context parallelism"):
+        _accel_attention(q, q, q, _parallel_config=object())
+    torch.testing.assert_close(_accel_attention(q, q, q), F.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in (q, q, q))).transpose(1, 2))

@@ -2,7 +2,8 @@
 
 Every attention module accel targets ends in ``torch.nn.functional.scaled_dot_product_attention`` with
 (B, H, S, D) tensors: diffusers' ``AttnProcessor2_0`` / ``JointAttnProcessor2_0`` call it directly;
-Wan, Flux, HunyuanVideo, LTX call ``dispatch_attention_fn``, whose default ``native`` backend calls it;
+Wan, Flux, HunyuanVideo, LTX call ``dispatch_attention_fn``, whose default ``native`` backend calls it
+(and whose ``accel`` backend, ``accel.attention.dispatcher``, calls the handler without the override);
 timm's ``Attention`` calls it on its fused path (which the patch turns on for the patched modules).
 
 :class:`SparseAttentionHook` wraps one module's forward. While that forward runs (and only then) the
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
@@ -38,9 +40,11 @@ def original_sdpa() -> Callable[..., torch.Tensor]:
     return _original if _original is not None else F.scaled_dot_product_attention
 
 
-def _dispatch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
-              dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-              enable_gqa: bool = False) -> torch.Tensor:
+def route_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+                    scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    """One (B, H, S, D) attention call: to the handler of the patched forward now running, else to SDPA.
+    The SDPA override and the diffusers ``accel`` backend (``accel.attention.dispatcher``) both end here."""
     handler = _ACTIVE.get()
     sdpa = original_sdpa()
     if handler is None:
@@ -60,7 +64,7 @@ def _sdpa_override() -> Iterator[None]:
     with _LOCK:
         if _installed == 0:
             _original = F.scaled_dot_product_attention
-            F.scaled_dot_product_attention = _dispatch
+            F.scaled_dot_product_attention = route_attention
         _installed += 1
     try:
         yield
@@ -77,8 +81,17 @@ def override_installed() -> bool:
     return _installed > 0
 
 
+#: How a patched forward's attention reached its handler (``SparseAttentionHook.paths``).
+DISPATCHER_PATH = "diffusers-dispatcher"
+INTERCEPT_PATH = "sdpa-intercept"
+
+
 class SparseAttentionHook(ModelHook):
     """Routes the SDPA call(s) inside one module's forward to ``handler(q, k, v, attn_mask=..., ...)``.
+
+    A module on diffusers' ``accel`` attention backend reaches the handler through the dispatcher
+    (``accel.attention.dispatcher``) and runs without the SDPA override; any other module runs with it.
+    ``paths`` counts the forwards per path.
 
     ``on_miss(module)`` runs when a forward finishes without reaching SDPA at all: the module computes
     attention some other way (a diffusers attention backend other than ``native``, a custom processor),
@@ -91,6 +104,7 @@ class SparseAttentionHook(ModelHook):
         self.on_miss = on_miss
         self.calls = 0
         self.missed = 0
+        self.paths: Counter = Counter()
         # Compiler-disabled (here, not at import: that would import dynamo): block selection is data-dependent
         # Python (searches, top-k lists, a ContextVar); under torch.compile the attention module runs eagerly
         # between compiled pieces instead of breaking the graph at every step of the selection.
@@ -101,13 +115,18 @@ class SparseAttentionHook(ModelHook):
         return self.handler(*args, **kwargs)
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        from accel.attention.dispatcher import uses_accel_backend
+
         before = self.calls
+        dispatched = uses_accel_backend(module)
         token = _ACTIVE.set(self._handle)
         try:
-            with _sdpa_override():
+            with contextlib.nullcontext() if dispatched else _sdpa_override():
                 output = self.fn_ref.original_forward(*args, **kwargs)
         finally:
             _ACTIVE.reset(token)
+        if self.calls > before:
+            self.paths[DISPATCHER_PATH if dispatched else INTERCEPT_PATH] += 1
         if self.calls == before:
             self.missed += 1
             if self.on_miss is not None:

@@ -24,6 +24,7 @@ import torch
 
 from accel.adapters.base import TokenLayout
 from accel.attention.backends import sparse_attention
+from accel.attention.dispatcher import try_register_diffusers_backend
 from accel.attention.format import BlockSparseMask
 from accel.attention.intercept import SparseAttentionHook, original_sdpa
 from accel.attention.tokens import SequenceGeometry, inverse_permutation
@@ -148,6 +149,7 @@ class SparseAttentionRuntime:
         self._layout: TokenLayout | None = None
         self._warned: set[str] = set()
         self.layers: list[LayerInfo] = []
+        self._hooks: list[SparseAttentionHook] = []
         self.steps_by: str | None = None  # what placed the warm-up and searches (report)
         self._attach(ctx)
         ctx.tracker.on_reset(self.reset)
@@ -169,6 +171,9 @@ class SparseAttentionRuntime:
             handler = functools.partial(self._handle, info)
             hook = SparseAttentionHook(handler, on_miss=functools.partial(self._missed, info))
             ctx.hooks.add_hook(module, hook, f"attn.{name}")
+            self._hooks.append(hook)
+        if any(hasattr(getattr(m, "processor", None), "_attention_backend") for _, m in modules):
+            try_register_diffusers_backend()  # dispatcher models can then pick set_attention_backend("accel")
         if not ctx.adapter.is_denoiser:  # the step tracker only reads layouts of denoisers
             def before(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
                 self._layout = ctx.adapter.token_layout(args, kwargs)
@@ -186,9 +191,9 @@ class SparseAttentionRuntime:
             f"{self.method}: attention in {info.name} ({type(module).__name__}) ran without calling "
             "torch.nn.functional.scaled_dot_product_attention"
             + (f" (its diffusers attention backend is {backend!r})" if backend else "")
-            + ", so it stayed dense. accel intercepts SDPA: use diffusers' 'native' attention backend "
-            "(model.set_attention_backend('native') or model.reset_attention_backend()) and the default "
-            "attention processor.",
+            + ", so it stayed dense. Use diffusers' 'accel' attention backend "
+            "(model.set_attention_backend('accel')) or its 'native' one (model.reset_attention_backend()), "
+            "and the default attention processor.",
             stacklevel=2,
         )
 
@@ -320,6 +325,7 @@ class SparseAttentionRuntime:
         return {
             "density": round(self.stats.work / self.stats.total, 4) if self.stats.total else 1.0,
             "backend": dict(self.stats.backends),
+            "attention_path": dict(sum((hook.paths for hook in self._hooks), Counter())),
             **({"not_intercepted": dict(self.stats.missed)} if self.stats.missed else {}),
             "per_step": rows,
             "per_layer": per_layer,
