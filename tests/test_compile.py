@@ -110,3 +110,41 @@ def test_compile_bench_writes_paired_rows(tmp_path):
     assert rows[0]["frames"] == 1 and not any(r["recompiled_after_warmup"] for r in rows)
     assert rows[1]["max_abs_diff_compiled_vs_eager"] < 1e-5 and rows[1]["compute_fraction"] < 1.0
     assert rows[1]["eager_speedup"] == pytest.approx(rows[0]["eager_s"] / rows[1]["eager_s"])
+
+
+@pytest.mark.parametrize("method", [
+    "delta-dit", "bac", "adaspa:sparsity=0.6:warmup=0:search_steps=0/0.5",
+    "vmoba:chunk_tokens=32:top_k=1:warmup=0", "quest:act_granularity=per_token:finetune_iters=0"])
+def test_regional_compile_of_repeated_blocks(method):
+    """diffusers' regional compilation (``compile_repeated_blocks``: each transformer block compiled on its
+    own) of a patched model: compute still skipped, the eager outputs, a bounded number of frames and none
+    added by the second call."""
+    import diffusers
+
+    from families import FAMILIES, run_loop
+
+    family = FAMILIES["wan"]
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(**{**family.init, "num_layers": 4}).eval()
+    patch = accel.patch(model, method)
+
+    def run() -> torch.Tensor:
+        patch.reset(num_steps=STEPS)
+        return run_loop(model, family, steps=STEPS, size=16, frames=family.frames[1])
+
+    run()
+    eager = run()
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model.compile_repeated_blocks(backend=counter)
+    frames = []
+    for _ in range(2):
+        torch.testing.assert_close(run(), eager, rtol=1e-5, atol=1e-5)
+        frames.append(counter.frame_count)
+    assert 1 <= frames[0] <= 12 and frames[1] == frames[0], frames
+    (facts,) = patch.report().methods.values()
+    if "compute_fraction_last_call" in facts:
+        assert facts["compute_fraction_last_call"] < 0.8
+    if "density" in facts:
+        assert facts["density"] < 1.0
+    patch.remove()
