@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from accel.attention.format import BlockSparseMask
+from accel.attention.format import BlockSparseMask, rows_by_count
 from accel.kernels.reference import block_sparse_attention_reference
 
 logger = logging.getLogger(__name__)
@@ -209,34 +209,29 @@ def _gather_by_count(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bl
     # than broadcasting advanced indexing, and the copy is a large share of this path's time.
     k_rows, v_rows = k.reshape(B * H * kb, bs, D), v.reshape(B * H * kb, bs, D)
     q_rows = q.reshape(B * H * qb, bs, D)
-    counts = mask.kv_counts.reshape(-1).long()
-    offsets = torch.arange(B * H * qb, device=q.device) // qb * kb  # first KV row of each row's head
-    indices = mask.kv_indices.reshape(B * H * qb, -1).long() + offsets[:, None]
-    out = torch.empty_like(q_rows)
-    present = counts.unique().tolist()
-    if 0 in present:
-        present.remove(0)
-        out[counts == 0] = 0.0
+    counts = mask.kv_counts.reshape(-1)
+    out = torch.zeros_like(q_rows) if bool((counts == 0).any()) else torch.empty_like(q_rows)
+    present = [c for c in counts.unique().tolist() if c > 0]
     row_bytes = bs * D * k.element_size()
-    chunks = {c: max(1, _GATHER_CHUNK_BYTES // (2 * c * row_bytes)) for c in present}
+
+    def chunk(count: int) -> int:
+        return max(1, _GATHER_CHUNK_BYTES // (2 * count * row_bytes))
+
     # One pair of gather buffers reused by every call: fresh multi-MiB tensors per call come back from the
     # allocator as new pages, and faulting them in cost as much as the copy (bimodal timings).
-    capacity = max((chunks[c] * c for c in present), default=0) * bs * D
+    capacity = max((chunk(c) * c for c in present), default=0) * bs * D
     k_buf = k.new_empty(capacity)
     v_buf = v.new_empty(capacity)
-    for count in present:
-        rows = (counts == count).nonzero().squeeze(1)
-        for start in range(0, rows.numel(), chunks[count]):
-            part = rows[start:start + chunks[count]]
-            flat = indices.index_select(0, part)[:, :count].reshape(-1)
-            shape = (flat.numel(), bs, D)
-            kg = torch.index_select(k_rows, 0, flat, out=k_buf[:flat.numel() * bs * D].view(shape))
-            vg = torch.index_select(v_rows, 0, flat, out=v_buf[:flat.numel() * bs * D].view(shape))
-            qc = q_rows.index_select(0, part).unsqueeze(0)
-            kv_shape = (1, part.numel(), count * bs, D)
-            res = torch.nn.functional.scaled_dot_product_attention(
-                qc, kg.view(kv_shape), vg.view(kv_shape), scale=scale)
-            out.index_copy_(0, part, res[0])
+    for count, part, kv_rows in rows_by_count(mask.kv_counts, mask.kv_indices, kb, chunk):
+        flat = kv_rows.reshape(-1)
+        shape = (flat.numel(), bs, D)
+        kg = torch.index_select(k_rows, 0, flat, out=k_buf[:flat.numel() * bs * D].view(shape))
+        vg = torch.index_select(v_rows, 0, flat, out=v_buf[:flat.numel() * bs * D].view(shape))
+        qc = q_rows.index_select(0, part).unsqueeze(0)
+        kv_shape = (1, part.numel(), count * bs, D)
+        res = torch.nn.functional.scaled_dot_product_attention(
+            qc, kg.view(kv_shape), vg.view(kv_shape), scale=scale)
+        out.index_copy_(0, part, res[0])
     return out.reshape(B, H, Sq, D)
 
 

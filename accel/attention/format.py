@@ -8,6 +8,7 @@ converts to it with a stable descending argsort, so the selected indices come fi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,3 +114,23 @@ def _block_sizes(length: int, block_size: int, device: torch.device) -> torch.Te
     if n:
         sizes[-1] = length - (n - 1) * block_size
     return sizes
+
+
+def rows_by_count(kv_counts: torch.Tensor, kv_indices: torch.Tensor, num_kv_blocks: int,
+                  rows_per_chunk: Callable[[int], int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """The query blocks grouped by how many KV blocks they list, for backends that attend a group at once
+    with no padded slots: per count ``c > 0`` and chunk of at most ``rows_per_chunk(c)`` rows,
+    ``(c, rows, kv_rows)``: ``rows`` index the (B*H*Qb) query blocks, ``kv_rows`` (rows, c) the (B*H*Kb) KV
+    blocks of the same head. Rows that list nothing are not yielded."""
+    qb = kv_counts.shape[-1]
+    counts = kv_counts.reshape(-1).long()
+    offsets = torch.arange(counts.numel(), device=counts.device) // qb * num_kv_blocks
+    indices = kv_indices.reshape(counts.numel(), -1).long() + offsets[:, None]
+    for count in counts.unique().tolist():
+        if count == 0:
+            continue
+        rows = (counts == count).nonzero().squeeze(1)
+        step = max(1, rows_per_chunk(count))
+        for start in range(0, rows.numel(), step):
+            part = rows[start:start + step]
+            yield count, part, indices.index_select(0, part)[:, :count]

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from accel.attention.format import BlockSparseMask
+from accel.attention.format import BlockSparseMask, rows_by_count
 
 #: Score elements (rows x listed keys) processed per chunk of query blocks: bounds the recompute's memory.
 _CHUNK_ELEMENTS = 1 << 19  # 2 MiB of fp32 scores: the chunk's working set stays in cache
@@ -49,23 +49,6 @@ def _rows(x: torch.Tensor, block_size: int) -> torch.Tensor:
     nb = math.ceil(S / block_size)
     x = torch.nn.functional.pad(x, (0, 0, 0, nb * block_size - S))
     return x.reshape(B * H * nb, block_size, D)
-
-
-def _groups(kv_counts: torch.Tensor, kv_indices: torch.Tensor, num_kv_blocks: int, width: int):
-    """Per listed-block count c > 0: the query rows (B*H*Qb indices) with c blocks, split in chunks of at
-    most ``width // c`` rows, each with its (rows, c) KV row indices into (B*H*Kb)."""
-    qb = kv_counts.shape[-1]
-    counts = kv_counts.reshape(-1).long()
-    offsets = torch.arange(counts.numel(), device=counts.device) // qb * num_kv_blocks
-    indices = kv_indices.reshape(counts.numel(), -1).long() + offsets[:, None]
-    for c in counts.unique().tolist():
-        if c == 0:
-            continue
-        rows = (counts == c).nonzero().squeeze(1)
-        step = max(1, width // c)
-        for start in range(0, rows.numel(), step):
-            part = rows[start : start + step]
-            yield part, indices.index_select(0, part)[:, :c]
 
 
 def _key_valid(kv_len: int, num_kv_blocks: int, block_size: int, device: torch.device) -> torch.Tensor:
@@ -103,7 +86,7 @@ def forward_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_counts:
     out = torch.zeros_like(q_rows)
     lse = torch.full(q_rows.shape[:2], float("-inf"), dtype=work, device=q.device)
     width = max(1, _CHUNK_ELEMENTS // (block_size * block_size))
-    for part, kv_rows in _groups(kv_counts, kv_indices, kb, width):
+    for _, part, kv_rows in rows_by_count(kv_counts, kv_indices, kb, lambda c: width // c):
         s, _ = _scores(q_rows, k_rows, valid, part, kv_rows, kb)
         row_lse = torch.logsumexp(s, -1)  # (n, bs)
         vg = v_rows.index_select(0, kv_rows.reshape(-1)).reshape(part.numel(), -1, D)
@@ -132,7 +115,7 @@ def backward_blocks(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     valid = _key_valid(Sk, kb, block_size, q.device) if Sk % block_size else None
     dq, dk, dv = torch.zeros_like(q_rows), torch.zeros_like(k_rows), torch.zeros_like(v_rows)
     width = max(1, _CHUNK_ELEMENTS // (block_size * block_size))
-    for part, kv_rows in _groups(kv_counts, kv_indices, kb, width):
+    for _, part, kv_rows in rows_by_count(kv_counts, kv_indices, kb, lambda c: width // c):
         n, c = kv_rows.shape
         flat = kv_rows.reshape(-1)
         s, kg = _scores(q_rows, k_rows, valid, part, kv_rows, kb)
