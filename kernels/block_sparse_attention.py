@@ -67,6 +67,17 @@ def _scores_tile(
 
 
 @triton.jit
+def _load_tile(base, rows, dims, row_ok, dim_ok, stride_s, stride_d, UPCAST: tl.constexpr):
+    """A (rows, D_PAD) tile of one head, zeros outside ``row_ok`` x ``dim_ok``; fp32 under the interpreter,
+    whose bf16/fp16 tl.dot is silently wrong."""
+    tile = tl.load(base + rows[:, None] * stride_s + dims[None, :] * stride_d,
+                   mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
 def _block_sparse_fwd(
     Q, K, V, Out, Lse, Counts, Indices,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -92,10 +103,8 @@ def _block_sparse_fwd(
     row_ok = rows < SEQ_Q
     dim_ok = dims < HEAD_DIM
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + dims[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    if UPCAST:  # the interpreter's bf16/fp16 tl.dot is silently wrong: compute in fp32 there
-        q = q.to(tl.float32)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, rows, dims, row_ok, dim_ok,
+                   stride_qs, stride_qd, UPCAST)
 
     m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
@@ -201,13 +210,10 @@ def _block_sparse_bwd_dkdv(
     key_ok = keys < SEQ_K
     dim_ok = dims < HEAD_DIM
     kv_mask = key_ok[:, None] & dim_ok[None, :]
-    k = tl.load(K + b * stride_kb + h * stride_kh + keys[:, None] * stride_ks + dims[None, :] * stride_kd,
-                mask=kv_mask, other=0.0)  # (BLOCK, D_PAD)
-    v = tl.load(V + b * stride_vb + h * stride_vh + keys[:, None] * stride_vs + dims[None, :] * stride_vd,
-                mask=kv_mask, other=0.0)
-    if UPCAST:  # the interpreter's bf16/fp16 tl.dot is silently wrong: compute in fp32 there
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _load_tile(K + b * stride_kb + h * stride_kh, keys, dims, key_ok, dim_ok,
+                   stride_ks, stride_kd, UPCAST)
+    v = _load_tile(V + b * stride_vb + h * stride_vh, keys, dims, key_ok, dim_ok,
+                   stride_vs, stride_vd, UPCAST)
     dk = tl.zeros([BLOCK, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK, D_PAD], dtype=tl.float32)
     count = tl.load(QCounts + b * stride_cb + h * stride_ch + kblock * stride_ck)
@@ -216,14 +222,10 @@ def _block_sparse_bwd_dkdv(
         qblock = tl.load(idx_base + i * stride_in)
         rows = qblock * BLOCK + rows0
         row_ok = rows < SEQ_Q
-        q_mask = row_ok[:, None] & dim_ok[None, :]
-        q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + dims[None, :] * stride_qd
-        q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-        do_ptrs = DO + b * stride_gb + h * stride_gh + rows[:, None] * stride_gs + dims[None, :] * stride_gd
-        do = tl.load(do_ptrs, mask=q_mask, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q = _load_tile(Q + b * stride_qb + h * stride_qh, rows, dims, row_ok, dim_ok, stride_qs, stride_qd,
+                       UPCAST)
+        do = _load_tile(DO + b * stride_gb + h * stride_gh, rows, dims, row_ok, dim_ok, stride_gs, stride_gd,
+                        UPCAST)
         lse = tl.load(Lse + b * stride_lb + h * stride_lh + rows * stride_ls, mask=row_ok, other=0.0)
         delta = tl.load(Delta + b * stride_lb + h * stride_lh + rows * stride_ls, mask=row_ok, other=0.0)
         if FP32_DOT:
@@ -275,13 +277,10 @@ def _block_sparse_bwd_dq(
     row_ok = rows < SEQ_Q
     dim_ok = dims < HEAD_DIM
     q_mask = row_ok[:, None] & dim_ok[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + dims[None, :] * stride_qd,
-                mask=q_mask, other=0.0)
-    do = tl.load(DO + b * stride_gb + h * stride_gh + rows[:, None] * stride_gs + dims[None, :] * stride_gd,
-                 mask=q_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, rows, dims, row_ok, dim_ok,
+                   stride_qs, stride_qd, UPCAST)
+    do = _load_tile(DO + b * stride_gb + h * stride_gh, rows, dims, row_ok, dim_ok,
+                    stride_gs, stride_gd, UPCAST)
     lse = tl.load(Lse + b * stride_lb + h * stride_lh + rows * stride_ls, mask=row_ok, other=0.0)
     delta = tl.load(Delta + b * stride_lb + h * stride_lh + rows * stride_ls, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK, D_PAD], dtype=tl.float32)

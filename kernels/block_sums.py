@@ -18,7 +18,7 @@ import math
 import torch
 import triton
 import triton.language as tl
-from accel.kernels.block_sparse_attention import _scores_tile, interpreting
+from accel.kernels.block_sparse_attention import _load_tile, _scores_tile, interpreting
 from accel.kernels.reference import block_sums_reference
 
 __all__ = ["block_sums", "block_sums_reference"]
@@ -47,10 +47,8 @@ def _block_sums_kernel(
     dims = tl.arange(0, D_PAD)
     row_ok = rows < SEQ_Q
     dim_ok = dims < HEAD_DIM
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + dims[None, :] * stride_qd,
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, rows, dims, row_ok, dim_ok,
+                   stride_qs, stride_qd, UPCAST)
     k_base = K + b * stride_kb + h * stride_kh
     lse_ptrs = Lse + b * stride_lb + h * stride_lh + rows * stride_ls
 
