@@ -11,7 +11,7 @@ import importlib
 from types import ModuleType
 
 #: Import names whose distribution is called otherwise (what ``pip install`` needs to hear).
-DISTRIBUTIONS = {"sklearn": "scikit-learn", "cache_dit": "cache-dit"}
+DISTRIBUTIONS = {"sklearn": "scikit-learn", "cache_dit": "cache-dit", "para_attn": "para-attn"}
 
 
 class MissingExtraError(ImportError):

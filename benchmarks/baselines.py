@@ -1,5 +1,5 @@
 """The alternatives ``accel-bench`` compares accel's methods with: diffusers' caches, cache-dit's DBCache,
-torchao int8 and a dense-equivalent FlexAttention window.
+ParaAttention's First Block Cache, torchao int8 and a dense-equivalent FlexAttention window.
 
 Each :class:`Baseline` attaches one method to a pipeline (or a bare model) and returns a
 :class:`BaselineHandle` that the runner calls around every pipeline call; ``remove()`` restores the
@@ -620,6 +620,86 @@ def _cache_dit(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
     return _CacheDitHandle(pipe, model, _cache_dit_adapter(pipe, model), config, calibrator)
 
 
+def _para_attn_missing() -> str | None:
+    from accel.extras import require
+
+    try:
+        require("para_attn", "peers", "the para-attn baseline")
+        import para_attn.first_block_cache.diffusers_adapters  # noqa: F401 - imports diffusers' pipelines
+    except ImportError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - para-attn failing at import is the same as missing
+        return f"para-attn failed to import ({type(exc).__name__}: {exc})"
+    return None
+
+
+#: ParaAttention's First Block Cache adapters, by the denoiser's class-name prefix (its own dispatch is
+#: by pipeline class name, so pipelines of other names driving these models get the same adapter).
+_PARA_ATTN_ADAPTERS = {"Flux": "flux", "Mochi": "mochi", "CogVideoX": "cogvideox",
+                       "HunyuanVideo": "hunyuan_video", "Wan": "wan"}
+
+
+class _ParaAttnHandle(BaselineHandle):
+    """ParaAttention's First Block Cache on a diffusers pipeline. It wraps the pipeline *class*'s
+    ``__call__`` (one cache context per call) and swaps the transformer's ``forward``; removal restores the
+    class, the pipeline's and the model's state exactly."""
+
+    def __init__(self, pipe: Any, model: torch.nn.Module, adapter: str, threshold: float) -> None:
+        import importlib
+
+        super().__init__(_Snapshot(model))
+        self._pipe = pipe
+        self._class = _ClassAttrs(type(pipe), ("__call__", "_is_cached"))
+        self._pipe_dict = dict(vars(pipe))
+        self._fraction: float | None = None
+        module = importlib.import_module(f"para_attn.first_block_cache.diffusers_adapters.{adapter}")
+        try:
+            module.apply_cache_on_pipe(pipe, residual_diff_threshold=threshold)
+        except Exception:
+            self.remove()
+            raise
+        self._counter = _MacCounter(model)
+        self._forwards = model.register_forward_pre_hook(self._on_forward)
+
+    def _on_forward(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if self._counter.active:
+            self._counter.forwards.append(["all", 0])
+
+    def after_call(self) -> None:
+        if self._counter.active and self._counter.forwards:
+            self._fraction = self._counter.fraction()
+            self._counter.detach()
+            self._forwards.remove()
+
+    def report(self) -> dict[str, Any]:
+        return {} if self._fraction is None else {"compute_fraction": round(self._fraction, 4)}
+
+    def remove(self) -> None:
+        if getattr(self, "_counter", None) is not None:
+            self._counter.detach()
+            self._forwards.remove()
+        self._class.restore()
+        vars(self._pipe).clear()
+        vars(self._pipe).update(self._pipe_dict)
+        super().remove()
+
+
+def _para_attn(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
+    from diffusers import DiffusionPipeline
+
+    _require(s["threshold"] >= 0, "para-attn", "threshold", s["threshold"], "a float >= 0")
+    if not isinstance(pipe, DiffusionPipeline):
+        raise ValueError("para-attn's First Block Cache needs a diffusers pipeline (it opens its cache "
+                         f"context in the pipeline's call); got {type(pipe).__name__}.")
+    model = denoiser_of(pipe)
+    name = type(model).__name__
+    adapter = next((a for prefix, a in _PARA_ATTN_ADAPTERS.items() if name.startswith(prefix)), None)
+    if adapter is None:
+        raise ValueError(f"para-attn's First Block Cache has no adapter for {name} (it has adapters for "
+                         f"{', '.join(_PARA_ATTN_ADAPTERS)} transformers only).")
+    return _ParaAttnHandle(pipe, model, adapter, s["threshold"])
+
+
 _WINDOW = {"t_min": 100, "t_max": 800}
 
 BASELINES: dict[str, Baseline] = {b.name: b for b in [
@@ -660,6 +740,11 @@ BASELINES: dict[str, Baseline] = {b.name: b for b in [
              [{"fn": f, "bn": b, "threshold": t, "order": o} for f, b, t, o in (
                  (1, 0, 0.08, 0), (1, 0, 0.2, 0), (1, 0, 0.3, 0), (1, 0, 0.5, 0), (1, 0, 0.3, 1),
                  (1, 0, 0.5, 1), (2, 1, 0.5, 1), (1, 0, 0.8, 1))], _cache_dit, _cache_dit_missing),
+    # ParaAttention's documented FBCache setting (0.12 for Wan, 0.08 for FLUX/HunyuanVideo examples).
+    Baseline("para-attn", "ParaAttention First Block Cache: skip all blocks after the first while its "
+             "residual changes less than `threshold` (relative); Flux, Mochi, CogVideoX, HunyuanVideo, Wan",
+             {"threshold": 0.12}, [{"threshold": t} for t in (0.05, 0.08, 0.12, 0.2, 0.3, 0.5)], _para_attn,
+             _para_attn_missing),
     Baseline("flex-window", "dense-equivalent local-window attention (fixed band of key blocks at the "
              "given density) on FlexAttention", {"density": 0.3, "block_size": 64},
              [{"density": d} for d in (0.5, 0.3, 0.2, 0.1)], _flex_window),

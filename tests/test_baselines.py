@@ -242,3 +242,50 @@ def test_cache_dit_refuses_what_it_cannot_drive() -> None:
 def test_cache_dit_missing_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "cache_dit", None)
     assert "cache-dit is not installed" in BASELINES["cache-dit"].available()
+
+
+def _wan_call(pipe) -> torch.Tensor:
+    from tiny_pipelines import call_kwargs
+
+    kwargs = {**call_kwargs("wan"), "num_inference_steps": STEPS}
+    return pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
+
+
+@pytest.mark.skipif(BASELINES["para-attn"].available() is not None, reason="para-attn is not installed")
+def test_para_attn_skips_on_a_real_wan_pipeline_and_restores_its_class() -> None:
+    from diffusers import WanTransformer3DModel
+    from tiny_pipelines import build_pipeline
+
+    pipe = build_pipeline("wan")
+    torch.manual_seed(0)  # three blocks: First Block Cache skips the blocks after the first
+    pipe.register_modules(transformer=WanTransformer3DModel.from_config({**pipe.transformer.config,
+                                                                         "num_layers": 3}).eval())
+    cls_call = type(pipe).__call__
+    reference = _wan_call(pipe)
+    keys = {n: sorted(m.__dict__) for n, m in pipe.transformer.named_modules()}
+    handle = BASELINES["para-attn"].apply(pipe, {"threshold": 10.0}, STEPS)
+    handle.before_call()
+    cached = _wan_call(pipe)
+    handle.after_call()
+    fraction = handle.report()["compute_fraction"]
+    assert fraction < 0.8, fraction  # the blocks after the first were really skipped
+    assert torch.isfinite(cached).all() and not torch.equal(cached, reference)
+    handle.remove()
+    assert type(pipe).__call__ is cls_call and "_is_cached" not in type(pipe).__dict__
+    assert {n: sorted(m.__dict__) for n, m in pipe.transformer.named_modules()} == keys
+    assert torch.equal(_wan_call(pipe), reference)
+
+
+@pytest.mark.skipif(BASELINES["para-attn"].available() is not None, reason="para-attn is not installed")
+def test_para_attn_says_which_families_it_drives() -> None:
+    from tiny_pipelines import build_pipeline
+
+    with pytest.raises(ValueError, match="First Block Cache has no adapter for PixArtTransformer2DModel"):
+        BASELINES["para-attn"].apply(build_pipeline("pixart"), {}, STEPS)
+    with pytest.raises(ValueError, match="needs a diffusers pipeline"):
+        BASELINES["para-attn"].apply(FAMILIES["wan"].build(), {}, STEPS)
+
+
+def test_para_attn_missing_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "para_attn", None)
+    assert "para-attn is not installed" in BASELINES["para-attn"].available()

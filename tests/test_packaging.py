@@ -29,9 +29,9 @@ PACKAGE_DIR: dict[str, str] = PYPROJECT["tool"]["setuptools"]["package-dir"]
 EXTRAS: dict[str, list[str]] = PYPROJECT["project"]["optional-dependencies"]
 #: What the extras bring, as import names and distribution names: hidden to stand in for a bare install.
 OPTIONAL_MODULES = ["gradio", "gradio_client", "matplotlib", "sklearn", "accelerate", "torchao", "psutil",
-                    "cache_dit", "playwright"]
+                    "cache_dit", "para_attn", "playwright"]
 OPTIONAL_DISTS = ["gradio", "gradio-client", "matplotlib", "scikit-learn", "accelerate", "torchao", "psutil",
-                  "cache-dit", "playwright"]
+                  "cache-dit", "para-attn", "playwright"]
 
 #: Prepended to a subprocess: makes the optional modules unimportable and their metadata absent, as if not
 #: installed (``find_spec`` returns None, so libraries that probe for them see them missing, not broken).
