@@ -533,27 +533,32 @@ _MISSING_ATTR = object()
 _CACHE_DIT_CLASS_ATTRS = ("__call__", "_original_call", "_is_cached")
 
 
-class _CacheDitHandle(BaselineHandle):
-    """cache-dit's DBCache (optionally with its TaylorSeer calibrator) on a diffusers pipeline. cache-dit
-    resets its context at every pipeline call by wrapping the pipeline class's ``__call__``; removal calls
-    ``cache_dit.disable_cache`` and then restores the class, the pipeline's and the model's state exactly."""
+class _PipelinePeerHandle(BaselineHandle):
+    """A peer library that patches a diffusers pipeline *class* (its ``__call__``) as well as the pipeline
+    and its denoiser. Subclasses :meth:`attach` and :meth:`detach` the library; this class restores the
+    named class attributes, the pipeline's and the model's state exactly, and counts one call's compute."""
 
-    def __init__(self, pipe: Any, model: torch.nn.Module, adapter: Any, cache_config: Any,
-                 calibrator: Any) -> None:
-        import cache_dit
+    class_attrs: tuple[str, ...] = ()
 
+    def __init__(self, pipe: Any, model: torch.nn.Module) -> None:
         super().__init__(_Snapshot(model))
         self._pipe = pipe
-        self._class = _ClassAttrs(type(pipe), _CACHE_DIT_CLASS_ATTRS)
+        self._class = _ClassAttrs(type(pipe), self.class_attrs)
         self._pipe_dict = dict(vars(pipe))
         self._fraction: float | None = None
         try:
-            cache_dit.enable_cache(adapter, cache_config=cache_config, calibrator_config=calibrator)
+            self.attach()
         except Exception:
             self.remove()
             raise
         self._counter = _MacCounter(model)
         self._forwards = model.register_forward_pre_hook(self._on_forward)
+
+    def attach(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def detach(self) -> None:
+        """The library's own undo, where it has one (the restores in :meth:`remove` follow it)."""
 
     def _on_forward(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
         if self._counter.active:
@@ -569,19 +574,41 @@ class _CacheDitHandle(BaselineHandle):
         return {} if self._fraction is None else {"compute_fraction": round(self._fraction, 4)}
 
     def remove(self) -> None:
-        import cache_dit
-
         if getattr(self, "_counter", None) is not None:
             self._counter.detach()
             self._forwards.remove()
         try:
-            cache_dit.disable_cache(self._pipe)
+            self.detach()
         except Exception:  # noqa: BLE001 - never attached, or attached halfway: the restores below undo it
             pass
         self._class.restore()
         vars(self._pipe).clear()
         vars(self._pipe).update(self._pipe_dict)
         super().remove()
+
+
+class _CacheDitHandle(_PipelinePeerHandle):
+    """cache-dit's DBCache (optionally with its TaylorSeer calibrator). cache-dit resets its context at every
+    pipeline call by wrapping the pipeline class's ``__call__``; removal calls ``cache_dit.disable_cache``
+    first."""
+
+    class_attrs = _CACHE_DIT_CLASS_ATTRS
+
+    def __init__(self, pipe: Any, model: torch.nn.Module, adapter: Any, cache_config: Any,
+                 calibrator: Any) -> None:
+        self._adapter, self._cache_config, self._calibrator = adapter, cache_config, calibrator
+        super().__init__(pipe, model)
+
+    def attach(self) -> None:
+        import cache_dit
+
+        cache_dit.enable_cache(self._adapter, cache_config=self._cache_config,
+                               calibrator_config=self._calibrator)
+
+    def detach(self) -> None:
+        import cache_dit
+
+        cache_dit.disable_cache(self._pipe)
 
 
 def _cache_dit_adapter(pipe: Any, model: torch.nn.Module) -> Any:
@@ -639,49 +666,21 @@ _PARA_ATTN_ADAPTERS = {"Flux": "flux", "Mochi": "mochi", "CogVideoX": "cogvideox
                        "HunyuanVideo": "hunyuan_video", "Wan": "wan"}
 
 
-class _ParaAttnHandle(BaselineHandle):
-    """ParaAttention's First Block Cache on a diffusers pipeline. It wraps the pipeline *class*'s
-    ``__call__`` (one cache context per call) and swaps the transformer's ``forward``; removal restores the
-    class, the pipeline's and the model's state exactly."""
+class _ParaAttnHandle(_PipelinePeerHandle):
+    """ParaAttention's First Block Cache. It wraps the pipeline *class*'s ``__call__`` (one cache context
+    per call) and swaps the transformer's ``forward``; it has no undo of its own."""
+
+    class_attrs = ("__call__", "_is_cached")
 
     def __init__(self, pipe: Any, model: torch.nn.Module, adapter: str, threshold: float) -> None:
+        self._adapter, self._threshold = adapter, threshold
+        super().__init__(pipe, model)
+
+    def attach(self) -> None:
         import importlib
 
-        super().__init__(_Snapshot(model))
-        self._pipe = pipe
-        self._class = _ClassAttrs(type(pipe), ("__call__", "_is_cached"))
-        self._pipe_dict = dict(vars(pipe))
-        self._fraction: float | None = None
-        module = importlib.import_module(f"para_attn.first_block_cache.diffusers_adapters.{adapter}")
-        try:
-            module.apply_cache_on_pipe(pipe, residual_diff_threshold=threshold)
-        except Exception:
-            self.remove()
-            raise
-        self._counter = _MacCounter(model)
-        self._forwards = model.register_forward_pre_hook(self._on_forward)
-
-    def _on_forward(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        if self._counter.active:
-            self._counter.forwards.append(["all", 0])
-
-    def after_call(self) -> None:
-        if self._counter.active and self._counter.forwards:
-            self._fraction = self._counter.fraction()
-            self._counter.detach()
-            self._forwards.remove()
-
-    def report(self) -> dict[str, Any]:
-        return {} if self._fraction is None else {"compute_fraction": round(self._fraction, 4)}
-
-    def remove(self) -> None:
-        if getattr(self, "_counter", None) is not None:
-            self._counter.detach()
-            self._forwards.remove()
-        self._class.restore()
-        vars(self._pipe).clear()
-        vars(self._pipe).update(self._pipe_dict)
-        super().remove()
+        module = importlib.import_module(f"para_attn.first_block_cache.diffusers_adapters.{self._adapter}")
+        module.apply_cache_on_pipe(self._pipe, residual_diff_threshold=self._threshold)
 
 
 def _para_attn(pipe: Any, s: Settings, steps: int) -> BaselineHandle:
