@@ -145,6 +145,13 @@ def check_choice(name: str, value: Any, enum_cls: type[E]) -> E:
         raise ValueError(f"{name} must be one of {accepted}, got {value!r}.") from None
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """Validate a flag: exactly ``True`` or ``False`` (not 0/1, not a string)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}.")
+    return value
+
+
 def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None, hint: str = "") -> int:
     """Validate an int in ``[low, high]`` (bounds optional)."""
     if isinstance(value, bool) or not isinstance(value, int):

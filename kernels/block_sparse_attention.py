@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 from accel.kernels.reference import (
     block_sparse_attention_reference,
+    check_backward_inputs,
     check_block_sparse_inputs,
     dense_block_table,
 )
@@ -148,6 +149,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def _check_device(q: torch.Tensor) -> None:
+    if q.device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"The Triton kernel runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), got {q.device}. "
+            "Use accel.attention.sparse_attention(...), which picks a CPU backend."
+        )
+
+
 def block_sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_counts: torch.Tensor, kv_indices: torch.Tensor,
     block_size: int, scale: float | None = None,
@@ -160,11 +169,7 @@ def block_sparse_attention(
         out, lse = block_sparse_attention(q, k, v, counts, idx, block_size=64)
     """
     check_block_sparse_inputs(q, k, v, kv_counts, kv_indices, block_size, head_dims=(16, 256))
-    if q.device.type != "cuda" and not interpreting():
-        raise ValueError(
-            f"The Triton kernel runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), got {q.device}. "
-            "Use accel.attention.sparse_attention(...), which picks a CPU backend."
-        )
+    _check_device(q)
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -330,13 +335,8 @@ def block_sparse_attention_backward(
     gradient ``grad_out``, over the same lists. Rows that attend nothing get dQ 0; keys no query lists get
     dK = dV = 0."""
     check_block_sparse_inputs(q, k, v, kv_counts, kv_indices, block_size, head_dims=(16, 256))
-    if q.device.type != "cuda" and not interpreting():
-        raise ValueError(
-            f"The Triton kernel runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), got {q.device}."
-        )
-    if tuple(grad_out.shape) != tuple(q.shape) or tuple(lse.shape) != tuple(q.shape[:3]):
-        raise ValueError(f"grad_out must be {tuple(q.shape)} and lse {tuple(q.shape[:3])}, got "
-                         f"{tuple(grad_out.shape)} and {tuple(lse.shape)}.")
+    _check_device(q)
+    check_backward_inputs(grad_out, out, lse, q)
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)

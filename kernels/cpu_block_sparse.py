@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accel.kernels.reference import check_block_sparse_inputs
+from accel.kernels.reference import check_backward_inputs, check_block_sparse_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -134,20 +134,22 @@ def block_sparse_attention_backward_cpu(
     """``(dq, dk, dv)`` in the inputs' dtypes for :func:`block_sparse_attention_cpu`'s output ``out`` and
     ``lse`` over the same block lists (without a key mask)."""
     check_block_sparse_inputs(q, k, v, kv_counts, kv_indices, block_size)
-    if q.device.type != "cpu":
-        raise ValueError(f"the CPU block-sparse kernel runs on CPU tensors, got {q.device}.")
-    if tuple(grad_out.shape) != tuple(q.shape) or tuple(out.shape) != tuple(q.shape):
-        raise ValueError(f"grad_out and out must have q's shape {tuple(q.shape)}, got "
-                         f"{tuple(grad_out.shape)} and {tuple(out.shape)}.")
-    if tuple(lse.shape) != tuple(q.shape[:3]):
-        raise ValueError(f"lse must be (B, H, Sq) = {tuple(q.shape[:3])}, got {tuple(lse.shape)}.")
-    module = load_kernel()
-    if module is None:
-        raise RuntimeError(f"the CPU block-sparse kernel is unavailable ({_failure}).")
+    check_backward_inputs(grad_out, out, lse, q)
+    module = _module_for(q)
     g32, q32, k32, v32, o32, l32 = (t.float().contiguous() for t in (grad_out, q, k, v, out, lse))
     dq, dk, dv = module.backward(g32, q32, k32, v32, o32, l32, kv_counts.contiguous(),
                                  kv_indices.contiguous(), int(block_size), float(scale))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _module_for(q: torch.Tensor) -> Any:
+    """The built extension for CPU tensors ``q``; a clear error for other devices or a failed build."""
+    if q.device.type != "cpu":
+        raise ValueError(f"the CPU block-sparse kernel runs on CPU tensors, got {q.device}.")
+    module = load_kernel()
+    if module is None:
+        raise RuntimeError(f"the CPU block-sparse kernel is unavailable ({_failure}).")
+    return module
 
 
 def _work_order(counts: torch.Tensor) -> torch.Tensor:
@@ -168,11 +170,7 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_counts: torch.Ten
     if key_mask is not None and (key_mask.dtype != torch.bool or tuple(key_mask.shape) != (q.shape[0], k.shape[2])):
         raise ValueError(f"key_mask must be a (B, Sk) = {(q.shape[0], k.shape[2])} bool tensor, got "
                          f"{key_mask.dtype} {tuple(key_mask.shape)}.")
-    if q.device.type != "cpu":
-        raise ValueError(f"the CPU block-sparse kernel runs on CPU tensors, got {q.device}.")
-    module = load_kernel()
-    if module is None:
-        raise RuntimeError(f"the CPU block-sparse kernel is unavailable ({_failure}).")
+    module = _module_for(q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     counts = kv_counts.contiguous()  # int32, as checked above
     order = _work_order(counts)

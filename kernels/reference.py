@@ -165,6 +165,16 @@ def within_flash_rule(out: torch.Tensor, same_dtype: torch.Tensor, reference: to
     return err <= 2 * err_torch + eps, err, err_torch
 
 
+def check_backward_inputs(grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor
+                          ) -> None:
+    """The backward kernels' extra inputs: ``grad_out`` and ``out`` shaped like ``q``, ``lse`` (B, H, Sq)."""
+    if tuple(grad_out.shape) != tuple(q.shape) or tuple(out.shape) != tuple(q.shape):
+        raise ValueError(f"grad_out and out must have q's shape {tuple(q.shape)}, got "
+                         f"{tuple(grad_out.shape)} and {tuple(out.shape)}.")
+    if tuple(lse.shape) != tuple(q.shape[:3]):
+        raise ValueError(f"lse must be (B, H, Sq) = {tuple(q.shape[:3])}, got {tuple(lse.shape)}.")
+
+
 def backward_reference(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        kv_counts: torch.Tensor, kv_indices: torch.Tensor, block_size: int
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

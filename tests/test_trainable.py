@@ -135,6 +135,18 @@ def test_cpu_kernel_backward_in_bf16_and_never_reads_unlisted_blocks() -> None:
         torch.testing.assert_close(mine.double()[:, :, :192], want[:, :, :192], rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.skipif(not cpu_kernel_available(), reason="the C++ CPU kernel does not build here")
+def test_cpu_kernel_backward_refuses_mismatched_inputs() -> None:
+    from accel.kernels.cpu_block_sparse import block_sparse_attention_backward_cpu, block_sparse_attention_cpu
+
+    q, k, v, counts, indices = random_block_case(130, 16, 64)
+    out, lse = block_sparse_attention_cpu(q, k, v, counts, indices, 64, 0.25, None)
+    with pytest.raises(ValueError, match=r"grad_out and out must have q's shape \(1, 2, 130, 16\)"):
+        block_sparse_attention_backward_cpu(q[:, :, :64], q, k, v, out, lse, counts, indices, 64, 0.25)
+    with pytest.raises(ValueError, match=r"lse must be \(B, H, Sq\) = \(1, 2, 130\), got \(1, 2, 64\)"):
+        block_sparse_attention_backward_cpu(out, q, k, v, out, lse[..., :64], counts, indices, 64, 0.25)
+
+
 def test_walk_matches_the_reference_on_random_cases() -> None:
     q, k, v, counts, indices = random_block_case(300, 32, 64, seed=5, batch=2, heads=3)
     ref, _ = block_sparse_attention_reference(q, k, v, counts, indices, 64, None)
@@ -208,7 +220,7 @@ def test_adaspa_training_searches_every_n_forwards_and_trains_through_the_sparse
     patch.remove()
     assert any(not torch.equal(v, reference[k]) for k, v in model.state_dict().items())
     assert accel.active_patch(model) is None
-    with pytest.raises(ValueError, match="search_every must be a whole number"):
+    with pytest.raises(ValueError, match="search_every must be an int >= 1, got 0"):
         AdaSpaConfig(training=True, search_every=0)
 
 

@@ -38,7 +38,7 @@ import torch
 from accel.attention.backends import AttentionBackend  # noqa: F401 - configs name it here too
 from accel.attention.runtime import AttentionCall, Computed, Dense, Plan, SparseAttentionRuntime
 from accel.attention.search import attention_and_block_sums, block_sums
-from accel.config import MethodConfig, check_choice, check_float
+from accel.config import MethodConfig, check_bool, check_choice, check_float, check_int
 from accel.contract import PatchContext
 from accel.registry import Stage, register_method
 
@@ -95,12 +95,8 @@ class AdaSpaConfig(MethodConfig):
     search_every: int = 20
 
     def __post_init__(self) -> None:
-        if not isinstance(self.training, bool):
-            raise TypeError(f"AdaSpaConfig.training must be True or False, got {self.training!r}.")
-        every = self.search_every
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"AdaSpaConfig.search_every must be a whole number of forwards >= 1, got "
-                             f"{self.search_every!r}.")
+        check_bool("AdaSpaConfig.training", self.training)
+        check_int("AdaSpaConfig.search_every", self.search_every, low=1, hint="(forwards of a layer between its searches)")
         check_float("AdaSpaConfig.sparsity", self.sparsity, low=0.0, high=1.0, high_open=True,
                     hint="use sparsity=0 for dense attention; 1 would attend nothing.")
         check_block_size("AdaSpaConfig.block_size", self.block_size)

@@ -34,7 +34,7 @@ import torch
 
 from accel.attention.runtime import AttentionCall, Dense, Plan, SparseAttentionRuntime
 from accel.attention.tokens import Partition, SequenceGeometry, partition_permutation
-from accel.config import MethodConfig, check_choice, check_float, check_int
+from accel.config import MethodConfig, check_bool, check_choice, check_float, check_int
 from accel.contract import PatchContext
 from accel.methods.adaspa import AttentionBackend, check_block_size
 from accel.registry import Stage, register_method
@@ -79,8 +79,7 @@ class VMoBAConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         check_block_size("VMoBAConfig.block_size", self.block_size)
-        if not isinstance(self.training, bool):
-            raise TypeError(f"VMoBAConfig.training must be True or False, got {self.training!r}.")
+        check_bool("VMoBAConfig.training", self.training)
         check_int("VMoBAConfig.chunk_tokens", self.chunk_tokens, low=1)
         object.__setattr__(self, "selection", check_choice("VMoBAConfig.selection", self.selection, Selection))
         check_int("VMoBAConfig.top_k", self.top_k, low=0)
