@@ -373,6 +373,7 @@ def time_training(plan: Plan, device: str, deadline: float, skipped: list[str]) 
     import torch.nn.functional as F
     from accel.attention.trainable import block_sparse_attention_trainable
     from accel.benchmarks.attention_bench import mask_at_density
+    from accel.benchmarks.train_attention_bench import train_step
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = []
@@ -384,21 +385,14 @@ def time_training(plan: Plan, device: str, deadline: float, skipped: list[str]) 
         shape = (1, plan.attention_heads, seq, plan.attention_head_dim)
         q, k, v = (torch.randn(shape, generator=gen).to(device, dtype).requires_grad_() for _ in range(3))
         grad = torch.randn(shape, generator=gen).to(device, dtype)
-
-        def step(fn: Callable[..., torch.Tensor]) -> Callable[[], None]:
-            def run() -> None:
-                for t in (q, k, v):
-                    t.grad = None
-                fn(q, k, v).backward(grad)
-
-            return run
-
-        dense_ms = _time_ms(step(F.scaled_dot_product_attention), plan.attention_repeats, device)
+        dense_ms = _time_ms(train_step(F.scaled_dot_product_attention, q, k, v, grad), plan.attention_repeats,
+                            device)
         for density in plan.densities:
             with torch.no_grad():
                 mask = mask_at_density(q, k, density, plan.attention_block)
-            sparse_ms = _time_ms(step(lambda a, b, c, m=mask: block_sparse_attention_trainable(a, b, c, m)),
-                                 plan.attention_repeats, device)
+            sparse = train_step(lambda a, b, c, m=mask: block_sparse_attention_trainable(a, b, c, m),
+                                q, k, v, grad)
+            sparse_ms = _time_ms(sparse, plan.attention_repeats, device)
             actual = float(mask.density())
             speedup = dense_ms / sparse_ms
             rows.append({"tokens": seq, "heads": plan.attention_heads, "head_dim": plan.attention_head_dim,

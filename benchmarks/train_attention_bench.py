@@ -25,7 +25,9 @@ from accel.attention.trainable import block_sparse_attention_trainable
 from accel.benchmarks.attention_bench import mask_at_density, paired_times
 
 
-def _step(fn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor) -> Any:
+def train_step(fn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor) -> Any:
+    """One timed call: ``fn(q, k, v).backward(grad)`` with the inputs' gradients cleared first."""
+
     def run() -> None:
         for t in (q, k, v):
             t.grad = None
@@ -40,8 +42,8 @@ def bench_case(seq: int, density: float, block: int, repeats: int, heads: int = 
     grad = torch.randn(1, heads, seq, dim, generator=gen)
     with torch.no_grad():
         mask = mask_at_density(q, k, density, block)
-    dense = _step(lambda a, b, c: F.scaled_dot_product_attention(a, b, c), q, k, v, grad)
-    sparse = _step(lambda a, b, c: block_sparse_attention_trainable(a, b, c, mask), q, k, v, grad)
+    dense = train_step(lambda a, b, c: F.scaled_dot_product_attention(a, b, c), q, k, v, grad)
+    sparse = train_step(lambda a, b, c: block_sparse_attention_trainable(a, b, c, mask), q, k, v, grad)
     dense()
     sparse()  # warm-up (the C++ kernel builds on first use)
     dense_times, (sparse_times,) = paired_times(dense, [sparse], repeats)
