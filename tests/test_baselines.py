@@ -209,25 +209,31 @@ def _pixart_call(pipe) -> torch.Tensor:
                 generator=torch.Generator().manual_seed(0)).images
 
 
-@pytest.mark.skipif(BASELINES["cache-dit"].available() is not None, reason="cache-dit is not installed")
-def test_cache_dit_skips_on_a_real_pipeline_and_restores_its_class() -> None:
-    from tiny_pipelines import build_pipeline
-
-    pipe = build_pipeline("pixart")
+def _assert_skips_and_restores(name: str, pipe, call, settings: dict) -> None:
+    """A peer that patches the pipeline class: blocks really skipped (compute fraction < 0.8), other
+    outputs, and after removal the class, the modules' attributes and the outputs exactly as before."""
     cls_call = type(pipe).__call__
-    reference = _pixart_call(pipe)
+    reference = call(pipe)
     keys = {n: sorted(m.__dict__) for n, m in pipe.transformer.named_modules()}
-    handle = BASELINES["cache-dit"].apply(pipe, {"threshold": 10.0, "warmup": 1}, STEPS)
+    handle = BASELINES[name].apply(pipe, settings, STEPS)
     handle.before_call()
-    cached = _pixart_call(pipe)
+    cached = call(pipe)
     handle.after_call()
     fraction = handle.report()["compute_fraction"]
-    assert fraction < 0.8, fraction  # the middle blocks were really skipped
+    assert fraction < 0.8, fraction
     assert torch.isfinite(cached).all() and not torch.equal(cached, reference)
     handle.remove()
     assert type(pipe).__call__ is cls_call and "_is_cached" not in type(pipe).__dict__
     assert {n: sorted(m.__dict__) for n, m in pipe.transformer.named_modules()} == keys
-    assert torch.equal(_pixart_call(pipe), reference)
+    assert torch.equal(call(pipe), reference)
+
+
+@pytest.mark.skipif(BASELINES["cache-dit"].available() is not None, reason="cache-dit is not installed")
+def test_cache_dit_skips_on_a_real_pipeline_and_restores_its_class() -> None:
+    from tiny_pipelines import build_pipeline
+
+    settings = {"threshold": 10.0, "warmup": 1}
+    _assert_skips_and_restores("cache-dit", build_pipeline("pixart"), _pixart_call, settings)
 
 
 @pytest.mark.skipif(BASELINES["cache-dit"].available() is not None, reason="cache-dit is not installed")
@@ -260,20 +266,7 @@ def test_para_attn_skips_on_a_real_wan_pipeline_and_restores_its_class() -> None
     torch.manual_seed(0)  # three blocks: First Block Cache skips the blocks after the first
     pipe.register_modules(transformer=WanTransformer3DModel.from_config({**pipe.transformer.config,
                                                                          "num_layers": 3}).eval())
-    cls_call = type(pipe).__call__
-    reference = _wan_call(pipe)
-    keys = {n: sorted(m.__dict__) for n, m in pipe.transformer.named_modules()}
-    handle = BASELINES["para-attn"].apply(pipe, {"threshold": 10.0}, STEPS)
-    handle.before_call()
-    cached = _wan_call(pipe)
-    handle.after_call()
-    fraction = handle.report()["compute_fraction"]
-    assert fraction < 0.8, fraction  # the blocks after the first were really skipped
-    assert torch.isfinite(cached).all() and not torch.equal(cached, reference)
-    handle.remove()
-    assert type(pipe).__call__ is cls_call and "_is_cached" not in type(pipe).__dict__
-    assert {n: sorted(m.__dict__) for n, m in pipe.transformer.named_modules()} == keys
-    assert torch.equal(_wan_call(pipe), reference)
+    _assert_skips_and_restores("para-attn", pipe, _wan_call, {"threshold": 10.0})
 
 
 @pytest.mark.skipif(BASELINES["para-attn"].available() is not None, reason="para-attn is not installed")
