@@ -127,7 +127,7 @@ class SparseAttentionHook(ModelHook):
             _ACTIVE.reset(token)
         if self.calls > before:
             self.paths[DISPATCHER_PATH if dispatched else INTERCEPT_PATH] += 1
-        if self.calls == before:
+        else:
             self.missed += 1
             if self.on_miss is not None:
                 self.on_miss(module)

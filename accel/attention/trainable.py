@@ -137,20 +137,33 @@ def backward_blocks(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
 # ---- the operator ------------------------------------------------------------------------------------------
 
 
+def _kernel(q: torch.Tensor, block_size: int) -> str | None:
+    """Which kernel runs both passes: ``"triton"`` (CUDA), ``"cpp"`` (CPU, where the extension builds) or
+    ``None`` (the PyTorch walk: float64, other block sizes or devices)."""
+    if q.dtype == torch.float64 or block_size not in (64, 128):  # the kernels' tiles
+        return None
+    if q.is_cuda and 16 <= q.shape[-1] <= 256:
+        return "triton"
+    if q.device.type == "cpu":
+        from accel.attention.backends import cpu_kernel_available
+
+        if cpu_kernel_available():
+            return "cpp"
+    return None
+
+
 def _kernel_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_counts: torch.Tensor,
                     kv_indices: torch.Tensor, block_size: int, scale: float
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    if q.dtype != torch.float64 and block_size in (64, 128):  # the kernels' tiles
-        if q.is_cuda and 16 <= q.shape[-1] <= 256:
-            from accel.kernels.block_sparse_attention import block_sparse_attention
+    kernel = _kernel(q, block_size)
+    if kernel == "triton":
+        from accel.kernels.block_sparse_attention import block_sparse_attention
 
-            return block_sparse_attention(q, k, v, kv_counts, kv_indices, block_size, scale)
-        from accel.attention.backends import cpu_kernel_available
+        return block_sparse_attention(q, k, v, kv_counts, kv_indices, block_size, scale)
+    if kernel == "cpp":
+        from accel.kernels.cpu_block_sparse import block_sparse_attention_cpu
 
-        if q.device.type == "cpu" and cpu_kernel_available():
-            from accel.kernels.cpu_block_sparse import block_sparse_attention_cpu
-
-            return block_sparse_attention_cpu(q, k, v, kv_counts, kv_indices, block_size, scale, None)
+        return block_sparse_attention_cpu(q, k, v, kv_counts, kv_indices, block_size, scale, None)
     return forward_blocks(q, k, v, kv_counts, kv_indices, block_size, scale)
 
 
@@ -188,19 +201,17 @@ def _backward(ctx, grad_out, grad_lse):
 def _kernel_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      out: torch.Tensor, lse: torch.Tensor, kv_counts: torch.Tensor, kv_indices: torch.Tensor,
                      block_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if q.dtype != torch.float64 and block_size in (64, 128) and q.is_cuda and 16 <= q.shape[-1] <= 256:
+    kernel = _kernel(q, block_size)
+    if kernel == "triton":
         from accel.kernels.block_sparse_attention import block_sparse_attention_backward
 
         return block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_counts, kv_indices, block_size,
                                                scale)
-    if q.dtype != torch.float64 and block_size in (64, 128) and q.device.type == "cpu":
-        from accel.attention.backends import cpu_kernel_available
+    if kernel == "cpp":
+        from accel.kernels.cpu_block_sparse import block_sparse_attention_backward_cpu
 
-        if cpu_kernel_available():
-            from accel.kernels.cpu_block_sparse import block_sparse_attention_backward_cpu
-
-            return block_sparse_attention_backward_cpu(grad_out, q, k, v, out, lse, kv_counts, kv_indices,
-                                                       block_size, scale)
+        return block_sparse_attention_backward_cpu(grad_out, q, k, v, out, lse, kv_counts, kv_indices,
+                                                   block_size, scale)
     return backward_blocks(grad_out, q, k, v, out, lse, kv_counts, kv_indices, block_size, scale)
 
 
