@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,13 +79,15 @@ def _options_to_methods(options: dict[str, Any]) -> list[str | MethodConfig]:
 
 
 # The recipe ``accel.patch(pipe)`` uses on a denoiser pipeline: BAC with the whole block stack as one
-# Δ-reused unit, update steps chosen online (the first call at each step count runs in full and records)
-# by a DP weighted with each step's √SNR, 40% of the steps updated. Measured against Δ-DiT's defaults and
-# diffusers' hooks in benchmarks/RESULTS.md ("Caching"), it was the fastest above 30 dB at 50 steps; fewer
-# updates were faster still there but lost the margin at 20 steps. Probed sensitivities
-# (``accel.methods.bac.calibrate``) do a little better but cost one extra call per step. A bare model has no
-# scheduler to read noise levels from, so it gets Δ-DiT, which needs neither calibration nor noise levels.
-# Families may override both with an adapter ``default_recipe()``.
+# Δ-reused unit, 40% of the steps updated, chosen by a DP weighted with each step's √SNR over feature
+# distances that one calibration call (accel's own conditions and seeds, 50 steps) records before the first
+# call with new settings; they serve every step count, so every call is cached and its output depends on
+# that call alone. Measured against Δ-DiT's defaults and diffusers' hooks in benchmarks/RESULTS.md
+# ("Caching"), it was the fastest above 30 dB at 50 steps; fewer updates were faster still there but lost
+# the margin at 20 steps. Probed sensitivities (``accel.methods.bac.calibrate``) do a little better but
+# cost one extra call per step. A bare model has no scheduler to read noise levels from, so it gets Δ-DiT,
+# which needs neither calibration nor noise levels. Families may override both with an adapter
+# ``default_recipe()``.
 DEFAULT_DENOISER_RECIPE: tuple[str, ...] = ("bac:granularity=stack:weighting=snr:update_fraction=0.4",)
 BARE_DENOISER_RECIPE: tuple[str, ...] = ("delta-dit",)
 
@@ -172,6 +175,36 @@ class Patch:
         # Pruning may swap the model's block lists: later methods need a fresh view.
         self.adapter = find_adapter(self.model)
         return handle
+
+    def _install_call_hook(self) -> None:
+        """Handles with a ``before_call(pipeline, kwargs)`` see each pipeline call's arguments before it runs
+        (BAC calibrates for new call settings there, with every method attached and the steps tracked).
+        A pipeline's call is looked up on its class, so the instance gets a subclass of the same name whose
+        ``__call__`` runs them first; removal restores the class."""
+        hooks = [item.handle.before_call for item in self._attached
+                 if callable(getattr(item.handle, "before_call", None))]
+        if self.pipeline is None or not hooks:
+            return
+        cls = type(self.pipeline)
+        original = cls.__call__
+        signature = inspect.signature(original)
+        busy = [False]  # a hook's own pipeline calls (calibration) skip the hooks
+
+        @functools.wraps(original)
+        def __call__(pipe: Any, *args: Any, **kwargs: Any) -> Any:
+            if not busy[0]:
+                bound = signature.bind_partial(pipe, *args, **kwargs).arguments
+                bound.pop(next(iter(signature.parameters)), None)  # self
+                busy[0] = True
+                try:
+                    for hook in hooks:
+                        hook(pipe, dict(bound))
+                finally:
+                    busy[0] = False
+            return original(pipe, *args, **kwargs)
+
+        namespace = {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        self._own_hooks.swap_class(self.pipeline, type(cls.__name__, (cls,), namespace))
 
     def _install_step_tracking(self) -> None:
         adapter = self.adapter
@@ -354,6 +387,7 @@ def patch(target: Any, *methods: str | MethodConfig, **options: Any) -> Patch:
             result._attach(spec, config)
         result._install_step_tracking()
         invalidate_registry_caches(model)
+        result._install_call_hook()
     except BaseException:
         result.remove()
         raise

@@ -36,6 +36,10 @@ class Handle(Protocol):
         """Drop caches and other state; called after the method's hooks are removed."""
         ...
 
+    # Optional: ``before_call(pipeline, kwargs)`` runs before each call of a patched pipeline, with the call's
+    # arguments (BAC calibrates for new call settings there). Not part of the protocol, so handles without it
+    # still satisfy ``isinstance(handle, Handle)``.
+
 
 @dataclass
 class PatchContext:

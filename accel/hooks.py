@@ -130,6 +130,11 @@ class HookSet:
         self._attrs.append((obj, name, old))
         setattr(obj, name, value)
 
+    def swap_class(self, obj: Any, cls: type) -> None:
+        """Give ``obj`` the class ``cls`` (a subclass of its own), restored on removal."""
+        self._attrs.append((obj, "__class__", type(obj)))
+        obj.__class__ = cls
+
     @property
     def modules(self) -> list[torch.nn.Module]:
         return [record.module for record in self._modules.values()]

@@ -108,6 +108,13 @@ _SENSITIVITY: dict[tuple[int, Any], dict[int, list[float]]] = {}
 
 def prepare_config(config: Any, workload: Workload) -> Any:
     """Offline steps a method needs before timing, done on seeds the evaluation does not use."""
+    from accel.methods.bac_schedule import STRATEGIES
+
+    online_bac = isinstance(config, accel.BACConfig) and STRATEGIES[config.weighting].online
+    if online_bac and config.calibrate_online and workload.kind != "shape":
+        # What a user gets: BAC calibrates itself before the first call with the evaluation's settings
+        # (an untimed call after each re-attach), on its own conditions and seeds.
+        return config
     if isinstance(config, accel.BACConfig) and config.schedule is None and workload.is_denoiser:
         import tempfile
 
@@ -218,9 +225,9 @@ def timed_pairs(workload: Workload, applied: Applied, batch: list[tuple[Any, int
                 ) -> tuple[Applied, list[tuple[float, float]]]:
     """``repeats`` pairs (unaccelerated s, accelerated s) of calls of ``batch`` made back to back: the
     method is removed for the first call of each pair and attached again for the second. After each
-    re-attach one untimed call runs, so methods that learn online (the first call records) are timed
-    as a user meets them from the second call on. Returns the attached method (a new handle) and the
-    pairs. Methods that cannot re-attach cheaply get their unaccelerated calls after all of theirs."""
+    re-attach one untimed call runs, so methods that learn online (BAC's own calibration call, MagCache's
+    warm-up) are timed as a user meets them from the second call on. Returns the attached method (a new
+    handle) and the pairs. Methods that cannot re-attach cheaply get their unaccelerated calls after all of theirs."""
     pairs: list[tuple[float, float]] = []
     if applied.reattach is None:
         times = [_timed_call(workload, applied, batch) for _ in range(repeats)]

@@ -262,8 +262,7 @@ def test_no_methods_uses_the_default_caching_recipe():
         (config,) = p.methods
         assert (type(config).__name__, config.granularity.value, config.weighting.value) == (
             "BACConfig", "stack", "snr")
-        assert torch.equal(pipe([1], num_inference_steps=6), base)  # the first call records, uncached
-        cached = pipe([1], num_inference_steps=6)
+        cached = pipe([1], num_inference_steps=6)  # cached from the first call on
         assert p.report().methods["bac"]["compute_fraction"] < 1.0
     assert torch.isfinite(cached).all() and not torch.equal(cached, base)
 

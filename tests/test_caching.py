@@ -163,7 +163,15 @@ def test_bac_schedule_round_trip_and_mismatches(tmp_path):
     schedule.save(path)
     loaded = BACSchedule.load(path)
     assert loaded.to_json() == schedule.to_json()
-    with accel.patch(pipe, BACConfig(schedule=str(path), calibrate_online=False)):
+    assert loaded.distances is not None and loaded.distances.steps == 5
+    with accel.patch(pipe, BACConfig(schedule=str(path), calibrate_online=False)) as p:
+        pipe([0], num_inference_steps=7)  # derived from the saved feature distances
+        assert "7" in str(p.report().methods["bac"]["schedules"])
+    # A schedule without its feature distances serves only the step counts it names.
+    bare = tmp_path / "no-curve.json"
+    loaded.distances = None
+    loaded.save(bare)
+    with accel.patch(pipe, BACConfig(schedule=str(bare), calibrate_online=False)):
         mismatch = r"no schedule for 7 steps \(calibrated: \[5\], on calls \{.*class_labels"
         with pytest.raises(accel.ArtifactMismatchError, match=mismatch):
             pipe([0], num_inference_steps=7)
@@ -216,6 +224,67 @@ def test_every_family_runs_cached(family_name, method):
     assert torch.isfinite(out).all() and out.shape == base.shape
     assert fraction < 1.0
     assert torch.equal(run_loop(model, family, steps=4, cfg="separate"), base)
+
+
+class CountingPipe(TinyPipe):
+    """TinyPipe that counts its calls (what a calibration costs in generations)."""
+
+    calls = 0
+
+    def __call__(self, class_labels, num_inference_steps: int = 10, generator=None, output_type: str = "pt"):
+        self.calls += 1
+        return super().__call__(class_labels, num_inference_steps, generator, output_type)
+
+
+def test_default_recipe_call_never_depends_on_earlier_calls():
+    # The case of the issue: the same request before and after others with other labels, batch and steps.
+    pipe = CountingPipe()
+    with accel.patch(pipe) as p:
+        a = pipe([1, 2], num_inference_steps=6)
+        assert pipe.calls == 2  # the whole calibration: one generation before the first call
+        assert p.report().methods["bac"]["calibration_generations"] == 1
+        assert p.report().methods["bac"]["compute_fraction"] < 1.0  # the first call is cached
+        pipe([3, 4, 5], num_inference_steps=9)
+        b = pipe([1, 2], num_inference_steps=6)
+        assert pipe.calls == 4
+    assert torch.equal(a, b)
+    assert type(pipe) is CountingPipe  # removal restores the pipeline's class
+    fresh = CountingPipe()  # a fresh process: same model, a new patch, this call first
+    with accel.patch(fresh):
+        assert torch.equal(fresh([1, 2], num_inference_steps=6), a)
+
+
+def test_per_request_step_counts_reuse_from_the_first_call():
+    pipe = TinyPipe()
+    outputs, fractions = [], []
+    spec = "bac:granularity=stack:weighting=snr:update_fraction=0.4:calibration_steps=30"
+    with accel.patch(pipe, spec) as p:
+        for steps in (20, 30, 20):
+            outputs.append(pipe([1, 2], num_inference_steps=steps))
+            fractions.append(p.report().methods["bac"]["compute_fraction_last_call"])
+        schedules = p.report().methods["bac"]["schedules"]
+    assert fractions == pytest.approx([0.4, 0.4, 0.4], abs=0.03)
+    assert torch.equal(outputs[0], outputs[2])
+    assert "calibrated" in schedules[30] and "derived over noise level" in schedules[20]
+    fresh = TinyPipe()
+    with accel.patch(fresh, spec):
+        assert torch.equal(fresh([1, 2], num_inference_steps=30), outputs[1])
+
+
+def test_noise_level_distances_by_hand():
+    from accel.methods.bac_schedule import NoiseLevelDistances, squared_distances
+
+    # one unit's features at noise levels 1.0, 0.5, 0.0
+    features = {"u": np.array([[0.0, 0.0], [1.0, 1.0], [4.0, 4.0]])}
+    recorded = NoiseLevelDistances.from_features([1.0, 0.5, 0.0], features, weights=[0.0, 1.0, 2.0])
+    exact = squared_distances(features["u"])
+    assert recorded.distances("u", [1.0, 0.5, 0.0]) == pytest.approx(exact)  # at the recorded levels
+    # between them bilinear: level 0.75 is halfway between steps 0 and 1, 0.25 between 1 and 2
+    assert recorded.distances("u", [0.75, 0.25])[0, 1] == pytest.approx(
+        0.25 * (exact[0, 1] + exact[0, 2] + exact[1, 1] + exact[1, 2]))
+    assert recorded.distances("u", [0.75, 0.25])[1, 1] == 0.0  # no distance from itself
+    assert recorded.weights_at([0.75, 1.5, -1.0]) == pytest.approx([0.5, 0.0, 2.0])  # held at the ends
+    assert NoiseLevelDistances.from_json(recorded.to_json()) == recorded
 
 
 def test_bac_block_granularity_reuses_block_deltas(tmp_path):
@@ -325,8 +394,8 @@ def test_bac_sensitivity_calibration_probes_each_step(tmp_path):
     with accel.patch(pipe, config.replace(schedule=str(tmp_path / "s.json"))) as p:
         pipe([1, 2], num_inference_steps=6)
         assert p.report().methods["bac"]["compute_fraction"] == pytest.approx(3 / 6, abs=1e-3)
-        with pytest.raises(accel.ArtifactMismatchError, match="weighting='sensitivity' probes the pipeline"):
-            pipe([1, 2], num_inference_steps=4)
+        pipe([1, 2], num_inference_steps=4)  # probed weights interpolated over noise level
+        assert "derived over noise level" in p.report().methods["bac"]["schedules"][4]
     with pytest.raises(ValueError, match=r"weighting='sensitivity'\) needs a schedule from"):
         accel.patch(pipe, config)
 
@@ -335,20 +404,22 @@ def test_bac_snr_weighting_calibrates_online_from_the_scheduler():
     from accel.methods.bac_schedule import noise_weights
 
     pipe = TinyPipe()
-    config = BACConfig(granularity="stack", weighting="snr", update_fraction=0.5)
+    config = BACConfig(granularity="stack", weighting="snr", update_fraction=0.5, calibration_steps=10)
     forwards = count_calls([pipe.transformer.transformer_blocks[0].norm1])
     with accel.patch(pipe, config) as p:
-        pipe([1, 2], num_inference_steps=6)  # records
-        pipe([1, 2], num_inference_steps=6)  # cached by the schedule built from it
+        assert forwards == [0]
+        pipe([1, 2], num_inference_steps=6)  # calibrated first (10 steps), then cached, schedule derived
+        pipe([1, 2], num_inference_steps=6)
         runtime = p.handle("bac")
-    pipe.scheduler.set_timesteps(6)
-    expected = noise_weights(pipe.scheduler, 6)
+        assert p.report().methods["bac"]["calibration_generations"] == 1
+    pipe.scheduler.set_timesteps(10)
+    expected = noise_weights(pipe.scheduler, 10)
     alphas = pipe.scheduler.alphas_cumprod[pipe.scheduler.timesteps]
     assert expected == pytest.approx(((alphas / (1 - alphas)) ** 0.5).tolist())
     assert expected == sorted(expected)  # later (less noisy) steps weigh more
-    assert runtime.schedule.sensitivity[6] == pytest.approx(expected, rel=1e-5)
-    assert len(runtime.schedule.steps[6]["stack"]) == 3
-    assert forwards == [6 + 3]
+    assert runtime.schedule.sensitivity[10] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert len(runtime.schedule.derived[6]["stack"]) == 3
+    assert forwards == [10 + 3 + 3]
     with pytest.raises(ValueError, match="reads noise levels from the pipeline's scheduler"):
         accel.patch(tiny_dit(), config)
 
@@ -366,3 +437,22 @@ def test_noise_weights_for_flow_matching_and_unknown_schedulers():
     assert noise_weights(object(), 4) is None
     with pytest.raises(ValueError, match="update_fraction must be > 0"):
         BACConfig(update_fraction=0.0)
+
+
+def test_bac_transfer_benchmark_runs_on_a_saved_pipeline(tmp_path, capsys):
+    from tiny_pipelines import save_pipeline
+
+    from accel.benchmarks.bac_transfer import main
+
+    folder = save_pipeline("dit", tmp_path / "dit")
+    spec = "bac:granularity=stack:weighting=snr:update_fraction=0.5:calibration_steps=8"
+    assert main(["--model", str(folder), "--method", spec, "--steps", "8", "4", "--samples", "2",
+                 "--out", str(tmp_path / "t.md")]) == 0
+    text = (tmp_path / "t.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| 8 ") or line.startswith("| 4 ")]
+    assert len(rows) == 2 and all(row.rstrip().endswith("| 1 | yes |") for row in rows)
+    # at the calibrated step count, the online schedule is the fresh one
+    eight = rows[0].split("|")
+    assert eight[2].strip() == eight[4].strip()
+    with pytest.raises(SystemExit):
+        main(["--model", str(folder), "--method", "delta-dit"])

@@ -25,6 +25,14 @@ class RunLog:
         self._ran.clear()
         self._skipped.clear()
 
+    def totals(self) -> tuple[float, float]:
+        return self.total_ran_cost, self.total_cost
+
+    def rewind(self, totals: tuple[float, float]) -> None:
+        """Forget the latest sequence and go back to ``totals`` (taken before a call that is not to count)."""
+        self.reset()
+        self.total_ran_cost, self.total_cost = totals
+
     def record(self, step: int, branch: int, unit: str, ran: bool) -> None:
         weight = self.cost.get(unit, 1.0)
         (self._ran if ran else self._skipped)[(step, branch)].append(unit)

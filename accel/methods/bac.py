@@ -9,9 +9,14 @@ adds it to the residual). The block still computes its current adaLN gate and ad
 to the *current* residual stream; for adaLN models the gate is timestep-dependent and cheap, so
 reusing the pre-gate output keeps the gate exact, which is never worse than caching it gated.
 
-Calibration is one uncached run per step count (``calibrate``), or happens online: with
-``calibrate_online=True`` the first call at a new step count runs in full, records, and later calls
-at that step count use the schedule. A schedule is never applied to another step count.
+Calibration records uncached runs: explicitly (``calibrate``, on the calls and step counts given), or,
+with ``calibrate_online=True`` and no schedule, before the first pipeline call with new settings (sizes,
+frames, guidance), by one call of accel's own fixed conditions and seeds with those settings at
+``calibration_steps``. Either way the schedule keeps each unit's feature distances between steps over noise
+level (``bac_schedule.NoiseLevelDistances``), from which the DP derives the schedule of any step count the
+pipeline is later called with. With online calibration every call, the first included, runs cached, and a
+call's output depends only on the model, the calibration and its own inputs, never on the calls before it.
+A bare model (no pipeline to run a calibration call on) records its first loop at each step count instead.
 
 Where each part lives: this module is the per-step path (units, reuse decisions, cache, recording);
 ``bac_schedule`` the DP, the Bubbling Union and the schedule strategies (similarity, probed sensitivity,
@@ -28,7 +33,9 @@ Example::
 from __future__ import annotations
 
 import enum
+import json
 import math
+import warnings
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
@@ -48,8 +55,10 @@ from accel.methods.bac_schedule import (
     STRATEGIES,
     BACSchedule,
     Metric,
+    NoiseLevelDistances,
     Weighting,
     bubbling_union,
+    noise_levels,
     schedule_updates,
     volatility,
 )
@@ -75,7 +84,10 @@ class BACConfig(MethodConfig):
         metric: similarity used by the scheduler: ``"cosine"`` (default), ``"l1"``, ``"l2"``.
         bubbling: n, the most volatile branches that take the update steps of downstream FFNs (0: off).
         schedule: path of a saved :class:`BACSchedule` (JSON); ``None`` calibrates online.
-        calibrate_online: a call at a step count with no schedule runs in full and calibrates.
+        calibrate_online: with no schedule, calibrate before the first pipeline call with new settings: one
+            recorded call of ``calibration_batch`` spread conditions on fixed seeds, with that call's sizes
+            and guidance, at ``calibration_steps``. On a bare model (no pipeline to call) the first loop at
+            each step count runs in full and records instead.
         max_features: output elements sampled per branch and step for the similarity (bounds memory).
         granularity: ``"branch"`` caches each attention/FFN output (the paper); ``"block"`` gives each
             whole block its own DP schedule and reuses its deviation Δ = output − input (Δ-DiT's cache)
@@ -90,6 +102,9 @@ class BACConfig(MethodConfig):
             online calibration cannot probe. ``"snr"`` uses √SNR of each step (read from the pipeline's
             scheduler) in place of the probed s_t: no probes, so it calibrates online too.
         update_fraction: K as a fraction of the step count (rounded up) when ``updates`` is ``None``.
+        calibration_steps: step count of the online calibration call: the feature distances are recorded at
+            this resolution and serve every step count (finer than the calls they serve keeps them exact).
+        calibration_batch: samples in the online calibration call.
 
     Our recipe (benchmarks/RESULTS.md, "Caching"): ``granularity="stack", weighting="sensitivity"``, which
     beat cosine-similarity weighting at the same update budget: an ancestral sampler's last steps are far
@@ -107,8 +122,12 @@ class BACConfig(MethodConfig):
     order: int = 0
     weighting: Weighting = Weighting.SIMILARITY
     update_fraction: float = 0.5
+    calibration_steps: int = 50
+    calibration_batch: int = 4
 
     def __post_init__(self) -> None:
+        check_int("BACConfig.calibration_steps", self.calibration_steps, low=2)
+        check_int("BACConfig.calibration_batch", self.calibration_batch, low=1)
         check_float("BACConfig.update_fraction", self.update_fraction, low=0.0, high=1.0)
         if self.update_fraction == 0:
             raise ValueError("BACConfig.update_fraction must be > 0 (step 0 is always an update), got 0.")
@@ -167,6 +186,10 @@ class BAC:
         self._sequence = -1
         self._inputs: dict[tuple[int, str], dict[str, Any]] = {}
         self._records: dict[int, list[dict[str, dict[int, np.ndarray]]]] = defaultdict(list)
+        self._recorded_levels: dict[int, list[float] | None] = {}  # noise levels of each recorded step count
+        self.by_settings: dict[str, BACSchedule] = {}  # online calibration: a schedule per call settings
+        self.calibration_generations = 0
+        self._no_calibration_call = False
 
     # -- sequence handling -------------------------------------------------------------------
     def on_reset(self) -> None:
@@ -183,11 +206,12 @@ class BAC:
             self.recording, self.active = False, self.override
             return
         num_steps = state.num_steps
-        plan = self.schedule.for_steps(num_steps) if num_steps is not None else self._single_schedule()
+        plan = self._plan(num_steps)
         online = self.config.calibrate_online and self.strategy.online
         if self.force_record or (plan is None and online and num_steps is not None):
             if self.strategy.needs_weights and not self.strategy.probes:
                 self.prior_weights[num_steps] = self._step_weights(num_steps)
+            self._recorded_levels[num_steps] = noise_levels(self.scheduler, num_steps)
             self.recording = True
             self.active = None
             self._records[num_steps].append({b.key: {} for b in self.branches})
@@ -205,6 +229,97 @@ class BAC:
             )
         self.recording = False
         self.active = {key: frozenset(steps) for key, steps in plan.items()}
+
+    def _plan(self, num_steps: int | None) -> dict[str, Any] | None:
+        """The update steps per unit for a call of ``num_steps``: calibrated at that count, or derived from
+        the recorded feature distances at this call's noise levels."""
+        if num_steps is None:
+            return self._single_schedule()
+        plan = self.schedule.for_steps(num_steps)
+        if plan is None and self.schedule.distances is not None:
+            plan = self.schedule.derived.get(num_steps) or self._derive(num_steps)
+        return plan
+
+    def _derive(self, num_steps: int) -> dict[str, frozenset[int]] | None:
+        recorded = self.schedule.distances
+        levels = noise_levels(self.scheduler, num_steps)
+        if recorded is None or levels is None:
+            return None
+        if not self.strategy.needs_weights:
+            weights = None
+        elif self.strategy.probes:
+            weights = recorded.weights_at(levels)
+        else:
+            weights = self._step_weights(num_steps)
+        updates = self.config.resolved_updates(num_steps)
+        schedules = {}
+        for unit in self.branches:
+            gain = self.strategy.derived_gain(recorded.distances(unit.key, levels), weights)
+            schedules[unit.key] = schedule_updates(gain, updates)
+        plan = bubbling_union(schedules, recorded.volatility, self.config.bubbling, *self._layout())
+        self.schedule.derived[num_steps] = {key: frozenset(steps) for key, steps in plan.items()}
+        return self.schedule.derived[num_steps]
+
+    def _layout(self) -> tuple[dict[str, int], set[str]]:
+        """Each unit's layer and the FFN units, as the Bubbling Union needs them."""
+        ffns = {b.key for b in self.branches if b.kind in ("ffn", "context_ffn")}
+        return {b.key: b.layer for b in self.branches}, ffns
+
+    @property
+    def calibrates_per_call(self) -> bool:
+        """Online calibration on a pipeline: a recorded call of accel's own before calls with new settings."""
+        return (self.config.schedule is None and self.config.calibrate_online and self.strategy.online
+                and not self._no_calibration_call)
+
+    def before_call(self, pipeline: Any, kwargs: dict[str, Any]) -> None:
+        """Runs before each pipeline call: selects the schedule for this call's settings (sizes, frames,
+        guidance...), calibrated the first time they are seen by one recorded call of accel's own conditions
+        and seeds with those settings at ``calibration_steps``. Its feature distances serve every step count,
+        so the output depends on the call alone, not on the calls before it."""
+        if not self.calibrates_per_call:
+            return
+        from accel.methods.bac_calibrate import calibration_settings
+
+        settings = calibration_settings(kwargs)
+        key = json.dumps(settings, sort_keys=True, default=str)
+        if key not in self.by_settings:
+            self.by_settings[key] = self._calibrate_for(pipeline, settings)
+        self.schedule = self.by_settings[key]
+
+    def _calibrate_for(self, pipeline: Any, settings: dict[str, Any]) -> BACSchedule:
+        from accel.calls import UnsupportedPipelineError, call_shape
+        from accel.methods.bac_calibrate import calibration_calls, record_run
+
+        steps = self.config.calibration_steps
+        try:
+            kwargs = {**calibration_calls(pipeline, batch=self.config.calibration_batch, seeds=(101,))[0],
+                      **settings, "num_inference_steps": steps}
+        except UnsupportedPipelineError as error:
+            warnings.warn(
+                f"BAC cannot build its calibration call ({error}); it records the first call at each step "
+                "count instead, so later calls depend on which came first. For reproducible output pass "
+                "schedule= a file from accel.methods.bac.calibrate(pipe, num_inference_steps=N, "
+                "calls=[...]).",
+                stacklevel=3)
+            self._no_calibration_call = True
+            return self.schedule
+        previous, self.schedule = self.schedule, self.schedule.empty_copy()
+        totals = self.log.totals()
+        try:
+            record_run(self, pipeline, kwargs, steps)
+            records = self.take_records()
+            if len(records) != 1:
+                raise RuntimeError(f"BAC's calibration call recorded no complete {steps}-step run (recorded: "
+                                   f"{sorted(records) or 'none'}); does the pipeline call its denoiser once "
+                                   "per step?")
+            (forwards, runs), = records.items()
+            self.build(forwards, runs, self.prior_weights.get(forwards))
+        finally:
+            self.log.rewind(totals)  # a calibration call is no user's call
+            calibrated, self.schedule = self.schedule, previous
+        calibrated.call = call_shape(kwargs)
+        self.calibration_generations += 1
+        return calibrated
 
     def _step_weights(self, num_steps: int) -> list[float]:
         weights = self.strategy.step_weights(self.scheduler, num_steps)
@@ -290,7 +405,7 @@ class BAC:
               weights: list[float] | None = None) -> None:
         """Schedules for ``num_steps`` from recorded runs and per-step weights (probed sensitivities or
         √SNR; unused by the similarity strategy)."""
-        schedules, volatilities = {}, {}
+        schedules, volatilities, recorded = {}, {}, {}
         for branch in self.branches:
             features = np.stack(
                 [np.concatenate([run[branch.key][t] for run in runs]) for t in range(num_steps)]
@@ -298,25 +413,34 @@ class BAC:
             gain = self.strategy.gain(features, weights, self.config.metric)
             schedules[branch.key] = schedule_updates(gain, self.config.resolved_updates(num_steps))
             volatilities[branch.key] = volatility(features)
-        layer_of = {b.key: b.layer for b in self.branches}
-        ffns = {b.key for b in self.branches if b.kind in ("ffn", "context_ffn")}
+            recorded[branch.key] = features
         self.schedule.steps[num_steps] = bubbling_union(
-            schedules, volatilities, self.config.bubbling, layer_of, ffns
+            schedules, volatilities, self.config.bubbling, *self._layout()
         )
         self.schedule.volatility[num_steps] = volatilities
         if weights is not None:
             self.schedule.sensitivity[num_steps] = [round(w, 6) for w in weights]
+        levels = self._recorded_levels.get(num_steps)
+        known = self.schedule.distances
+        if levels is not None and (known is None or num_steps >= known.steps):
+            probed = weights if self.strategy.probes else None
+            self.schedule.distances = NoiseLevelDistances.from_features(levels, recorded, probed,
+                                                                        volatilities)
+            self.schedule.derived.clear()
 
     def remove(self) -> None:
         self.cache.clear()
         self._inputs.clear()
 
     def report(self) -> dict[str, Any]:
-        calibrated = sorted(self.schedule.steps)
         summary = {}
-        for num_steps in calibrated:
-            counts = [len(steps) for steps in self.schedule.steps[num_steps].values()]
-            summary[num_steps] = f"{min(counts)}-{max(counts)} updates per branch over {len(counts)} branches"
+        plans = {**{k: ("calibrated", v) for k, v in self.schedule.steps.items()},
+                 **{k: ("derived over noise level", v) for k, v in self.schedule.derived.items()}}
+        for num_steps in sorted(plans):
+            source, plan = plans[num_steps]
+            counts = [len(steps) for steps in plan.values()]
+            summary[num_steps] = (f"{min(counts)}-{max(counts)} updates per branch over {len(counts)} "
+                                  f"branches ({source})")
         pending = sorted(k for k, runs in self._records.items() if k is not None and runs)
         if summary:
             schedules: Any = summary
@@ -326,7 +450,9 @@ class BAC:
         else:
             schedules = "none yet (calibrates on the first call)"
         calibrated_on = {"calibrated_on": self.schedule.call} if self.schedule.call else {}
-        return {"schedules": schedules, **calibrated_on, **self.log.report()}
+        # Pipeline calls this patch ran to calibrate (0 with a saved or explicitly calibrated schedule).
+        cost = {"calibration_generations": self.calibration_generations}
+        return {"schedules": schedules, **calibrated_on, **cost, **self.log.report()}
 
 
 class _Cached:

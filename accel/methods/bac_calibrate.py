@@ -28,6 +28,38 @@ def default_calls(pipe: Any, seeds: Sequence[int] = (101, 102)) -> list[dict[str
     return calls_for(pipe, seeds)
 
 
+def calibration_calls(pipe: Any, *, batch: int, seeds: Sequence[int] = (101,)) -> list[dict[str, Any]]:
+    """accel's own calibration call: ``batch`` conditions spread over the classes (or the folder's / built-in
+    prompts), fixed seeds, the pipeline's other defaults. Fixed, so a patch-time calibration never depends on
+    what the user asks for."""
+    from accel.calls import default_calls as calls_for
+    from accel.calls import default_conditions
+
+    return calls_for(pipe, seeds, conditions=default_conditions(pipe, batch))
+
+
+#: What a calibration call for another call takes from it: its scalar settings (sizes, frames, guidance, text
+#: length...), not its conditions, seeds, steps, inputs, callbacks or output format, which are accel's own.
+_NOT_SETTINGS = ("prompt", "negative", "pooled", "class_labels", "generator", "latents",
+                 "num_inference_steps", "timesteps", "sigmas", "output_type", "return_dict", "callback",
+                 "image", "mask", "control", "video", "ip_adapter")
+
+
+def calibration_settings(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a call that its calibration call shares (see ``_NOT_SETTINGS``)."""
+    return {k: v for k, v in kwargs.items()
+            if isinstance(v, (bool, int, float, str)) and not k.startswith(_NOT_SETTINGS)}
+
+
+def record_run(runtime: BAC, pipe: Any, kwargs: dict[str, Any], steps: int) -> np.ndarray:
+    """One uncached pipeline call with every unit recorded; its output."""
+    runtime.force_record = True
+    try:
+        return _run(pipe, kwargs, steps)
+    finally:
+        runtime.force_record = False
+
+
 def calibrate(
     pipe: Any,
     *,

@@ -118,8 +118,86 @@ def bubbling_union(
 
 
 @dataclass
+class NoiseLevelDistances:
+    """Each unit's mean squared feature distance between every pair of steps of one recorded uncached run,
+    kept over noise level: ``tau`` are the run's noise levels (1 = pure noise, descending) and
+    ``matrix[unit][i][j]`` = mean ‖f_i − f_j‖². Interpolated at another step count's noise levels it
+    gives that count the distances the DP needs, so one calibration serves every step count. (A
+    path-length model, ‖f_a − f_t‖ ≈ the summed step changes, does worse at few steps on an ancestral
+    sampler, whose noise makes nearby steps' features jitter apart: the measured matrix keeps that.)
+
+    Recorded at the finest step count calibrated, so coarser schedules interpolate rather than invent.
+    ``weights`` are per-step weights probed on that run (sensitivities), interpolated the same way;
+    ``volatility`` the units' ranking for the Bubbling Union.
+    """
+
+    tau: list[float]
+    matrix: dict[str, list[list[float]]]
+    weights: list[float] | None = None
+    volatility: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_features(cls, tau: Sequence[float], features: Mapping[str, np.ndarray],
+                      weights: Sequence[float] | None = None,
+                      volatilities: Mapping[str, float] | None = None) -> NoiseLevelDistances:
+        """``features[unit]``: (T, F) recorded at noise levels ``tau`` (T of them)."""
+        matrix = {key: [[float(f"{v:.6g}") for v in row] for row in squared_distances(x)]
+                  for key, x in features.items()}
+        return cls(tau=[float(t) for t in tau], matrix=matrix,
+                   weights=None if weights is None else [float(w) for w in weights],
+                   volatility=dict(volatilities or {}))
+
+    @property
+    def steps(self) -> int:
+        return len(self.tau)
+
+    def _cells(self, tau: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+        """For each noise level: the recorded step at or before it and its weight towards the next one
+        (levels outside the recorded range are held at its ends)."""
+        grid = -np.asarray(self.tau, dtype=np.float64)  # ascending
+        query = -np.asarray(tau, dtype=np.float64)
+        if grid.size == 1:
+            return np.zeros(query.size, dtype=np.int64), np.zeros(query.size)
+        index = np.clip(np.searchsorted(grid, query, side="right") - 1, 0, grid.size - 2)
+        weight = np.clip((query - grid[index]) / (grid[index + 1] - grid[index]), 0.0, 1.0)
+        return index, weight
+
+    def distances(self, unit: str, tau: Sequence[float]) -> np.ndarray:
+        """(T, T) mean squared feature distances between the steps at noise levels ``tau``, bilinear in the
+        recorded matrix; zero on the diagonal (a step does not move from itself)."""
+        d = np.asarray(self.matrix[unit], dtype=np.float64)
+        if d.shape[0] == 1:
+            return np.zeros((len(tau), len(tau)))
+        i, w = self._cells(tau)
+        lo, hi = (1 - w)[:, None], w[:, None]
+        rows = d[i] * lo + d[i + 1] * hi  # (T, recorded)
+        result = rows[:, i] * lo.T + rows[:, i + 1] * hi.T
+        np.fill_diagonal(result, 0.0)
+        return result
+
+    def weights_at(self, tau: Sequence[float]) -> list[float] | None:
+        if self.weights is None:
+            return None
+        i, w = self._cells(tau)
+        values = np.asarray(self.weights, dtype=np.float64)
+        if values.size == 1:
+            return [float(values[0])] * len(tau)
+        return (values[i] * (1 - w) + values[i + 1] * w).tolist()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tau": self.tau, "matrix": self.matrix, "weights": self.weights,
+                "volatility": self.volatility}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> NoiseLevelDistances:
+        return cls(tau=list(data["tau"]), matrix={k: [list(r) for r in v] for k, v in data["matrix"].items()},
+                   weights=data.get("weights"), volatility=dict(data.get("volatility", {})))
+
+
+@dataclass
 class BACSchedule:
-    """Per-branch update steps for each calibrated step count, tied to one model."""
+    """Per-branch update steps for each calibrated step count, tied to one model, and the feature distances
+    over noise level that derive a schedule for any other step count (:class:`NoiseLevelDistances`)."""
 
     model: str
     metric: str
@@ -129,6 +207,13 @@ class BACSchedule:
     volatility: dict[int, dict[str, float]] = field(default_factory=dict)
     sensitivity: dict[int, list[float]] = field(default_factory=dict)  # per step, when probed
     call: dict[str, Any] = field(default_factory=dict)  # the call calibrated on (accel.calls.call_shape)
+    distances: NoiseLevelDistances | None = None
+    # Schedules derived from the distances for step counts met so far (a cache, not saved).
+    derived: dict[int, dict[str, frozenset[int]]] = field(default_factory=dict, repr=False, compare=False)
+
+    def empty_copy(self) -> BACSchedule:
+        """A schedule for the same model and settings with nothing calibrated yet."""
+        return BACSchedule(model=self.model, metric=self.metric, updates=self.updates, bubbling=self.bubbling)
 
     def for_steps(self, num_steps: int) -> dict[str, list[int]] | None:
         return self.steps.get(num_steps)
@@ -150,6 +235,7 @@ class BACSchedule:
             "volatility": {str(k): v for k, v in self.volatility.items()},
             "sensitivity": {str(k): v for k, v in self.sensitivity.items()},
             "call": self.call,
+            "distances": None if self.distances is None else self.distances.to_json(),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -168,6 +254,7 @@ class BACSchedule:
             volatility={int(k): v for k, v in data.get("volatility", {}).items()},
             sensitivity={int(k): v for k, v in data.get("sensitivity", {}).items()},
             call=data.get("call", {}),
+            distances=NoiseLevelDistances.from_json(data["distances"]) if data.get("distances") else None,
         )
 
 
@@ -227,6 +314,17 @@ def noise_weights(scheduler: Any, num_steps: int) -> list[float] | None:
     return None
 
 
+def noise_levels(scheduler: Any, num_steps: int) -> list[float] | None:
+    """Each step's noise level as its timestep over the scheduler's training range (1 = pure noise; a
+    flow-matching scheduler's σ): the coordinate in which :class:`NoiseLevelDistances` are kept. ``None``
+    when the scheduler holds no timesteps for ``num_steps`` steps."""
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None or len(timesteps) != num_steps:
+        return None
+    span = _config_get(getattr(scheduler, "config", {}), "num_train_timesteps") or 1000
+    return (torch.as_tensor(timesteps, dtype=torch.float64).cpu() / float(span)).tolist()
+
+
 def _config_get(config: Any, key: str) -> Any:
     return config.get(key) if hasattr(config, "get") else getattr(config, key, None)
 
@@ -244,9 +342,9 @@ class Weighting(str, enum.Enum):
 class ScheduleStrategy:
     """How a unit's (T, T) gain matrix for the DP is built from its recorded features (T, F).
 
-    ``online``: it can build a schedule from recorded calls alone, so the first call at a new step count
-    calibrates. ``step_weights`` are per-step weights known without probing (``None``: none, or they
-    must be probed by :func:`accel.methods.bac.calibrate`).
+    ``online``: it can build a schedule from recorded calls alone, so BAC can calibrate by itself (a call
+    of its own before a pipeline call with new settings). ``step_weights`` are per-step weights known
+    without probing (``None``: none, or they must be probed by :func:`accel.methods.bac.calibrate`).
     """
 
     weighting: Weighting
@@ -259,6 +357,16 @@ class ScheduleStrategy:
 
     def gain(self, features: np.ndarray, weights: Sequence[float] | None, metric: Metric) -> np.ndarray:
         raise NotImplementedError
+
+    def derived_gain(self, distances: np.ndarray, weights: Sequence[float] | None) -> np.ndarray:
+        """The gain from interpolated :class:`NoiseLevelDistances` (a step count that was not recorded):
+        squared distances, so every strategy minimises them, weighted where it weighs steps."""
+        if not self.needs_weights:
+            return -distances
+        if weights is None:
+            raise ValueError(f"weighting={self.weighting.value!r} needs per-step weights to derive a "
+                             "schedule.")
+        return -distances * np.asarray(weights, dtype=np.float64)[None, :]
 
 
 class SimilarityStrategy(ScheduleStrategy):
