@@ -144,8 +144,12 @@ def prepare_config(config: Any, workload: Workload) -> Any:
 
 
 def _compute_fraction(patch: accel.Patch) -> dict[str, Any]:
-    fractions = [facts["compute_fraction"] for facts in patch.report().methods.values() if "compute_fraction" in facts]
-    return {"compute_fraction": min(fractions)} if fractions else {}
+    """The patch's compute fraction and the pipeline calls its methods ran to calibrate themselves."""
+    methods = patch.report().methods.values()
+    fractions = [facts["compute_fraction"] for facts in methods if "compute_fraction" in facts]
+    calibration = sum(facts.get("calibration_generations", 0) for facts in methods)
+    return {**({"compute_fraction": min(fractions)} if fractions else {}),
+            **({"calibration_generations": calibration} if calibration else {})}
 
 
 def workload_device(workload: Workload) -> torch.device:
@@ -291,7 +295,11 @@ def measure(
         record.speedup, record.speedup_spread = pair_speedup(record.pairs)
         record.repeats = repeats
         record.peak_mem_mb = round(peak[0], 1)
-        record.compute_fraction = applied.report().get("compute_fraction")
+        facts = applied.report()
+        record.compute_fraction = facts.get("compute_fraction")
+        if facts.get("calibration_generations"):
+            record.notes.append(f"calibrated itself with {facts['calibration_generations']} call(s) of its own "
+                                "before the first call (untimed)")
     except Exception as exc:
         record.error = f"{type(exc).__name__}: {exc}"
         return record, None

@@ -122,6 +122,7 @@ def test_end_to_end_writes_every_field(tiny_model_dir, tmp_path, capsys):
         assert r["speedup_spread"] == pytest.approx(max(ratios) - min(ratios))
         assert r["baseline_latency_s"] == pytest.approx(statistics.median(b for b, _ in r["pairs"]))
     assert records[1]["psnr"] > 0 and records[1]["compute_fraction"] < 1.0
+    assert any("calibrated itself with 1 call(s) of its own" in note for note in records[2]["notes"])
     assert (out / "pareto.png").stat().st_size > 0 and (out / "results.md").exists()
     assert "delta-dit" in capsys.readouterr().out
 
