@@ -456,3 +456,31 @@ def test_bac_transfer_benchmark_runs_on_a_saved_pipeline(tmp_path, capsys):
     assert eight[2].strip() == eight[4].strip()
     with pytest.raises(SystemExit):
         main(["--model", str(folder), "--method", "delta-dit"])
+
+
+def test_calibration_call_takes_the_call_settings_not_its_inputs():
+    from accel.methods.bac_calibrate import calibration_settings
+
+    kwargs = {"prompt": ["a 7"], "negative_prompt": "blurry", "generator": [torch.Generator()], "height": 64,
+              "width": 32, "num_frames": 9, "guidance_scale": 4.5, "num_inference_steps": 20,
+              "output_type": "pt", "max_sequence_length": 8, "latents": torch.zeros(1),
+              "callback_on_step_end": print, "attention_kwargs": {"scale": 1.0}}
+    assert calibration_settings(kwargs) == {"height": 64, "width": 32, "num_frames": 9, "guidance_scale": 4.5,
+                                            "max_sequence_length": 8}
+
+
+class NoLabelsPipe(TinyPipe):
+    """A pipeline whose call accel cannot build (it takes neither prompts nor class labels)."""
+
+    def __call__(self, conditions, num_inference_steps: int = 10):
+        return super().__call__(conditions, num_inference_steps)
+
+
+def test_bac_falls_back_to_recording_with_one_warning_where_it_cannot_build_a_call():
+    pipe = NoLabelsPipe()
+    with accel.patch(pipe, "bac:granularity=stack:weighting=snr") as p:
+        with pytest.warns(UserWarning, match="cannot build its calibration call"):
+            pipe([1, 2], num_inference_steps=6)  # records, uncached
+        pipe([1, 2], num_inference_steps=6)  # no second warning; cached by the recorded schedule
+        facts = p.report().methods["bac"]
+    assert facts["calibration_generations"] == 0 and facts["compute_fraction_last_call"] < 1.0
