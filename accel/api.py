@@ -79,16 +79,16 @@ def _options_to_methods(options: dict[str, Any]) -> list[str | MethodConfig]:
 
 
 # The recipe ``accel.patch(pipe)`` uses on a denoiser pipeline: BAC with the whole block stack as one
-# Δ-reused unit, 40% of the steps updated, chosen by a DP weighted with each step's √SNR over feature
+# Δ-reused unit, half of the steps updated, chosen by a DP weighted with each step's √SNR over feature
 # distances that one calibration call (accel's own conditions and seeds, 50 steps) records before the first
 # call with new settings; they serve every step count, so every call is cached and its output depends on
-# that call alone. Measured against Δ-DiT's defaults and diffusers' hooks in benchmarks/RESULTS.md
-# ("Caching"), it was the fastest above 30 dB at 50 steps; fewer updates were faster still there but lost
-# the margin at 20 steps. Probed sensitivities (``accel.methods.bac.calibrate``) do a little better but
-# cost one extra call per step. A bare model has no scheduler to read noise levels from, so it gets Δ-DiT,
-# which needs neither calibration nor noise levels. Families may override both with an adapter
-# ``default_recipe()``.
-DEFAULT_DENOISER_RECIPE: tuple[str, ...] = ("bac:granularity=stack:weighting=snr:update_fraction=0.4",)
+# that call alone. Half, not fewer: measured on digits-dit and digits-pixart (benchmarks/RESULTS.md,
+# "Caching"), 40% was faster at 50 steps but fell to 25-30 dB at 20-30 steps, the step counts most users
+# run, and lost a digit on digits-pixart at 20; half keeps >= 29 dB there on both. Probed sensitivities
+# (``accel.methods.bac.calibrate``) do better, most on DPM-Solver, but cost one extra call per step. A bare
+# model has no scheduler to read noise levels from, so it gets Δ-DiT, which needs neither calibration nor
+# noise levels. Families may override both with an adapter ``default_recipe()``.
+DEFAULT_DENOISER_RECIPE: tuple[str, ...] = ("bac:granularity=stack:weighting=snr:update_fraction=0.5",)
 BARE_DENOISER_RECIPE: tuple[str, ...] = ("delta-dit",)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import accel
+from accel.api import DEFAULT_DENOISER_RECIPE
 from accel.calls import build_call, default_conditions, run_call
 from accel.methods.bac import BACConfig, calibrate
 from accel.methods.bac_calibrate import calibration_calls
@@ -85,7 +86,7 @@ def table(model: str, spec: str, rows: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="digits-dit")
-    parser.add_argument("--method", default="bac:granularity=stack:weighting=snr:update_fraction=0.4",
+    parser.add_argument("--method", default=DEFAULT_DENOISER_RECIPE[0],
                         help="a BAC spec that calibrates online (default: accel.patch's recipe)")
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 30, 20, 8])
     parser.add_argument("--samples", type=int, default=10, help="evaluation batch")
