@@ -14,7 +14,6 @@ the work that ran).
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,8 @@ import accel
 from accel.api import DEFAULT_DENOISER_RECIPE
 from accel.calls import build_call, default_conditions, run_call
 from accel.methods.bac import BACConfig, calibrate
-from accel.methods.bac_calibrate import calibration_calls
+from accel.methods.bac_calibrate import calibration_call
+from accel.metrics import psnr
 from accel.registry import resolve_method
 
 
@@ -38,11 +38,6 @@ class Row:
     fresh_compute: float
     calibration_generations: int
     same_after_other_calls: bool
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a.double() - b.double()) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def measure(pipe: object, config: BACConfig, steps: int, samples: int) -> Row:
@@ -59,7 +54,7 @@ def measure(pipe: object, config: BACConfig, steps: int, samples: int) -> Row:
         run_call(pipe, build_call(pipe, others, seeds=[7, 8, 9], steps=max(2, steps // 2 + 1)))
         again = run_call(pipe, evaluation())
     # Fresh: the same calibration call, recorded at this step count, used only there.
-    calls = [{**calibration_calls(pipe, batch=config.calibration_batch)[0], "num_inference_steps": steps}]
+    calls = [{**calibration_call(pipe, batch=config.calibration_batch), "num_inference_steps": steps}]
     schedule = calibrate(pipe, num_inference_steps=steps, config=config, calls=calls)
     schedule.distances = None
     path = Path(tempfile.mkdtemp()) / "fresh.json"
@@ -67,7 +62,7 @@ def measure(pipe: object, config: BACConfig, steps: int, samples: int) -> Row:
     with accel.patch(pipe, config.replace(schedule=str(path), calibrate_online=False)) as patch:
         fresh = run_call(pipe, evaluation())
         fresh_compute = patch.report().methods["bac"]["compute_fraction"]
-    return Row(steps, psnr(online, base), psnr(fresh, base), facts["compute_fraction"], fresh_compute,
+    return Row(steps, psnr(base, online), psnr(base, fresh), facts["compute_fraction"], fresh_compute,
                facts["calibration_generations"], torch.equal(online, again))
 
 

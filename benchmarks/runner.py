@@ -231,7 +231,8 @@ def timed_pairs(workload: Workload, applied: Applied, batch: list[tuple[Any, int
     method is removed for the first call of each pair and attached again for the second. After each
     re-attach one untimed call runs, so methods that learn online (BAC's own calibration call, MagCache's
     warm-up) are timed as a user meets them from the second call on. Returns the attached method (a new
-    handle) and the pairs. Methods that cannot re-attach cheaply get their unaccelerated calls after all of theirs."""
+    handle) and the pairs. Methods that cannot re-attach cheaply get their unaccelerated calls after all of
+    theirs."""
     pairs: list[tuple[float, float]] = []
     if applied.reattach is None:
         times = [_timed_call(workload, applied, batch) for _ in range(repeats)]
@@ -298,8 +299,9 @@ def measure(
         facts = applied.report()
         record.compute_fraction = facts.get("compute_fraction")
         if facts.get("calibration_generations"):
-            record.notes.append(f"calibrated itself with {facts['calibration_generations']} call(s) of its own "
-                                "before the first call (untimed)")
+            calls = facts["calibration_generations"]
+            record.notes.append(f"calibrated itself with {calls} call(s) of its own before the first call "
+                                "(untimed)")
     except Exception as exc:
         record.error = f"{type(exc).__name__}: {exc}"
         return record, None

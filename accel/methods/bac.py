@@ -288,12 +288,12 @@ class BAC:
 
     def _calibrate_for(self, pipeline: Any, settings: dict[str, Any]) -> BACSchedule:
         from accel.calls import UnsupportedPipelineError, call_shape
-        from accel.methods.bac_calibrate import calibration_calls, record_run
+        from accel.methods.bac_calibrate import calibration_call, record_run
 
         steps = self.config.calibration_steps
         try:
-            kwargs = {**calibration_calls(pipeline, batch=self.config.calibration_batch, seeds=(101,))[0],
-                      **settings, "num_inference_steps": steps}
+            kwargs = {**calibration_call(pipeline, batch=self.config.calibration_batch), **settings,
+                      "num_inference_steps": steps}
         except UnsupportedPipelineError as error:
             warnings.warn(
                 f"BAC cannot build its calibration call ({error}); it records the first call at each step "

@@ -28,14 +28,14 @@ def default_calls(pipe: Any, seeds: Sequence[int] = (101, 102)) -> list[dict[str
     return calls_for(pipe, seeds)
 
 
-def calibration_calls(pipe: Any, *, batch: int, seeds: Sequence[int] = (101,)) -> list[dict[str, Any]]:
+def calibration_call(pipe: Any, *, batch: int, seed: int = 101) -> dict[str, Any]:
     """accel's own calibration call: ``batch`` conditions spread over the classes (or the folder's / built-in
-    prompts), fixed seeds, the pipeline's other defaults. Fixed, so a patch-time calibration never depends on
+    prompts), a fixed seed, the pipeline's other defaults. Fixed, so an online calibration never depends on
     what the user asks for."""
     from accel.calls import default_calls as calls_for
     from accel.calls import default_conditions
 
-    return calls_for(pipe, seeds, conditions=default_conditions(pipe, batch))
+    return calls_for(pipe, [seed], conditions=default_conditions(pipe, batch))[0]
 
 
 #: What a calibration call for another call takes from it: its scalar settings (sizes, frames, guidance, text
@@ -91,14 +91,13 @@ def calibrate(
     with accel.patch(pipe, config) as patch, tqdm(total=total, desc="BAC calibration") as bar:
         runtime: BAC = patch.handle(spec_for_config(config).name)
         for steps in step_counts:
-            runtime.force_record = True
+            # Recording stays on from call to call: each call's reset does not build a schedule early.
             states = _generator_states(calls[0])
-            reference = _run(pipe, calls[0], steps)
+            reference = record_run(runtime, pipe, calls[0], steps)
             bar.update()
             for kwargs in calls[1:]:
-                _run(pipe, kwargs, steps)
+                record_run(runtime, pipe, kwargs, steps)
                 bar.update()
-            runtime.force_record = False
             records = runtime.take_records()
             # Schedules are keyed by the denoiser steps a call runs, which some samplers make differ
             # from num_inference_steps (PNDM runs one more).
