@@ -183,6 +183,10 @@ def test_bac_schedule_round_trip_and_mismatches(tmp_path):
 
 
 def test_bac_bad_settings():
+    with pytest.raises(ValueError, match=r"BACConfig.calibration_steps must be an int >= 2, got 1"):
+        BACConfig(calibration_steps=1)
+    with pytest.raises(ValueError, match=r"BACConfig.calibration_batch must be an int >= 1, got 0"):
+        accel.patch(TinyPipe(), "bac:calibration_batch=0")
     with pytest.raises(ValueError, match=r"BACConfig.metric must be one of 'cosine', 'l1', 'l2', got 'dot'"):
         BACConfig(metric="dot")
     with pytest.raises(ValueError, match=r"BACConfig.updates must be an int >= 1, got 0"):
