@@ -122,6 +122,7 @@ class Patch:
         # timestep in every forward would sync the host with the device each time.
         self._host_timesteps: list[float] | None = None
         self.tracker.on_reset(self._forget_host_timesteps)
+        self._in_before_call = False
 
     @classmethod
     def on(cls, target: Any) -> Patch:
@@ -176,31 +177,57 @@ class Patch:
         self.adapter = find_adapter(self.model)
         return handle
 
+    def _before_call_hooks(self) -> list[Callable[[Any, dict[str, Any]], None]]:
+        return [item.handle.before_call for item in self._attached
+                if callable(getattr(item.handle, "before_call", None))]
+
+    def prepare(self, *args: Any, **kwargs: Any) -> None:
+        """Does now what the attached methods do before a pipeline call with these arguments (BAC calibrates
+        for call settings it has not seen), without running the call, so that the call's latency is the
+        methods' own. Takes the pipeline call's arguments; a call that needs no preparation costs nothing.
+
+        Raises:
+            TypeError: the patch is not on a pipeline, or the arguments do not fit its call.
+        """
+        if self.pipeline is None:
+            raise TypeError(f"Patch.prepare takes a pipeline call's arguments; this patch is on a bare "
+                            f"{type(self.model).__name__}, whose methods need no preparation.")
+        call = type(self.pipeline).__call__
+        try:
+            bound = inspect.signature(call).bind_partial(self.pipeline, *args, **kwargs).arguments
+        except TypeError as exc:
+            raise TypeError(f"Patch.prepare: the arguments do not fit {type(self.pipeline).__name__}'s call: "
+                            f"{exc}.") from None
+        bound.pop(next(iter(inspect.signature(call).parameters)), None)  # self
+        self._run_before_call(self.pipeline, bound)
+
+    def _run_before_call(self, pipe: Any, bound: dict[str, Any]) -> None:
+        if self._in_before_call:  # a hook's own pipeline calls (calibration) skip the hooks
+            return
+        self._in_before_call = True
+        try:
+            for hook in self._before_call_hooks():
+                hook(pipe, dict(bound))
+        finally:
+            self._in_before_call = False
+
     def _install_call_hook(self) -> None:
         """Handles with a ``before_call(pipeline, kwargs)`` see each pipeline call's arguments before it runs
         (BAC calibrates for new call settings there, with every method attached and the steps tracked).
         A pipeline's call is looked up on its class, so the instance gets a subclass of the same name whose
         ``__call__`` runs them first; removal restores the class."""
-        hooks = [item.handle.before_call for item in self._attached
-                 if callable(getattr(item.handle, "before_call", None))]
-        if self.pipeline is None or not hooks:
+        if self.pipeline is None or not self._before_call_hooks():
             return
         cls = type(self.pipeline)
         original = cls.__call__
         signature = inspect.signature(original)
-        busy = [False]  # a hook's own pipeline calls (calibration) skip the hooks
 
         @functools.wraps(original)
         def __call__(pipe: Any, *args: Any, **kwargs: Any) -> Any:
-            if not busy[0]:
+            if not self._in_before_call:
                 bound = signature.bind_partial(pipe, *args, **kwargs).arguments
                 bound.pop(next(iter(signature.parameters)), None)  # self
-                busy[0] = True
-                try:
-                    for hook in hooks:
-                        hook(pipe, dict(bound))
-                finally:
-                    busy[0] = False
+                self._run_before_call(pipe, bound)
             return original(pipe, *args, **kwargs)
 
         namespace = {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__}

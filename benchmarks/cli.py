@@ -1,7 +1,7 @@
 """``accel-bench``: accel methods vs. the baselines users would pick, at matched quality.
 
-    accel-bench --model digits-dit --methods all
-    accel-bench --model digits-pixart --methods none,delta-dit,bac,fbcache,taylorseer --sweep --min-psnr 30
+    accel-bench --methods all                 # the embedded default, digits-pixart, with its prompts
+    accel-bench --model digits-dit --methods none,delta-dit,bac,fbcache,taylorseer --sweep --min-psnr 30
     accelerate launch --multi_gpu --num_processes 2 -m accel.benchmarks --model digits-dit --methods none,bac
 
 Under ``accelerate launch`` the samples are sharded across processes and one report is gathered on
@@ -98,7 +98,7 @@ def _device(text: str | None) -> str:
     raise ValueError(f"--device {text!r} is not available here; accepted: cpu{cuda}.")
 
 
-DEFAULT_MODEL = "digits-dit"
+DEFAULT_MODEL = "digits-pixart"
 SHAPE_NOTE = "speed only: random weights at the published shape, quality not measured"
 DEFAULT_STEPS = 50
 
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model", action="append", help="embedded name (digits-pixart, digits-dit, digits-video-dit, "
                    "digits-vit), local diffusers folder, hub id, timm name, or a published shape (shape:pixart-xl-512:blocks=4; "
-                   "see accel.benchmarks.shapes); repeatable (default: digits-dit)")
+                   "see accel.benchmarks.shapes); repeatable (default: digits-pixart)")
     p.add_argument("--methods", default="all", help="comma list: none, accel methods with settings "
                    "(delta-dit:interval=3), compositions (a+b), baselines (fbcache:threshold=0.1); 'all'")
     p.add_argument("--list-methods", action="store_true", help="print what this install offers and exit")

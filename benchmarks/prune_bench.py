@@ -1,4 +1,4 @@
-"""HierarchicalPrune benchmark: digits-dit and digits-vit with 20/30/40% of blocks removed.
+"""HierarchicalPrune benchmark: digits-dit, digits-pixart and digits-vit with 20/30/40% of blocks removed.
 
     python -m accel.benchmarks.prune_bench                 # full run (the lead runs timing on a quiet machine)
     python -m accel.benchmarks.prune_bench --quick         # smoke run: 30% only, few images, short distillation
@@ -25,6 +25,7 @@ import json
 import random
 import sys
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,66 +58,105 @@ def last_blocks(model: torch.nn.Module, k: int) -> list[int]:
     return [b.index for b in blocks if b.index not in pinned][-k:]
 
 
-# -- digits-dit ------------------------------------------------------------------------------------------
-def _analysis_call(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """The block analysis's call: ``analysis_per_class`` samples per digit, on other seeds than the
-    benchmark's."""
+# -- the embedded generators (digits-dit, digits-pixart) ------------------------------------------------
+GENERATORS = ("digits-dit", "digits-pixart")
+
+
+@dataclass(frozen=True)
+class GeneratorTask:
+    """One embedded generator's evaluation: its conditions (class labels or captions, one per image, seeds
+    0..n-1), the block analysis's conditions (other seeds), its call settings and its task metric."""
+
+    model: str
+    conditions: list[Any]
+    analysis_conditions: list[Any]
+    steps: int
+    guidance_scale: float
+
+    @property
+    def text(self) -> bool:
+        return isinstance(self.conditions[0], str)
+
+    def score(self, images: torch.Tensor, conditions: list[Any]) -> dict[str, float]:
+        """``judge_accuracy`` (the digit asked for), plus for captions the stated attributes' mean accuracy
+        and FID-digits against held-out real digits drawn as the captions say."""
+        if not isinstance(conditions[0], str):
+            return {"judge_accuracy": judges.judge_accuracy(images, conditions)}
+        scores = judges.caption_scores(images, conditions, real_per_prompt=1)
+        out = {"judge_accuracy": scores["judge_acc"], "attr_acc": scores["attr_acc"]}
+        return {**out, **({"fid_digits": scores["fid_digits"]} if "fid_digits" in scores else {})}
+
+
+def generator_task(model: str, per_class: int, analysis_per_class: int, steps: int | None) -> GeneratorTask:
+    """digits-dit: ``per_class`` images of each digit; digits-pixart: as many captions drawn like its
+    training captions (digit, stroke, slant, size, position). Steps and guidance: the model's reported ones
+    unless ``steps`` is given."""
+    from accel.pipelines import captions, default_generation_kwargs
+
+    defaults = default_generation_kwargs(model)
+    n, n_analysis = 10 * per_class, 10 * analysis_per_class
+    if model == "digits-pixart":
+        conditions = captions.random_prompts(n, seed=2000)
+        analysis = captions.random_prompts(n_analysis, seed=3000)
+    else:
+        conditions = [c for c in range(10) for _ in range(per_class)]
+        analysis = [c for c in range(10) for _ in range(analysis_per_class)]
+    return GeneratorTask(model, conditions, analysis, steps or int(defaults["steps"]),
+                         float(defaults["guidance_scale"]))
+
+
+def bench_generator(task: GeneratorTask, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     from accel.calls import build_call
-
-    labels = [c for c in range(10) for _ in range(args.analysis_per_class)]
-    return build_call(pipe, labels, [1000 + i for i in range(len(labels))], args.steps, 4.0)
-
-
-def _judge_score(images: torch.Tensor, calls: list[dict[str, Any]]) -> dict[str, float]:
-    labels = [label for kwargs in calls for label in kwargs["class_labels"]]
-    return {"judge_accuracy": judges.judge_accuracy(images, labels)}
-
-
-def bench_dit(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     from accel.pipelines import generate, load
 
-    pipe = load("digits-dit")
-    labels = [c for c in range(10) for _ in range(args.per_class)]
-    seeds = list(range(len(labels)))
-    gen_kw = {"steps": args.steps, "guidance_scale": 4.0}
-    base_images = generate(pipe, labels, seeds, **gen_kw)
-    timing_labels = list(range(10))
+    pipe = load(task.model)
+    seeds = list(range(len(task.conditions)))
+    gen_kw = {"steps": task.steps, "guidance_scale": task.guidance_scale}
+    base_images = generate(pipe, task.conditions, seeds, **gen_kw)
+    timing_conditions, timing_seeds = task.conditions[:10], list(range(10))
 
     def measure(name: str, candidate: Any, ratio: float, removed: list[int], extra: dict | None = None) -> dict:
-        images = generate(candidate, labels, seeds, **gen_kw)
-        row = {"model": "digits-dit", "variant": name, "ratio": ratio, "removed": removed,
+        images = generate(candidate, task.conditions, seeds, **gen_kw)
+        row = {"model": task.model, "variant": name, "ratio": ratio, "removed": removed,
                "parameter_bytes": parameter_bytes(candidate.transformer),
-               "judge_accuracy": judges.judge_accuracy(images, labels),
+               **task.score(images, task.conditions),
                "psnr_vs_unpruned": metrics.psnr(base_images, images),
                "ssim_vs_unpruned": metrics.ssim(base_images, images), **(extra or {})}
         if args.timing:
-            row["timing"] = timed(lambda: generate(candidate, timing_labels, timing_labels, **gen_kw), args.repeats)
+            row["timing"] = timed(lambda: generate(candidate, timing_conditions, timing_seeds, **gen_kw),
+                                  args.repeats)
         print(json.dumps(row), flush=True)
         return row
 
     rows = [measure("unpruned", pipe, 0.0, [])]
-    profile = analyze_blocks(pipe, calls=[_analysis_call(pipe, args)], score=_judge_score)
-    profile.save(out / "sensitivity_digits-dit.json")
-    profile.plot(out / "sensitivity_digits-dit.png")
-    (out / "sensitivity_digits-dit.md").write_text(profile.table() + "\n")
-    pool = hp.default_pool(pipe, pipe.transformer, per_class=2, steps=args.steps)
+    analysis_seeds = [1000 + i for i in range(len(task.analysis_conditions))]
+    analysis_call = build_call(pipe, task.analysis_conditions, analysis_seeds, task.steps,
+                               task.guidance_scale)
+    profile = analyze_blocks(pipe, calls=[analysis_call],
+                             score=lambda images, calls: task.score(images, task.analysis_conditions))
+    profile.save(out / f"sensitivity_{task.model}.json")
+    profile.plot(out / f"sensitivity_{task.model}.png")
+    (out / f"sensitivity_{task.model}.md").write_text(profile.table() + "\n")
+    pool = hp.default_pool(pipe, pipe.transformer, per_class=2, steps=task.steps,
+                           guidance_scale=task.guidance_scale)
     for ratio in args.ratios:
         config = hp.HierarchicalPruneConfig(ratio=ratio, distill_steps=args.distill_steps,
                                             distill_minutes=args.distill_minutes)
-        save = out / f"artifacts/digits-dit-hp{round(ratio * 100)}" if ratio == 0.3 else None
+        percent = round(ratio * 100)
+        save = out / f"artifacts/{task.model}-hp{percent}" if ratio == 0.3 else None
         result = hp.prune(pipe, config, profile=profile, pool=pool, save_to=save)
         k = len(result.removed)
         pruned_pipe = result.pipeline(pipe)
         rows.append(measure("hierarchical", pruned_pipe, ratio, result.removed,
                             {"distill": result.distill.to_json() if result.distill else None}))
         if save is not None:
-            result.save_pretrained(out / "digits-dit-hp30", pipe=pipe)
+            result.save_pretrained(out / f"{task.model}-hp{percent}", pipe=pipe)
         plain = hp.prune(pipe, config.replace(distill_steps=0), removed=result.removed, analyze=False)
         rows.append(measure("hierarchical-nodistil", plain.pipeline(pipe), ratio, result.removed))
         naive = hp.prune(pipe, config.replace(distill_steps=0), removed=last_blocks(pipe.transformer, k),
                          analyze=False)
         rows.append(measure("naive-last", naive.pipeline(pipe), ratio, naive.removed))
-        rnd = hp.prune(pipe, config, removed=random_blocks(pipe.transformer, k, seed=round(ratio * 100)),
+        rnd = hp.prune(pipe, config, removed=random_blocks(pipe.transformer, k, seed=percent),
                        analyze=False, pool=pool)
         rows.append(measure("random+distil", rnd.pipeline(pipe), ratio, rnd.removed,
                             {"distill": rnd.distill.to_json() if rnd.distill else None}))
@@ -206,10 +246,11 @@ def retime(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
             base = load(row["model"])
             config = hp.HierarchicalPruneConfig(ratio=max(row["ratio"], 0.01), distill_steps=0)
             smaller = hp.prune(base, config, removed=row["removed"], analyze=False) if row["removed"] else None
-            if row["model"] == "digits-dit":
+            if row["model"] in GENERATORS:
                 pruned = smaller.pipeline(base) if smaller else base
-                labels = list(range(10))
-                measured[key] = timed(lambda: generate(pruned, labels, labels, args.steps, 4.0), args.repeats)
+                task = generator_task(row["model"], 1, 1, args.steps)
+                call = (task.conditions, list(range(10)), task.steps, task.guidance_scale)
+                measured[key] = timed(lambda: generate(pruned, *call), args.repeats)
             else:
                 model = smaller.model if smaller else base
                 images = torch.rand(256, *_vit_input_shape(model))
@@ -231,10 +272,13 @@ def markdown(rows: list[dict[str, Any]], command: str, timing: bool) -> str:
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
         base = mine[0]
-        quality = "judge_accuracy" if model == "digits-dit" else "top1"
-        fidelity = "psnr_vs_unpruned" if model == "digits-dit" else "agreement_vs_unpruned"
+        quality = "judge_accuracy" if model in GENERATORS else "top1"
+        fidelity = "psnr_vs_unpruned" if model in GENERATORS else "agreement_vs_unpruned"
+        captioned = "attr_acc" in base
+        extra = " attributes | FID-digits |" if captioned else ""
         lines += [f"## {model}\n", f"| ratio | variant | removed | latency ratio | param bytes | {quality} | "
-                  f"drop (points) | {fidelity} | distil steps / s |", "|---|---|---|---|---|---|---|---|---|"]
+                  f"drop (points) |{extra} {fidelity} | distil steps / s |",
+                  "|---|---|---|---|---|---|---|" + "---|---|" * captioned + "---|---|"]
         for r in mine:
             lat = ""
             if timing and "timing" in r:
@@ -243,22 +287,27 @@ def markdown(rows: list[dict[str, Any]], command: str, timing: bool) -> str:
             d = r.get("distill") or {}
             distil = f"{d['steps']} / {d['seconds']}" if d else ""
             mem = f" (int4: {r['memory_vs_fp32']:.3f}x fp32)" if "memory_vs_fp32" in r else ""
+            fid = r.get("fid_digits", float("nan"))
+            task_cells = f" {r['attr_acc']:.3f} | {fid:.1f} |" if captioned else ""
             lines.append(f"| {r['ratio']} | {r['variant']} | {r['removed']} | {lat} | {r['parameter_bytes']:,}{mem} | "
-                         f"{r[quality]:.3f} | {100 * (base[quality] - r[quality]):+.1f} | {r[fidelity]:.3f} | {distil} |")
+                         f"{r[quality]:.3f} | {100 * (base[quality] - r[quality]):+.1f} |{task_cells} "
+                         f"{r[fidelity]:.3f} | {distil} |")
         lines.append("")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="*", default=["digits-dit", "digits-vit"], choices=["digits-dit", "digits-vit"])
+    parser.add_argument("--models", nargs="*", default=["digits-dit", "digits-pixart", "digits-vit"],
+                        choices=["digits-dit", "digits-pixart", "digits-vit"])
     parser.add_argument("--ratios", nargs="*", type=float, default=[0.2, 0.3, 0.4])
     parser.add_argument("--quick", action="store_true", help="smoke run: 30%% only, few images, 20 distil steps")
     parser.add_argument("--no-timing", dest="timing", action="store_false", help="skip latency (loaded machine)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--per-class", type=int, default=10, help="evaluation images per digit")
     parser.add_argument("--analysis-per-class", type=int, default=4, help="images per digit in block analysis")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampler steps (default: each generator's own, digits-dit 50, digits-pixart 20)")
     parser.add_argument("--distill-steps", type=int, default=400)
     parser.add_argument("--distill-minutes", type=float, default=4.0, help="CPU budget per distillation")
     parser.add_argument("--threads", type=int, default=1)
@@ -284,16 +333,21 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     from accel.pipelines import WEIGHTS_DIR
 
-    for name, bench in (("digits-dit", bench_dit), ("digits-vit", bench_vit)):
+    judge = {"digits-dit": "digits-judge", "digits-pixart": "digits-pixart-judge"}
+    for name in ("digits-dit", "digits-pixart", "digits-vit"):
         if name not in args.models:
             continue
-        needs = [name] + (["digits-judge"] if name == "digits-dit" else [])
+        needs = [name] + ([judge[name]] if name in judge else [])
         missing = [n for n in needs if not (WEIGHTS_DIR / n).exists()]
         if missing:
             print(f"skipping {name}: embedded weights {missing} not trained yet "
                   "(python -m accel.pipelines.train...)", file=sys.stderr)
             continue
-        rows += bench(args, out)
+        if name in GENERATORS:
+            rows += bench_generator(generator_task(name, args.per_class, args.analysis_per_class, args.steps),
+                                    args, out)
+        else:
+            rows += bench_vit(args, out)
     (out / "prune_results.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
     (out / "prune_results.md").write_text(markdown(rows, command, args.timing))
     print(f"wrote {out / 'prune_results.md'}")

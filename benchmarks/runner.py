@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,6 +105,8 @@ def apply_method(method: BenchMethod, workload: Workload, calibration: Callable[
 
 
 _SENSITIVITY: dict[tuple[int, Any], dict[int, list[float]]] = {}
+#: Offline preparation at least this long is noted in the record.
+PREPARATION_NOTE_S = 5.0
 
 
 def prepare_config(config: Any, workload: Workload) -> Any:
@@ -129,6 +132,11 @@ def prepare_config(config: Any, workload: Workload) -> Any:
                              save_to=path, sensitivity=known)
         known.update(schedule.sensitivity)
         return config.replace(schedule=path, calibrate_online=False)
+    prune_default = isinstance(config, accel.HierarchicalPruneConfig) and config.artifact is None
+    if prune_default and workload.kind != "shape":
+        shipped = _shipped_prune(config, workload.name)
+        if shipped is not None:  # what a user of the embedded model would load: its distilled blocks
+            return config.replace(artifact=str(shipped))
     quest_to_calibrate = isinstance(config, accel.QuESTConfig) and config.artifact is None
     if quest_to_calibrate and config.needs_calibration and workload.is_denoiser:
         import tempfile
@@ -143,13 +151,30 @@ def prepare_config(config: Any, workload: Workload) -> Any:
     return config
 
 
+def _shipped_prune(config: Any, model_name: str) -> Any:
+    """The prune artifact shipped with an embedded model, when ``config`` asks for what it holds (its
+    ratio, or no ratio or latency budget: the defaults)."""
+    from accel.pipelines.loading import shipped_artifact
+    from accel.prune.artifact import PruneArtifact
+
+    folder = shipped_artifact(model_name, "hierarchical-prune")
+    if folder is None or config.latency_budget is not None:
+        return None
+    shipped = type(config).from_dict(PruneArtifact.load(folder).settings)
+    return folder if config.ratio is None or config.ratio == shipped.ratio else None
+
+
 def _compute_fraction(patch: accel.Patch) -> dict[str, Any]:
-    """The patch's compute fraction and the pipeline calls its methods ran to calibrate themselves."""
+    """The patch's compute fraction, the pipeline calls its methods ran to calibrate themselves and the
+    artifacts they loaded."""
     methods = patch.report().methods.values()
     fractions = [facts["compute_fraction"] for facts in methods if "compute_fraction" in facts]
     calibration = sum(facts.get("calibration_generations", 0) for facts in methods)
+    artifacts = [str(facts["chosen_by"])[len("artifact "):] for facts in methods
+                 if str(facts.get("chosen_by", "")).startswith("artifact ")]
     return {**({"compute_fraction": min(fractions)} if fractions else {}),
-            **({"calibration_generations": calibration} if calibration else {})}
+            **({"calibration_generations": calibration} if calibration else {}),
+            **({"artifacts": artifacts} if artifacts else {})}
 
 
 def workload_device(workload: Workload) -> torch.device:
@@ -268,11 +293,15 @@ def measure(
     """
     record = Record(model=workload.name, method=method.family, settings=method.settings_text(),
                     steps=workload.steps, batch=workload.batch, label=method.label)
+    started = time.perf_counter()
     try:
         applied = apply_method(method, workload, None)
     except Exception as exc:  # a method that cannot apply is a finding for the table, not a crash
         record.error = f"{type(exc).__name__}: {exc}"
         return record, None
+    prepared_s = time.perf_counter() - started
+    if prepared_s >= PREPARATION_NOTE_S:  # offline steps (calibration, finetuning) a user waits for once
+        record.notes.append(f"prepared offline in {prepared_s:.0f} s before timing (untimed)")
     try:
         batches = workload.batches()
         first = batches[0]
@@ -302,6 +331,8 @@ def measure(
             calls = facts["calibration_generations"]
             record.notes.append(f"calibrated itself with {calls} call(s) of its own before the first call "
                                 "(untimed)")
+        for folder in facts.get("artifacts", []):
+            record.notes.append(f"blocks and distilled weights from the artifact {Path(folder).name}")
     except Exception as exc:
         record.error = f"{type(exc).__name__}: {exc}"
         return record, None

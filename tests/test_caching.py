@@ -258,6 +258,25 @@ def test_default_recipe_call_never_depends_on_earlier_calls():
         assert torch.equal(fresh([1, 2], num_inference_steps=6), a)
 
 
+def test_prepare_calibrates_before_the_call_and_changes_nothing():
+    # What a benchmark or the demo does to keep BAC's calibration call out of a timed call.
+    pipe = CountingPipe()
+    with accel.patch(pipe) as p:
+        p.prepare([1, 2], num_inference_steps=6)
+        assert pipe.calls == 1 and p.report().methods["bac"]["calibration_generations"] == 1
+        p.prepare([3, 4], num_inference_steps=6)  # the same settings: nothing to do
+        assert pipe.calls == 1
+        a = pipe([1, 2], num_inference_steps=6)
+        assert pipe.calls == 2 and p.report().methods["bac"]["calibration_generations"] == 1
+        with pytest.raises(TypeError, match="do not fit CountingPipe's call"):
+            p.prepare([1], steps=6)
+    with accel.patch(CountingPipe()) as q:
+        assert torch.equal(q.pipeline([1, 2], num_inference_steps=6), a)  # as if never prepared
+    model = TinyPipe().transformer
+    with accel.patch(model, "delta-dit") as bare, pytest.raises(TypeError, match="on a bare"):
+        bare.prepare(num_inference_steps=6)
+
+
 def test_per_request_step_counts_reuse_from_the_first_call():
     pipe = TinyPipe()
     outputs, fractions = [], []

@@ -105,6 +105,21 @@ def test_patch_is_removed_when_a_run_fails(cache, monkeypatch):
     assert accel.active_patch(cache.get(MODEL).pipe) is None
 
 
+def test_bac_calibrates_before_the_timed_call(cache, monkeypatch):
+    """BAC's own calibration call runs in ``Patch.prepare``, before the accelerated call is timed."""
+    seen = []
+    real_prepare = accel.Patch.prepare
+
+    def spying_prepare(self, *args, **kwargs):
+        real_prepare(self, *args, **kwargs)
+        seen.append((kwargs["num_inference_steps"], self.report().methods["bac"]["calibration_generations"]))
+
+    monkeypatch.setattr(accel.Patch, "prepare", spying_prepare)
+    outputs = _run(cache, "bac", steps=4, samples=1)
+    assert seen == [(4, 1)]  # calibrated before the timed call, which then had nothing left to calibrate
+    assert outputs[5]["report"]["calibration_generations"] == 1
+
+
 def test_concurrent_requests_never_share_a_model_mid_run(cache, monkeypatch):
     in_flight, peak, guard = [0], [0], threading.Lock()
     real_run = Workload.run_batch
@@ -245,6 +260,10 @@ def test_browser_runs_a_comparison(server, tmp_path):
             page = context.new_page()
             page.goto(server, wait_until="domcontentloaded")
             page.locator("#compare-button").wait_for(timeout=30_000)
+            # It opens on the embedded text-to-image default, its prompt box filled with the model's first
+            # prompt and its guidance at the model's own.
+            assert page.locator("#prompt textarea").input_value() == compare.first_prompt("digits-pixart")
+            assert page.locator("#guidance input[type=number]").input_value() == "4.5"
             steps = page.locator("#steps input[type=number]")
             steps.fill("6")
             steps.press("Enter")

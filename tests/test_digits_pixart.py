@@ -138,3 +138,27 @@ def test_generated_digits_follow_their_prompts() -> None:
     assert scores["judge_acc"] >= 0.25, scores
     assert scores["thickness"] >= 0.85 and scores["size"] >= 0.85 and scores["position"] >= 0.85, scores
     assert scores["slant"] >= 0.6, scores
+
+
+def test_shipped_prune_artifact_applies_and_benchmarks_pick_it_for_the_defaults() -> None:
+    import accel
+    from accel.benchmarks.runner import prepare_config
+    from accel.benchmarks.workloads import build_workload
+    from accel.pipelines.loading import shipped_artifact
+
+    folder = shipped_artifact("digits-pixart", "hierarchical-prune")
+    assert folder is not None and folder.is_dir()
+    workload = build_workload("digits-pixart", 4, [0], [0], 1, None)
+    chosen = prepare_config(accel.HierarchicalPruneConfig(), workload)
+    assert chosen.artifact == str(folder)
+    assert prepare_config(accel.HierarchicalPruneConfig(ratio=0.2), workload).artifact is None  # not what it holds
+    pipe = workload.target
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    base = generate(pipe, ["a handwritten 3"], seeds=[0], steps=4)
+    with accel.patch(pipe, chosen) as patch:
+        facts = patch.report().methods["hierarchical-prune"]
+        pruned = generate(pipe, ["a handwritten 3"], seeds=[0], steps=4)
+    assert facts["chosen_by"].startswith("artifact") and facts["blocks"] == "8/12 kept"
+    assert torch.isfinite(pruned).all() and not torch.equal(pruned, base)
+    after = pipe.transformer.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
