@@ -71,6 +71,11 @@ def test_sweep_picks_fastest_meeting_floor():
     chosen = {(r.method, r.latency_s) for r in records if r.selected}
     assert chosen == {("none", 1.0), ("a", 0.6), ("b", 0.4)}
     assert any("no setting reached PSNR >= 30.0" in note for r in records for note in r.notes)
+    # The paired speedup decides, not the latency: the host slows down during a long sweep.
+    drifted = [rec("a", 0.5, 35.0), rec("a", 0.7, 36.0)]
+    drifted[0].speedup, drifted[1].speedup = 2.0, 2.5
+    select_fastest(drifted, 30.0)
+    assert [r.selected for r in drifted] == [False, True]
 
 
 def test_timed_calls_alternate_with_unaccelerated_ones():
