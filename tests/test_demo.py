@@ -203,6 +203,8 @@ def test_recipe_box_and_render_helpers():
     with Image.open(gif) as im:
         assert im.format == "GIF" and im.n_frames == 5
     assert render.frame_strip(video, video).height > 2 * 64
+    assert (app.model_guidance("digits-pixart"), app.model_guidance("digits-dit")) == (4.5, 4.0)
+    assert app.model_guidance("/a/local/folder") == 4.0 and app.DEFAULT_MODEL == "digits-pixart"
     args = app.build_parser().parse_args([])
     assert (args.host, args.share) == ("127.0.0.1", False)
 
@@ -261,9 +263,8 @@ def test_browser_runs_a_comparison(server, tmp_path):
             page.goto(server, wait_until="domcontentloaded")
             page.locator("#compare-button").wait_for(timeout=30_000)
             # It opens on the embedded text-to-image default, its prompt box filled with the model's first
-            # prompt and its guidance at the model's own.
+            # prompt (its guidance, in the closed "More settings", starts at app.model_guidance's).
             assert page.locator("#prompt textarea").input_value() == compare.first_prompt("digits-pixart")
-            assert page.locator("#guidance input[type=number]").input_value() == "4.5"
             steps = page.locator("#steps input[type=number]")
             steps.fill("6")
             steps.press("Enter")
