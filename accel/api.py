@@ -106,6 +106,15 @@ def _default_methods(adapter: ModelAdapter, pipeline: Any | None) -> list[str | 
     return methods
 
 
+def _call_arguments(signature: inspect.Signature, pipe: Any, args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A pipeline call's arguments by name, as the pipeline's ``__call__`` (``signature``) binds them, without
+    ``self``. Raises TypeError when they do not fit."""
+    bound = signature.bind_partial(pipe, *args, **kwargs).arguments
+    bound.pop(next(iter(signature.parameters)), None)
+    return dict(bound)
+
+
 class Patch:
     """Methods attached to one target. Remove with :meth:`remove` or ``with accel.patch(...)``."""
 
@@ -192,13 +201,12 @@ class Patch:
         if self.pipeline is None:
             raise TypeError(f"Patch.prepare takes a pipeline call's arguments; this patch is on a bare "
                             f"{type(self.model).__name__}, whose methods need no preparation.")
-        call = type(self.pipeline).__call__
+        signature = inspect.signature(type(self.pipeline).__call__)
         try:
-            bound = inspect.signature(call).bind_partial(self.pipeline, *args, **kwargs).arguments
+            bound = _call_arguments(signature, self.pipeline, args, kwargs)
         except TypeError as exc:
             raise TypeError(f"Patch.prepare: the arguments do not fit {type(self.pipeline).__name__}'s call: "
                             f"{exc}.") from None
-        bound.pop(next(iter(inspect.signature(call).parameters)), None)  # self
         self._run_before_call(self.pipeline, bound)
 
     def _run_before_call(self, pipe: Any, bound: dict[str, Any]) -> None:
@@ -225,9 +233,7 @@ class Patch:
         @functools.wraps(original)
         def __call__(pipe: Any, *args: Any, **kwargs: Any) -> Any:
             if not self._in_before_call:
-                bound = signature.bind_partial(pipe, *args, **kwargs).arguments
-                bound.pop(next(iter(signature.parameters)), None)  # self
-                self._run_before_call(pipe, bound)
+                self._run_before_call(pipe, _call_arguments(signature, pipe, args, kwargs))
             return original(pipe, *args, **kwargs)
 
         namespace = {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__}

@@ -105,12 +105,9 @@ DEFAULT_STEPS = 50
 
 def model_steps(model_name: str) -> int:
     """An embedded generator's reported step count (digits-pixart 20, the digit DiTs 50), else 50."""
-    from accel.pipelines import default_generation_kwargs
+    from accel.pipelines import reported_setting
 
-    try:
-        return int(default_generation_kwargs(model_name).get("steps", DEFAULT_STEPS))
-    except ValueError:
-        return DEFAULT_STEPS
+    return int(reported_setting(model_name, "steps", DEFAULT_STEPS))
 
 
 def build_parser() -> argparse.ArgumentParser:

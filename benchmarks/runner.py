@@ -160,7 +160,7 @@ def _shipped_prune(config: Any, model_name: str) -> Any:
     folder = shipped_artifact(model_name, "hierarchical-prune")
     if folder is None or config.latency_budget is not None:
         return None
-    shipped = type(config).from_dict(PruneArtifact.load(folder).settings)
+    shipped = type(config).from_dict(PruneArtifact.load(folder, weights=False).settings)
     return folder if config.ratio is None or config.ratio == shipped.ratio else None
 
 

@@ -127,12 +127,9 @@ def views(result: CompareResult) -> tuple[Any, Any, Any]:
 def model_guidance(name: str | None) -> float:
     """The guidance an embedded generator's reported figures use (digits-pixart 4.5, the digit DiTs 4.0);
     4.0 for anything else."""
-    from accel.pipelines import default_generation_kwargs
+    from accel.pipelines import reported_setting
 
-    try:
-        return float(default_generation_kwargs(name or "").get("guidance_scale", 4.0))
-    except ValueError:
-        return 4.0
+    return float(reported_setting(name, "guidance_scale", 4.0))
 
 
 def clear_history() -> tuple[list[list[Any]], Any, list[dict[str, Any]]]:

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from accel.pipelines.digits_dit import DigitsDiTPipeline, DigitsImageOutput
 from accel.pipelines.digits_video import DigitLabelEmbedder, DigitsVideoOutput, DigitsVideoPipeline
-from accel.pipelines.generation import classification_set, default_generation_kwargs, generate
+from accel.pipelines.generation import (classification_set, default_generation_kwargs, generate,
+                                        reported_setting)
 from accel.pipelines.loading import EMBEDDED, WEIGHTS_DIR, HubUnreachableError, hub_reachable, load
 
 __all__ = [
-    "EMBEDDED", "WEIGHTS_DIR", "DigitLabelEmbedder", "DigitsDiTPipeline", "DigitsImageOutput", "DigitsVideoOutput",
-    "DigitsVideoPipeline", "HubUnreachableError", "classification_set", "default_generation_kwargs", "generate", "hub_reachable", "load",
+    "EMBEDDED", "WEIGHTS_DIR", "DigitLabelEmbedder", "DigitsDiTPipeline", "DigitsImageOutput",
+    "DigitsVideoOutput", "DigitsVideoPipeline", "HubUnreachableError", "classification_set",
+    "default_generation_kwargs", "generate", "hub_reachable", "load", "reported_setting",
 ]

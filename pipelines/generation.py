@@ -48,6 +48,12 @@ def default_generation_kwargs(name: str) -> dict[str, Any]:
     return dict(_DEFAULTS[name])
 
 
+def reported_setting(name: str | None, key: str, default: Any) -> Any:
+    """One setting (``"steps"``, ``"guidance_scale"``) that the reported numbers of embedded generator
+    ``name`` use; ``default`` for other models (local folders, hub ids) and settings they leave open."""
+    return _DEFAULTS.get(name or "", {}).get(key, default)
+
+
 @torch.no_grad()
 def generate(
     pipe: Any,

@@ -423,6 +423,49 @@ def test_bac_sensitivity_calibration_probes_each_step(tmp_path):
         accel.patch(pipe, config)
 
 
+def test_pooled_probes_recover_a_smooth_sensitivity_curve():
+    from accel.methods.bac_schedule import pooled_sensitivity, probe_groups, step_moves
+
+    T = 21
+    plan = probe_groups(T, 2)
+    assert plan == [list(range(1, 11, 2)), list(range(11, 21, 2))]  # every other step of two spans
+    assert probe_groups(3, 5) == [[1], [2]]  # never more groups than steps to probe
+    rng = np.random.default_rng(0)
+    features = np.cumsum(rng.normal(size=(T, 8)) * np.linspace(2.0, 0.5, T)[:, None], axis=0)
+    moves = step_moves([features])
+    truth = np.exp(np.linspace(-6, -2, T))  # log-linear over the steps, as an ancestral sampler's
+    errors = [sum(truth[t] * moves[t] for t in steps) for steps in plan]
+    estimate = pooled_sensitivity(errors, plan, [features])
+    assert estimate[0] == 0 and len(estimate) == T
+    centres = [round(float(np.mean(steps))) for steps in plan]
+    for t in range(centres[0], centres[1] + 1):  # between the centres: the curve, up to the pooling
+        assert estimate[t] == pytest.approx(truth[t], rel=0.35)
+    assert estimate[1] == estimate[centres[0]] and estimate[-1] == estimate[centres[1]]  # held beyond
+
+
+def test_bac_pooled_weighting_probes_online_in_three_calls():
+    pipe = TinyPipe()
+    config = BACConfig(granularity="stack", weighting="pooled", update_fraction=0.5, calibration_steps=10)
+    assert config.probe_groups == 2
+    forwards = count_calls([pipe.transformer])
+    with accel.patch(pipe, config) as p:
+        first = pipe([1, 2], num_inference_steps=6, generator=torch.Generator().manual_seed(0))
+        assert forwards == [10 + 2 * 10 + 6]  # its own recorded call, two pooled probes, then the call
+        facts = p.report().methods["bac"]
+        assert facts["calibration_generations"] == 3 and facts["compute_fraction"] == pytest.approx(0.5)
+        weights = p.handle("bac").schedule.sensitivity[10]
+        assert weights[0] == 0 and all(w > 0 for w in weights[1:])
+        pipe([3, 4, 5], num_inference_steps=9, generator=torch.Generator().manual_seed(1))
+        again = pipe([1, 2], num_inference_steps=6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(first, again)  # the probes are accel's own calls: no dependence on earlier ones
+    with pytest.raises(ValueError, match=r"weighting='pooled'\) probes the pipeline"):
+        accel.patch(tiny_dit(), config)
+    offline = count_calls([pipe.transformer])
+    schedule = calibrate(pipe, num_inference_steps=6, config=config.replace(probe_groups=3),
+                         calls=[{"class_labels": [1, 2], "generator": torch.Generator().manual_seed(3)}])
+    assert offline == [6 + 3 * 6] and len(schedule.sensitivity[6]) == 6
+
+
 def test_bac_snr_weighting_calibrates_online_from_the_scheduler():
     from accel.methods.bac_schedule import noise_weights
 

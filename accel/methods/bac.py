@@ -100,11 +100,15 @@ class BACConfig(MethodConfig):
             the predicted output error Σ s_t·‖f_a − f_t‖², with each step's sensitivity s_t measured by
             probes in :func:`calibrate` (one extra pipeline call per step). It needs ``calibrate``:
             online calibration cannot probe. ``"snr"`` uses √SNR of each step (read from the pipeline's
-            scheduler) in place of the probed s_t: no probes, so it calibrates online too.
+            scheduler) in place of the probed s_t: no probes, so it calibrates online too. ``"pooled"``
+            estimates s_t from ``probe_groups`` pooled probes (each reuses at every other step of one span
+            of the steps; log s_t interpolated between them), cheap enough for online calibration:
+            1 + ``probe_groups`` calls of accel's own, with any scheduler.
         update_fraction: K as a fraction of the step count (rounded up) when ``updates`` is ``None``.
         calibration_steps: step count of the online calibration call: the feature distances are recorded at
             this resolution and serve every step count (finer than the calls they serve keeps them exact).
         calibration_batch: samples in the online calibration call.
+        probe_groups: pooled probe calls of ``weighting="pooled"`` (spans of the steps it measures).
 
     Our recipe (benchmarks/RESULTS.md, "Caching"): ``granularity="stack", weighting="sensitivity"``, which
     beat cosine-similarity weighting at the same update budget: an ancestral sampler's last steps are far
@@ -124,10 +128,12 @@ class BACConfig(MethodConfig):
     update_fraction: float = 0.5
     calibration_steps: int = 50
     calibration_batch: int = 4
+    probe_groups: int = 2
 
     def __post_init__(self) -> None:
         check_int("BACConfig.calibration_steps", self.calibration_steps, low=2)
         check_int("BACConfig.calibration_batch", self.calibration_batch, low=1)
+        check_int("BACConfig.probe_groups", self.probe_groups, low=1)
         check_float("BACConfig.update_fraction", self.update_fraction, low=0.0, high=1.0)
         if self.update_fraction == 0:
             raise ValueError("BACConfig.update_fraction must be > 0 (step 0 is always an update), got 0.")
@@ -146,12 +152,14 @@ class BACConfig(MethodConfig):
 
     @classmethod
     def sweep_grid(cls, num_steps: int) -> list[dict[str, Any]]:
-        """Settings ``accel-bench --sweep`` tries: update budgets from 60% down to 16% of the steps."""
+        """Settings ``accel-bench --sweep`` tries: the paper's recipe at 70% down to 30% of the steps, the
+        stack unit with pooled probes at 40% down to 12% (its error stays low far below the paper's
+        budgets), and the probe-free √SNR weighting."""
         paper = [{"updates": max(2, round(f * num_steps))} for f in (0.7, 0.6, 0.5, 0.4, 0.3)]
-        probed = [{"updates": max(2, round(f * num_steps)), "granularity": "stack", "weighting": "sensitivity"}
-                  for f in (0.4, 0.34, 0.28)]
-        snr = [{"granularity": "stack", "weighting": "snr", "update_fraction": f} for f in (0.65, 0.5, 0.4, 0.34)]
-        return paper + probed + snr
+        budgets = sorted({max(2, round(f * num_steps)) for f in (0.4, 0.3, 0.22, 0.16, 0.12)}, reverse=True)
+        pooled = [{"updates": k, "granularity": "stack", "weighting": "pooled"} for k in budgets]
+        snr = [{"granularity": "stack", "weighting": "snr", "update_fraction": f} for f in (0.5, 0.34)]
+        return paper + pooled + snr
 
 
 @dataclass(frozen=True)
@@ -288,7 +296,8 @@ class BAC:
 
     def _calibrate_for(self, pipeline: Any, settings: dict[str, Any]) -> BACSchedule:
         from accel.calls import UnsupportedPipelineError, call_shape
-        from accel.methods.bac_calibrate import calibration_call, record_run
+        from accel.methods.bac_calibrate import (_generator_states, calibration_call, probe_sensitivity,
+                                                 record_run)
 
         steps = self.config.calibration_steps
         try:
@@ -305,20 +314,27 @@ class BAC:
             return self.schedule
         previous, self.schedule = self.schedule, self.schedule.empty_copy()
         totals = self.log.totals()
+        calls = 1
         try:
-            record_run(self, pipeline, kwargs, steps)
+            states = _generator_states(kwargs)
+            reference = record_run(self, pipeline, kwargs, steps)
             records = self.take_records()
             if len(records) != 1:
                 raise RuntimeError(f"BAC's calibration call recorded no complete {steps}-step run (recorded: "
                                    f"{sorted(records) or 'none'}); does the pipeline call its denoiser once "
                                    "per step?")
             (forwards, runs), = records.items()
-            self.build(forwards, runs, self.prior_weights.get(forwards))
+            weights = self.prior_weights.get(forwards)
+            if self.strategy.probes:
+                weights = probe_sensitivity(self, pipeline, kwargs, steps, forwards, states, reference,
+                                            runs[0])
+                calls += len(self.strategy.probe_plan(forwards, self.config.probe_groups))
+            self.build(forwards, runs, weights)
         finally:
             self.log.rewind(totals)  # a calibration call is no user's call
             calibrated, self.schedule = self.schedule, previous
         calibrated.call = call_shape(kwargs)
-        self.calibration_generations += 1
+        self.calibration_generations += calls
         return calibrated
 
     def _step_weights(self, num_steps: int) -> list[float]:
@@ -532,7 +548,12 @@ def _apply(ctx: PatchContext, config: BACConfig) -> BAC:
             "BACConfig(weighting='snr') reads noise levels from the pipeline's scheduler; patch the pipeline, "
             "not the bare model (or use weighting='similarity')."
         )
-    if strategy.probes and config.schedule is None and config.calibrate_online:
+    if strategy.probes and strategy.online and config.schedule is None and ctx.pipeline is None:
+        raise ValueError(
+            "BACConfig(weighting='pooled') probes the pipeline with calls of accel's own; patch the "
+            "pipeline, not the bare model, or pass schedule= a file from accel.methods.bac.calibrate(pipe, ...)."
+        )
+    if strategy.probes and not strategy.online and config.schedule is None and config.calibrate_online:
         raise ValueError(
             "BACConfig(weighting='sensitivity') needs a schedule from accel.methods.bac.calibrate(pipe, "
             "num_inference_steps=N, config=...), which probes each step's sensitivity; online calibration "

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from accel.methods.bac import BAC, BACConfig
-from accel.methods.bac_schedule import STRATEGIES, BACSchedule, step_sensitivity
+from accel.methods.bac_schedule import STRATEGIES, BACSchedule
 
 
 def default_calls(pipe: Any, seeds: Sequence[int] = (101, 102)) -> list[dict[str, Any]]:
@@ -75,9 +75,10 @@ def calibrate(
     suits class-conditional pipelines such as ``digits-dit``; text pipelines pass their prompts).
     With ``config.weighting == "sensitivity"`` each step count also costs T − 1 probe calls (the first
     call again, reusing every unit at one step t): the output change per unit of feature change is
-    that step's sensitivity s_t. ``sensitivity`` (e.g. an earlier schedule's ``.sensitivity``) skips
-    the probes for the step counts it covers: s_t depends on the model, sampler and step count, not on
-    the update budget.
+    that step's sensitivity s_t; ``"pooled"`` costs ``config.probe_groups`` calls, each reusing at
+    every other step of one span of the steps. ``sensitivity`` (e.g. an earlier schedule's
+    ``.sensitivity``) skips the probes for the step counts it covers: s_t depends on the model, sampler
+    and step count, not on the update budget.
     """
     import accel
     from accel.registry import spec_for_config
@@ -85,9 +86,11 @@ def calibrate(
     config = (config or BACConfig()).replace(schedule=None, calibrate_online=False)
     step_counts = [num_inference_steps] if isinstance(num_inference_steps, int) else list(num_inference_steps)
     calls = list(calls) if calls is not None else default_calls(pipe)
-    weighted = STRATEGIES[config.weighting].probes
+    strategy = STRATEGIES[config.weighting]
+    weighted = strategy.probes
     known = dict(sensitivity or {})
-    total = sum(len(calls) + (steps - 1 if weighted and steps not in known else 0) for steps in step_counts)
+    total = sum(len(calls) + (0 if steps in known else len(strategy.probe_plan(steps, config.probe_groups)))
+                for steps in step_counts)
     with accel.patch(pipe, config) as patch, tqdm(total=total, desc="BAC calibration") as bar:
         runtime: BAC = patch.handle(spec_for_config(config).name)
         for steps in step_counts:
@@ -109,9 +112,8 @@ def calibrate(
             runs = records[key]
             weights = list(known[key]) if weighted and key in known else runtime.prior_weights.get(key)
             if weighted and weights is None:
-                errors = _probe(runtime, pipe, calls[0], steps, key, states, reference, bar)
-                features = [np.stack([runs[0][u.key][t] for t in range(key)]) for u in runtime.branches]
-                weights = step_sensitivity(errors, features)
+                weights = probe_sensitivity(runtime, pipe, calls[0], steps, key, states, reference, runs[0],
+                                            bar.update)
             runtime.build(key, runs, weights)
         schedule = runtime.schedule
         from accel.calls import call_shape
@@ -122,22 +124,29 @@ def calibrate(
     return schedule
 
 
-def _probe(runtime: BAC, pipe: Any, kwargs: dict[str, Any], steps: int, forwards: int,
-           states: list[torch.Tensor], reference: np.ndarray, bar: Any) -> dict[int, float]:
-    """Mean squared output change when every unit reuses step t − 1's value at step t, for each t ≥ 1
-    of the ``forwards`` denoiser steps a ``steps``-step call runs."""
-    errors = {}
+def probe_sensitivity(runtime: BAC, pipe: Any, kwargs: dict[str, Any], steps: int, forwards: int,
+                      states: list[torch.Tensor], reference: np.ndarray,
+                      recorded: dict[str, dict[int, np.ndarray]], done: Any = None) -> list[float]:
+    """Per-step sensitivities of the ``forwards`` denoiser steps a ``steps``-step call of ``kwargs`` runs,
+    from probe calls of it (the generators rewound to ``states`` each time) that reuse every unit at the
+    steps of the strategy's probe plan, against ``reference``, the recorded run's output; ``recorded``
+    that run's features. ``done`` is called after each probe."""
+    strategy = runtime.strategy
+    plan = strategy.probe_plan(forwards, runtime.config.probe_groups)
+    errors = []
     runtime.order = 0  # probes measure plain reuse; the DP's distances are order-0 distances
     try:
-        for t in range(1, forwards):
-            runtime.override = {u.key: frozenset(s for s in range(forwards) if s != t)
+        for reused in plan:
+            runtime.override = {u.key: frozenset(s for s in range(forwards) if s not in reused)
                                 for u in runtime.branches}
             _restore_generators(kwargs, states)
-            errors[t] = float(np.mean((_run(pipe, kwargs, steps) - reference) ** 2))
-            bar.update()
+            errors.append(float(np.mean((_run(pipe, kwargs, steps) - reference) ** 2)))
+            if done is not None:
+                done()
     finally:
         runtime.override, runtime.order = None, runtime.config.order
-    return errors
+    features = [np.stack([recorded[u.key][t] for t in range(forwards)]) for u in runtime.branches]
+    return strategy.weights_from_probes(errors, plan, features)
 
 
 def _run(pipe: Any, kwargs: dict[str, Any], steps: int) -> np.ndarray:

@@ -7,6 +7,7 @@ functions over numpy arrays, so each can be checked against brute force on small
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,18 +276,51 @@ def reuse_error(features: np.ndarray, sensitivity: Sequence[float]) -> np.ndarra
     return squared_distances(features) * np.asarray(sensitivity, dtype=np.float64)[None, :]
 
 
+def step_moves(unit_features: Sequence[np.ndarray]) -> list[float]:
+    """m_t = mean ‖f_{t−1} − f_t‖² over units of recorded (T, F) features: what reusing step t − 1's value
+    at step t moves them (m_0 = 0: step 0 always runs)."""
+    num_steps = unit_features[0].shape[0]
+    return [0.0] + [float(np.mean([np.mean((f[t].astype(np.float64) - f[t - 1]) ** 2)
+                                   for f in unit_features])) for t in range(1, num_steps)]
+
+
 def step_sensitivity(output_errors: Mapping[int, float], unit_features: Sequence[np.ndarray]) -> list[float]:
     """s_t = (output error after reusing step t−1's values at step t) / (mean ‖f_{t−1} − f_t‖² over units).
 
     ``output_errors[t]``: mean squared output change of a probe run that reused every unit at step t only.
     ``unit_features``: (T, F) recorded features of each unit in the reference run. s_0 is 0 (always updated).
     """
-    num_steps = unit_features[0].shape[0]
-    result = [0.0] * num_steps
+    moves = step_moves(unit_features)
+    result = [0.0] * len(moves)
     for t, error in output_errors.items():
-        moved = float(np.mean([np.mean((f[t].astype(np.float64) - f[t - 1]) ** 2) for f in unit_features]))
-        result[t] = float(error) / max(moved, 1e-20)
+        result[t] = float(error) / max(moves[t], 1e-20)
     return result
+
+
+def probe_groups(num_steps: int, groups: int) -> list[list[int]]:
+    """The steps each pooled probe reuses at: every other step of ``groups`` equal spans of steps 1..T−1,
+    so that each reused step reuses its own predecessor, as a one-step probe does."""
+    edges = np.linspace(1, num_steps, min(groups, num_steps - 1) + 1).round().astype(int)
+    return [list(range(int(a), int(b), 2)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def pooled_sensitivity(group_errors: Sequence[float], groups: Sequence[Sequence[int]],
+                       unit_features: Sequence[np.ndarray]) -> list[float]:
+    """Per-step sensitivities from pooled probes: group g's probe reused at every step of ``groups[g]`` at
+    once, changing the output by ``group_errors[g]`` (mean squared).
+
+    Errors made at steps far apart add up in energy (they point in unrelated directions), so a group's
+    sensitivity is its error over the feature moves it reused, Σ_{t∈g} m_t; between the groups' centres
+    log s is interpolated linearly over the step index, and held beyond them. s_0 is 0.
+    """
+    moves = step_moves(unit_features)
+    centres, logs = [], []
+    for error, steps in zip(group_errors, groups):
+        moved = sum(moves[t] for t in steps)
+        centres.append(float(np.mean(steps)))
+        logs.append(math.log(max(float(error), 1e-30) / max(moved, 1e-20)))
+    values = np.exp(np.interp(np.arange(len(moves)), centres, logs))
+    return [0.0] + [float(v) for v in values[1:]]
 
 
 def noise_weights(scheduler: Any, num_steps: int) -> list[float] | None:
@@ -337,6 +371,7 @@ class Weighting(str, enum.Enum):
     SIMILARITY = "similarity"
     SENSITIVITY = "sensitivity"
     SNR = "snr"
+    POOLED = "pooled"
 
 
 class ScheduleStrategy:
@@ -354,6 +389,15 @@ class ScheduleStrategy:
 
     def step_weights(self, scheduler: Any, num_steps: int) -> list[float] | None:
         return None
+
+    def probe_plan(self, num_steps: int, groups: int) -> list[list[int]]:
+        """The steps each probe call reuses at (one call per list); none for strategies that do not probe."""
+        return []
+
+    def weights_from_probes(self, errors: Sequence[float], plan: Sequence[Sequence[int]],
+                            unit_features: Sequence[np.ndarray]) -> list[float]:
+        """Per-step weights from the probes' output errors (``errors[i]`` for ``plan[i]``)."""
+        raise NotImplementedError(f"weighting={self.weighting.value!r} does not probe.")
 
     def gain(self, features: np.ndarray, weights: Sequence[float] | None, metric: Metric) -> np.ndarray:
         raise NotImplementedError
@@ -388,8 +432,31 @@ class SensitivityStrategy(ScheduleStrategy):
 
     def gain(self, features: np.ndarray, weights: Sequence[float] | None, metric: Metric) -> np.ndarray:
         if weights is None:
-            raise ValueError("weighting='sensitivity' needs probed per-step sensitivities.")
+            raise ValueError(f"weighting={self.weighting.value!r} needs probed per-step sensitivities.")
         return -reuse_error(features, weights)
+
+    def probe_plan(self, num_steps: int, groups: int) -> list[list[int]]:
+        return [[t] for t in range(1, num_steps)]
+
+    def weights_from_probes(self, errors: Sequence[float], plan: Sequence[Sequence[int]],
+                            unit_features: Sequence[np.ndarray]) -> list[float]:
+        return step_sensitivity({steps[0]: e for e, steps in zip(errors, plan)}, unit_features)
+
+
+class PooledStrategy(SensitivityStrategy):
+    """As ``sensitivity``, with s_t estimated from a few pooled probes (``BACConfig.probe_groups`` calls,
+    each reusing at every other step of one span of the steps) instead of one probe per step, so that
+    online calibration can afford them."""
+
+    weighting = Weighting.POOLED
+    online = True
+
+    def probe_plan(self, num_steps: int, groups: int) -> list[list[int]]:
+        return probe_groups(num_steps, groups)
+
+    def weights_from_probes(self, errors: Sequence[float], plan: Sequence[Sequence[int]],
+                            unit_features: Sequence[np.ndarray]) -> list[float]:
+        return pooled_sensitivity(errors, plan, unit_features)
 
 
 class SNRStrategy(SensitivityStrategy):
@@ -404,5 +471,5 @@ class SNRStrategy(SensitivityStrategy):
 
 
 STRATEGIES: dict[Weighting, ScheduleStrategy] = {
-    s.weighting: s for s in (SimilarityStrategy(), SensitivityStrategy(), SNRStrategy())
+    s.weighting: s for s in (SimilarityStrategy(), SensitivityStrategy(), SNRStrategy(), PooledStrategy())
 }

@@ -70,8 +70,9 @@ class PruneArtifact:
         return folder
 
     @classmethod
-    def load(cls, path: str | Path) -> PruneArtifact:
-        """Load from the artifact folder (or its JSON file)."""
+    def load(cls, path: str | Path, *, weights: bool = True) -> PruneArtifact:
+        """Load from the artifact folder (or its JSON file); ``weights=False`` reads its description only
+        (settings, removed blocks), leaving ``weights`` empty."""
         path = Path(path)
         folder = path.parent if path.suffix == ".json" else path
         meta_path = folder / JSON_NAME
@@ -81,7 +82,7 @@ class PruneArtifact:
         meta, _ = read_artifact(meta_path, ARTIFACT_FORMAT, ARTIFACT_VERSION, "hierarchical-prune artifact",
                                 "Make one with prune(..., save_to=folder).")
         weights_path = folder / WEIGHTS_NAME
-        weights = load_file(str(weights_path)) if weights_path.is_file() else {}
+        tensors = load_file(str(weights_path)) if weights and weights_path.is_file() else {}
         return cls(source=meta["source"], source_weights=meta["source_weights"], blocks=list(meta["blocks"]),
                    removed=[int(i) for i in meta["removed"]], settings=dict(meta.get("settings", {})),
-                   weights=weights, profile=meta.get("profile"), distill=meta.get("distill"))
+                   weights=tensors, profile=meta.get("profile"), distill=meta.get("distill"))
