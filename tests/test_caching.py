@@ -370,7 +370,7 @@ def test_schedule_strategies_cover_every_weighting_and_say_how_they_calibrate():
     assert set(STRATEGIES) == set(Weighting)
     facts = {w.value: (s.online, s.probes, s.needs_weights) for w, s in STRATEGIES.items()}
     assert facts == {"similarity": (True, False, False), "sensitivity": (False, True, True),
-                     "snr": (True, False, True)}
+                     "snr": (True, False, True), "pooled": (True, True, True)}
     features = np.random.default_rng(0).normal(size=(5, 8))
     similarity = STRATEGIES[Weighting.SIMILARITY].gain(features, None, Metric.COSINE)
     assert np.array_equal(similarity, similarity_matrix(features, Metric.COSINE))
