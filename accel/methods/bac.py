@@ -326,9 +326,9 @@ class BAC:
             (forwards, runs), = records.items()
             weights = self.prior_weights.get(forwards)
             if self.strategy.probes:
-                weights = probe_sensitivity(self, pipeline, kwargs, steps, forwards, states, reference,
-                                            runs[0])
-                calls += len(self.strategy.probe_plan(forwards, self.config.probe_groups))
+                weights, probes = probe_sensitivity(self, pipeline, kwargs, steps, forwards, states,
+                                                    reference, runs[0])
+                calls += probes
             self.build(forwards, runs, weights)
         finally:
             self.log.rewind(totals)  # a calibration call is no user's call

@@ -112,8 +112,8 @@ def calibrate(
             runs = records[key]
             weights = list(known[key]) if weighted and key in known else runtime.prior_weights.get(key)
             if weighted and weights is None:
-                weights = probe_sensitivity(runtime, pipe, calls[0], steps, key, states, reference, runs[0],
-                                            bar.update)
+                weights, _ = probe_sensitivity(runtime, pipe, calls[0], steps, key, states, reference,
+                                               runs[0], bar.update)
             runtime.build(key, runs, weights)
         schedule = runtime.schedule
         from accel.calls import call_shape
@@ -126,11 +126,13 @@ def calibrate(
 
 def probe_sensitivity(runtime: BAC, pipe: Any, kwargs: dict[str, Any], steps: int, forwards: int,
                       states: list[torch.Tensor], reference: np.ndarray,
-                      recorded: dict[str, dict[int, np.ndarray]], done: Any = None) -> list[float]:
+                      recorded: dict[str, dict[int, np.ndarray]],
+                      done: Any = None) -> tuple[list[float], int]:
     """Per-step sensitivities of the ``forwards`` denoiser steps a ``steps``-step call of ``kwargs`` runs,
     from probe calls of it (the generators rewound to ``states`` each time) that reuse every unit at the
     steps of the strategy's probe plan, against ``reference``, the recorded run's output; ``recorded``
-    that run's features. ``done`` is called after each probe."""
+    that run's features. ``done`` is called after each probe. Returns the sensitivities and the number
+    of probe calls run."""
     strategy = runtime.strategy
     plan = strategy.probe_plan(forwards, runtime.config.probe_groups)
     errors = []
@@ -146,7 +148,7 @@ def probe_sensitivity(runtime: BAC, pipe: Any, kwargs: dict[str, Any], steps: in
     finally:
         runtime.override, runtime.order = None, runtime.config.order
     features = [np.stack([recorded[u.key][t] for t in range(forwards)]) for u in runtime.branches]
-    return strategy.weights_from_probes(errors, plan, features)
+    return strategy.weights_from_probes(errors, plan, features), len(plan)
 
 
 def _run(pipe: Any, kwargs: dict[str, Any], steps: int) -> np.ndarray:
