@@ -7,101 +7,32 @@ in fp32 (fp16/bf16 inputs are converted and the output converted back).
 :func:`block_sparse_attention_backward_cpu` is its backward (dQ, dK, dV from the saved output and LSE, no
 key padding), for training.
 
-The extension is compiled with torch's C++ toolchain (``torch.utils.cpp_extension``) for this machine's
-CPU (``-march=native``; the build name carries a hash of the CPU's flags, so a cache shared with another
-CPU type never loads a binary it cannot run). It needs a C++ compiler and ninja; :func:`available` says
-whether it built, and why not (``unavailable_reason``), and callers fall back to the PyTorch gather path.
-"""
+The extension is built on first use for this machine's CPU (:mod:`accel.kernels.cpp_build`);
+:func:`available` says whether it built, and why not (``unavailable_reason``), and callers fall back to the
+PyTorch gather path."""
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import sys
-import threading
-from pathlib import Path
 from typing import Any
 
 import torch
+from accel.kernels.cpp_build import CppExtension
 from accel.kernels.reference import check_backward_inputs, check_block_sparse_inputs
 
-logger = logging.getLogger(__name__)
-
-_SOURCE = Path(__file__).with_name("cpu_block_sparse.cpp")
-_lock = threading.Lock()
-_module: Any = None
-_failure: str | None = None
-
-
-def _cpu_tag() -> str:
-    """A short hash of the CPU's feature flags: ``-march=native`` binaries are only valid on such CPUs."""
-    flags = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags += line
-                break
-    except OSError:
-        pass
-    source = _SOURCE.read_bytes() if _SOURCE.exists() else b""
-    return hashlib.sha1(flags.encode() + source + torch.__version__.encode()).hexdigest()[:10]
-
-
-def _ensure_ninja_on_path() -> None:
-    """torch's builder runs ``ninja`` from PATH; a venv's python run without activating the venv does not have
-    the venv's ``bin`` (where the ``ninja`` package puts it) on PATH."""
-    if shutil.which("ninja"):
-        return
-    candidates = [str(Path(sys.executable).parent)]
-    try:
-        import ninja  # type: ignore[import-not-found]
-
-        candidates.insert(0, ninja.BIN_DIR)
-    except (ImportError, AttributeError):
-        pass
-    os.environ["PATH"] = os.pathsep.join([*candidates, os.environ.get("PATH", "")])
-
-
-def _build() -> Any:
-    from torch.utils.cpp_extension import load
-
-    _ensure_ninja_on_path()
-    logger.info("accel: building the CPU block-sparse attention kernel (once per machine, ~30 s)")
-    return load(
-        name=f"accel_cpu_block_sparse_{_cpu_tag()}",
-        sources=[str(_SOURCE)],
-        # -fopenmp: at::parallel_for is an OpenMP region only when the extension is built with it; the
-        # runtime resolves to the libgomp torch already loaded (same soname), so there is one thread pool.
-        extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
-        extra_ldflags=["-fopenmp"],
-        verbose=False,
-    )
+EXTENSION = CppExtension("cpu_block_sparse.cpp", "the CPU block-sparse kernel", "the gather path")
 
 
 def load_kernel() -> Any:
-    """The compiled module, building it on first call; ``None`` (and :func:`unavailable_reason` set) if the
-    build fails, e.g. no compiler. Thread-safe; a failed build is not retried in this process."""
-    global _module, _failure
-    with _lock:
-        if _module is None and _failure is None:
-            try:
-                _module = _build()
-            except Exception as exc:  # noqa: BLE001 - any build failure means "use another backend", said once
-                _failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-                logger.warning("accel: the CPU block-sparse kernel did not build (%s); using the gather path.",
-                               _failure)
-        return _module
+    """The compiled module, building it on first call; ``None`` if the build fails."""
+    return EXTENSION.load()
 
 
 def available() -> bool:
-    return load_kernel() is not None
+    return EXTENSION.available()
 
 
 def unavailable_reason() -> str | None:
-    return _failure
+    return EXTENSION.failure
 
 
 def block_sparse_attention_cpu(
@@ -146,10 +77,7 @@ def _module_for(q: torch.Tensor) -> Any:
     """The built extension for CPU tensors ``q``; a clear error for other devices or a failed build."""
     if q.device.type != "cpu":
         raise ValueError(f"the CPU block-sparse kernel runs on CPU tensors, got {q.device}.")
-    module = load_kernel()
-    if module is None:
-        raise RuntimeError(f"the CPU block-sparse kernel is unavailable ({_failure}).")
-    return module
+    return EXTENSION.require()
 
 
 def _work_order(counts: torch.Tensor) -> torch.Tensor:

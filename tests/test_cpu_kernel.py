@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from accel.kernels import cpu_block_sparse
+from accel.kernels.cpp_build import CppExtension
 from accel.kernels.cpu_block_sparse import attention_with_block_sums_cpu, block_sparse_attention_cpu
 from accel.kernels.reference import block_sparse_attention_reference, block_sums_reference
 
@@ -188,9 +189,9 @@ def test_failed_build_falls_back_to_gather(monkeypatch):
     def no_compiler():
         raise RuntimeError("no C++ compiler found")
 
-    monkeypatch.setattr(cpu_block_sparse, "_module", None)
-    monkeypatch.setattr(cpu_block_sparse, "_failure", None)
-    monkeypatch.setattr(cpu_block_sparse, "_build", no_compiler)
+    failing = CppExtension("cpu_block_sparse.cpp", "the CPU block-sparse kernel", "the gather path")
+    failing.build = no_compiler
+    monkeypatch.setattr(cpu_block_sparse, "EXTENSION", failing)
     assert not cpu_block_sparse.available()
     assert "no C++ compiler found" in cpu_block_sparse.unavailable_reason()
     assert choose_backend("auto", torch.device("cpu"), 4096, whole_blocks=True) == "gather"

@@ -12,6 +12,8 @@ import torch
 from tiny import TinyPipe, tiny_dit
 
 import accel
+from accel.kernels import cpu_int8_linear
+from accel.kernels.cpp_build import CppExtension
 from accel.methods import quest  # registers "quest"
 from accel.quant import kernels
 from accel.quant.calibration import collect
@@ -154,7 +156,7 @@ def test_onednn_matches_fake_quant(fresh_kernel_checks, recwarn):
     layer.set_kernel("onednn")
     assert float((layer(x) - reference).abs().max()) <= KERNEL_RTOL * float(reference.abs().max())
     wrong = kernels.wrong_results("onednn", torch.device("cpu"))
-    warned = [w for w in recwarn.list if "computes wrong results" in str(w.message)]
+    warned = [w for w in recwarn.list if "cannot be used on this machine" in str(w.message)]
     assert (layer.kernel == "onednn") == (wrong is None)
     assert len(warned) == (wrong is not None)
     with pytest.raises(ValueError, match="oneDNN qlinear takes symmetric 8-bit weights"):
@@ -172,10 +174,23 @@ def _saturating_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (pairs.sum(-1) - 128 * w.sum(1)).to(torch.int32)
 
 
+def _failed_fused_build(monkeypatch) -> None:
+    failing = CppExtension("cpu_int8_linear.cpp", "the fused CPU int8 linear", "the unfused int8 path")
+
+    def no_compiler():
+        raise RuntimeError("no C++ compiler found")
+
+    failing.build = no_compiler
+    monkeypatch.setattr(cpu_int8_linear, "EXTENSION", failing)
+
+
 def test_saturating_int8_kernel_is_caught_and_replaced(fresh_kernel_checks, monkeypatch):
     """The once-per-process probe finds a kernel whose products saturate, even when ordinary inputs
-    happen to come out right, and every path (explicit kernel, auto choice) avoids it."""
+    happen to come out right, and every path (explicit kernel, auto choice) avoids it. (The emulation
+    replaces torch._int_mm for Python callers; the fused C++ kernel is taken out of the choice here and
+    checked against really saturating oneDNN in test_int8_kernels_correct_without_vnni.)"""
     monkeypatch.setattr(torch, "_int_mm", _saturating_int_mm)
+    _failed_fused_build(monkeypatch)
     cpu = torch.device("cpu")
     assert "off by up to" in kernels.wrong_results("int_mm", cpu)
     spec = LayerSpec(40, 24, 4, 8, True, False, False, True)  # W4A8: only int_mm could run it
@@ -183,7 +198,7 @@ def test_saturating_int8_kernel_is_caught_and_replaced(fresh_kernel_checks, monk
     layer = _random_layer(40, 24, 4, 8, True, False, False)
     x = torch.randn(9, 40, generator=torch.Generator().manual_seed(5))
     reference = layer(x)
-    with pytest.warns(RuntimeWarning, match=r"'int_mm' int8 kernel computes wrong results.*run 'fake'"):
+    with pytest.warns(RuntimeWarning, match=r"'int_mm' int8 kernel cannot be used on this machine.*'fake'"):
         layer.set_kernel("int_mm")
     assert layer.kernel == "fake" and torch.equal(layer(x), reference)
     timings = kernels.measure(layer, rows=16, repeats=1)
@@ -200,12 +215,12 @@ x = torch.randn(97, 128, generator=torch.Generator().manual_seed(4))
 reference = layer(x)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    for kernel in ("onednn", "int_mm", "onednn"):
+    for kernel in ("onednn", "int_mm", "fused", "onednn"):
         layer.set_kernel(kernel)
         err = float((layer(x) - reference).abs().max()) / float(reference.abs().max())
         assert err <= 1e-5, (kernel, layer.kernel, err)
         assert layer.kernel == kernel or kernels.wrong_results(kernel, torch.device("cpu")), kernel
-print(layer.kernel, sum("computes wrong results" in str(w.message) for w in caught))
+print(layer.kernel, sum("cannot be used on this machine" in str(w.message) for w in caught))
 """
 
 
@@ -225,7 +240,74 @@ def test_int8_kernels_correct_without_vnni():
     assert out.returncode == 0, out.stderr[-2000:]
     kernel, warnings_seen = out.stdout.split()[-2:]
     # Each wrong kernel warns once, however often it is asked for.
-    assert int(warnings_seen) <= 2 and (kernel == "onednn") == (warnings_seen == "0")
+    assert int(warnings_seen) <= 3 and (kernel == "onednn") == (warnings_seen == "0")
+
+
+def _needs_fused() -> None:
+    if not cpu_int8_linear.available():
+        pytest.skip(f"the fused int8 kernel did not build: {cpu_int8_linear.unavailable_reason()}")
+    why = kernels.wrong_results("fused", torch.device("cpu"))
+    if why is not None:  # e.g. oneDNN without VNNI: caught by the probe, covered by the fallback tests
+        pytest.skip(f"the fused int8 kernel is not exact on this CPU: {why}")
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 72, 40), (97, 200, 72), (97, 72, 130), (3, 201, 9)])
+@pytest.mark.parametrize("w_bits,a_bits,w_sym,a_sym,dynamic", [
+    (8, 8, True, False, False), (8, 8, True, True, True), (4, 8, False, False, False),
+    (4, 4, True, False, True), (8, 8, False, False, True),
+])
+def test_fused_kernel_equals_integer_reference(m, k, n, w_bits, a_bits, w_sym, a_sym, dynamic):
+    """The fused kernel's int32 accumulators equal sum (qx - zx)(qw - zw) computed in int64 from the
+    reference quantizers, bit for bit, at awkward shapes (odd K for packed 4-bit, M = 1, N off the
+    column tiles), static and dynamic scales; its float output is the reference's rescale."""
+    _needs_fused()
+    layer = _random_layer(k, n, w_bits, a_bits, w_sym, a_sym, dynamic)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k + n)) * 2
+    qx, scale, zero = layer.quantize_input(x)
+    qw = layer.int_weight().long()
+    exact = (qx.long() - zero.round().long()) @ (qw - layer.w_zero.long()[:, None]).t()
+    colsum = layer.int_weight().sum(1, dtype=torch.int32)
+    qmin, qmax = qrange(a_bits, a_sym)
+    for tile in (0, 64):  # one GEMM, and several column tiles
+        acc = cpu_int8_linear.int8_linear(
+            x, layer.qweight, k, layer.w_scale, layer.w_zero, colsum, layer.bias, (qmin, qmax), a_sym,
+            None if dynamic else float(layer.a_scale), 0.0 if dynamic else float(layer.a_zero),
+            tile_n=tile, accumulators=True,
+        )
+        assert torch.equal(acc.long(), exact), tile
+    layer.set_kernel("fused")
+    expected = exact.double() * scale.double() * layer.w_scale.double() + layer.bias.double()
+    torch.testing.assert_close(layer(x).double(), expected, rtol=1e-6, atol=1e-5)
+
+
+def test_fused_kernel_takes_bf16_activations():
+    """From bf16 activations the fused layer quantizes the bf16 values themselves (no fp32 copy of the
+    input is needed) and returns bf16: the float result of the same integers, rounded once."""
+    _needs_fused()
+    layer = _random_layer(128, 72, 8, 8, True, False, False)
+    x = torch.randn(2, 17, 128, generator=torch.Generator().manual_seed(1)).bfloat16()
+    layer.set_kernel("fused")
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 17, 72)
+    assert torch.equal(out, layer(x.float()).bfloat16())
+
+
+def test_fused_kernel_falls_back_when_it_does_not_build(fresh_kernel_checks, monkeypatch):
+    """No compiler: layers asked for ``fused`` run the next correct integer kernel, with one warning that
+    says why, and the auto choice never offers it."""
+    _failed_fused_build(monkeypatch)
+    cpu = torch.device("cpu")
+    assert "did not build (RuntimeError: no C++ compiler found)" in kernels.wrong_results("fused", cpu)
+    layer = _random_layer(40, 24, 8, 8, True, False, False)
+    x = torch.randn(9, 40, generator=torch.Generator().manual_seed(5))
+    reference = layer(x)
+    with pytest.warns(RuntimeWarning, match=r"'fused' int8 kernel cannot be used on this machine "
+                                            r"\(it did not build.*run '(int_mm|onednn|fake)'"):
+        layer.set_kernel("fused")
+    layer.set_kernel("fused")  # warned once per process
+    assert layer.kernel != "fused"
+    torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5)
+    assert "fused" not in kernels.measure(layer, rows=16, repeats=1)
 
 
 def test_lsq_layer_equals_frozen_layer():
@@ -423,7 +505,7 @@ def _layers_forward(model, qm, x, t, labels):
         ),
         ("weight_granularity", "per_group", r"QuESTConfig.weight_granularity must be one of 'per_channel'"),
         ("act_range", "max", r"QuESTConfig.act_range must be one of 'minmax', 'percentile', 'mse'"),
-        ("kernel", "cuda", r"QuESTConfig.kernel must be one of 'auto', 'int_mm', 'onednn', 'fake'"),
+        ("kernel", "cuda", r"QuESTConfig.kernel must be one of 'auto', 'fused', 'int_mm', 'onednn', 'fake'"),
         ("percentile", 20.0, r"QuESTConfig.percentile must be in \[50.0, 100.0\], got 20.0"),
         (
             "finetune_iters",
@@ -515,12 +597,15 @@ def test_default_keeps_layers_in_float_where_no_integer_kernel_helps(monkeypatch
     def measure(layer, rows, *args, **kw):
         timings = real_measure(layer, rows, *args, repeats=1, **kw)
         small = layer.spec.out_features < 64  # the "too small to gain" shapes of this test
-        timings.update(fp32=1.0, bf16=1.0, fake=1.5, int_mm=2.0 if small else 0.5)
+        timings.update(fp32=1.0, bf16=1.0, float=1.0, fake=1.5, int_mm=2.0 if small else 0.5,
+                       fused=2.0 if small else 0.4)
         timings.pop("onednn", None)
         return timings
 
     monkeypatch.setattr(kernels, "measure", measure)
-    monkeypatch.setattr(kernels, "_WRONG", {("int_mm", "cpu"): None})  # int_mm counts as correct here
+    # int_mm counts as correct here; fused as it really is (it may not build without a compiler)
+    fused = kernels.wrong_results("fused", torch.device("cpu"))
+    monkeypatch.setattr(kernels, "_WRONG", {("int_mm", "cpu"): None, ("fused", "cpu"): fused})
     pipe = TinyPipe(layers=2)
     model = pipe.transformer
     reference = _run(pipe)

@@ -34,6 +34,7 @@ from accel.quant.workflow import (
     calibrate,
     choose_kernels,
     finetune,
+    linear_dtypes,
     load,
     quantize,
 )
@@ -59,13 +60,14 @@ class QuEST:
 
     def __init__(
         self, config: QuESTConfig, qmodel: QuantizedModel, fp32_bytes: int, quant_bytes: int,
-        kept: set[str] | None = None,
+        kept: set[str] | None = None, kept_dtype: str = "fp32",
     ) -> None:
         self.config = config
         self.qmodel = qmodel
         self.fp32_bytes = fp32_bytes
         self.quant_bytes = quant_bytes
         self.kept = kept or set()
+        self.kept_dtype = kept_dtype
 
     def remove(self) -> None:
         """Nothing to drop: the float layers come back through the patch's hooks."""
@@ -92,9 +94,10 @@ class QuEST:
         }
         if self.kept:
             facts["kept_float"] = (
-                f"{len(self.kept)} of {len(self.qmodel.layers)} layers kept in fp32: too small to gain (no "
-                "integer kernel here is correct or faster than dequantizing at their shape, so fake-quant "
-                "would only slow them; keep_float_when_faster=False quantizes them for the memory)"
+                f"{len(self.kept)} of {len(self.qmodel.layers)} layers kept in {self.kept_dtype}: too small "
+                f"to gain (no integer kernel here is correct or faster than the {self.kept_dtype} layer at "
+                "their shape, so quantizing would only slow them; keep_float_when_faster=False quantizes "
+                "them for the memory)"
             )
             if not layers:
                 facts["warning"] = ("no layer is quantized: this model's layers are too small for an integer "
@@ -148,7 +151,8 @@ def _apply(ctx: PatchContext, config: QuESTConfig) -> QuEST:
             for layer in qmodel.layers.values()
         ):
             qmodel.meta["kernel_timings"] = choose_kernels(
-                qmodel.layers, qmodel.meta.get("rows", {}), config.kernel
+                qmodel.layers, qmodel.meta.get("rows", {}), config.kernel,
+                linear_dtypes(ctx.model, qmodel.layers),
             )
     else:
         if config.needs_calibration and ctx.pipeline is None:
@@ -159,7 +163,8 @@ def _apply(ctx: PatchContext, config: QuESTConfig) -> QuEST:
                 "QuESTConfig(artifact=path). Or use act_granularity='per_token', finetune_iters=0 (no data needed)."
             )
         qmodel = quantize(ctx.pipeline if ctx.pipeline is not None else ctx.model, config)
-    kept = _kept_in_float(qmodel, config)
+    dtypes = linear_dtypes(ctx.model, qmodel.layers)
+    kept = _kept_in_float(qmodel, config, dtypes)
     replaced = 0
     for name, layer in qmodel.layers.items():
         if name in kept:
@@ -169,16 +174,25 @@ def _apply(ctx: PatchContext, config: QuESTConfig) -> QuEST:
         replaced += _model_bytes(original)
         ctx.hooks.set_attr(parent, child, layer.take_place_of(original))
     quant_bytes = fp32_bytes - replaced + qmodel.nbytes(exclude=kept)
-    return QuEST(config, qmodel, fp32_bytes, quant_bytes, kept)
+    kept_dtypes = sorted({str(dtypes[name]).removeprefix("torch.").replace("float32", "fp32").replace(
+        "bfloat16", "bf16") for name in kept})
+    return QuEST(config, qmodel, fp32_bytes, quant_bytes, kept, "/".join(kept_dtypes) or "fp32")
 
 
-def _kept_in_float(qmodel: QuantizedModel, config: QuESTConfig) -> set[str]:
-    """Layers left on fake-quant by the auto choice: no integer kernel is correct here or faster than
-    dequantizing, so the float layer is faster. Layers on an integer kernel stay quantized even where a
-    per-shape timing puts the float layer ahead: whole-model runs gained from them (RESULTS, QuEST)."""
+def _kept_in_float(qmodel: QuantizedModel, config: QuESTConfig, dtypes: dict[str, torch.dtype]) -> set[str]:
+    """Layers the auto choice leaves unquantized: no integer kernel is correct here, or none beat the float
+    layer in the model's own dtype at the layer's shape (bf16 GEMMs at width 128 beat int8 with its
+    quantize/rescale passes), so quantizing would only slow them."""
     if config.kernel is not Kernel.AUTO or not config.keep_float_when_faster:
         return set()
-    return {name for name, layer in qmodel.layers.items() if layer.kernel == "fake"}
+    timings = qmodel.meta.get("kernel_timings", {})
+    rows = qmodel.meta.get("rows", {})
+    kept = set()
+    for name, layer in qmodel.layers.items():
+        label = qkernels.timing_label(layer.spec, rows.get(name, qkernels.DEFAULT_ROWS), dtypes[name])
+        if layer.kernel == "fake" or qkernels.float_is_faster(timings.get(label, {}), layer.kernel):
+            kept.add(name)
+    return kept
 
 
 __all__ = [

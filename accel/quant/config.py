@@ -26,12 +26,13 @@ class QuESTConfig(MethodConfig):
         sensitive_layers: how many activation-sensitive layers are finetuned besides the temporal ones.
         lr / step_lr: Adam learning rates of finetuned weights and of (log) quantizer step sizes.
         max_inputs: model calls kept from calibration for the sensitivity scan and finetuning.
-        kernel: ``"auto"`` (fastest correct, measured at the model's shapes), ``"int_mm"``,
-            ``"onednn"`` or ``"fake"``; layers a kernel cannot run fall back to fake-quant.
+        kernel: ``"auto"`` (fastest correct, measured at the model's shapes in the model's dtype),
+            ``"fused"`` (accel's C++ int8 linear), ``"int_mm"``, ``"onednn"`` or ``"fake"``; layers a kernel
+            cannot run fall back to fake-quant.
         keep_float_when_faster: with ``kernel="auto"``, a layer no integer kernel can speed up (none is
-            correct on this CPU, or none beats dequantizing at its shape) stays an unquantized float layer
-            instead of running fake-quant, which is always slower (reported as kept in fp32). ``False``
-            quantizes every layer: the memory saving first.
+            correct on this CPU, or none beats the unquantized layer in the model's dtype at its shape)
+            stays an unquantized float layer (reported as kept in fp32 / bf16). ``False`` quantizes every
+            layer: the memory saving first.
         artifact: folder of a saved quantized model (``QuantizedModel.save``); skips all calibration.
     """
 

@@ -1,6 +1,9 @@
 """Integer execution of quantized linear layers, and choosing the fastest correct kernel per shape.
 
 Candidates (CPU):
+- ``fused``: accel's C++ int8 linear (``accel.kernels.cpu_int8_linear``, built on first use): activation
+  quantization, ``torch._int_mm`` over column tiles and the dequantize + bias epilogue in one call, from
+  fp32 or bf16 activations; 4-bit weights unpacked one tile at a time. Every bit width and granularity.
 - ``int_mm``: ``torch._int_mm`` (int8 (M, K) x int8 (K, N) -> int32, exact). Zero points are folded in
   exactly with row/column sums: ``sum (qx - zx)(qw - zw) = qx.qw - zw*sum(qx) - zx*sum(qw) + K*zx*zw``.
   Works for 4-bit values too (they sit in int8 containers). On CUDA it needs M > 16 and K, N
@@ -36,7 +39,7 @@ if TYPE_CHECKING:
     from accel.quant.qlinear import LayerSpec
 
 KERNELS: tuple[str, ...] = tuple(k.value for k in Kernel if k is not Kernel.AUTO)
-INTEGER_KERNELS: tuple[str, ...] = (Kernel.INT_MM.value, Kernel.ONEDNN.value)
+INTEGER_KERNELS: tuple[str, ...] = (Kernel.FUSED.value, Kernel.INT_MM.value, Kernel.ONEDNN.value)
 
 
 def unavailable(kernel: str, spec: LayerSpec, device: torch.device) -> str | None:
@@ -45,8 +48,10 @@ def unavailable(kernel: str, spec: LayerSpec, device: torch.device) -> str | Non
         return f"unknown kernel {kernel!r}; accepted: {', '.join(KERNELS)}."
     if kernel == "fake":
         return None
-    if kernel == "int_mm" and not hasattr(torch, "_int_mm"):
+    if kernel in ("int_mm", "fused") and not hasattr(torch, "_int_mm"):
         return "this torch has no torch._int_mm."
+    if kernel == "fused" and device.type != "cpu":
+        return "the fused int8 linear runs on CPU."
     if kernel == "onednn":
         if device.type != "cpu" or not hasattr(torch.ops.onednn, "qlinear_pointwise"):
             return "oneDNN qlinear runs on CPU builds with oneDNN only."
@@ -111,6 +116,15 @@ def _probe_error(kernel: str, qx: torch.Tensor, qw: torch.Tensor) -> float:
     exact = qx.long() @ qw.long().t()
     if kernel == "int_mm":
         return float((torch._int_mm(qx, qw.t()).long() - exact).abs().max())
+    if kernel == "fused":
+        from accel.kernels import cpu_int8_linear
+
+        n = qw.shape[0]
+        acc = cpu_int8_linear.int8_linear(  # unit scale, zero 0: the float integers quantize to themselves
+            qx.float(), qw, qx.shape[1], torch.ones(n), torch.zeros(n, dtype=torch.int32),
+            qw.sum(1, dtype=torch.int32), None, (-128, 127), False, a_scale=1.0, accumulators=True,
+        )
+        return float((acc.long() - exact).abs().max())
     ones = torch.ones(qw.shape[0], device=qw.device)
     out = onednn_linear(qx, torch.ones(()), torch.zeros(()), qw, ones, None, {})
     # Unit scales: the float output is the int32 accumulator, exact below 2^24 (|acc| <= 200*128*127).
@@ -132,6 +146,11 @@ def wrong_results(kernel: str, device: torch.device) -> str | None:
 
 
 def _check_kernel(kernel: str, device: torch.device) -> str | None:
+    if kernel == "fused":
+        from accel.kernels import cpu_int8_linear
+
+        if not cpu_int8_linear.available():
+            return f"it did not build ({cpu_int8_linear.unavailable_reason()})"
     worst = 0.0
     try:
         for m, k, n in _probe_shapes(device):
@@ -163,7 +182,7 @@ def warn_wrong_once(kernel: str, device: torch.device, fallback: str) -> None:
         return
     _WARNED.add(key)
     warnings.warn(
-        f"accel QuEST: the {kernel!r} int8 kernel computes wrong results on this machine "
+        f"accel QuEST: the {kernel!r} int8 kernel cannot be used on this machine "
         f"({wrong_results(kernel, device)}); layers asked for it run {fallback!r} instead.",
         RuntimeWarning,
         stacklevel=3,
@@ -258,34 +277,44 @@ def _median_time(fn: Any, repeats: int, warmup: int = 3) -> tuple[float, float]:
 
 @torch.no_grad()
 def measure(
-    layer: Any, rows: int, candidates: tuple[str, ...] = KERNELS, repeats: int = 15, rtol: float = 1e-4
+    layer: Any,
+    rows: int,
+    candidates: tuple[str, ...] = KERNELS,
+    repeats: int = 15,
+    rtol: float = 1e-4,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
-    """Time each runnable candidate on ``layer`` (a QuantLinear) at its own shape (rows x in_features),
-    beside fp32 and bf16 ``F.linear``. A kernel counts as correct when it matches fake-quant within
-    ``rtol`` of the output's scale (float summation order is the only difference)."""
+    """Time each runnable candidate on ``layer`` (a QuantLinear) at its own shape (rows x in_features) from
+    activations in the model's ``dtype``, beside the unquantized layer in that dtype (``"float"``) and fp32 /
+    bf16 ``F.linear`` for reference. A kernel counts as correct when it matches fake-quant within ``rtol`` of
+    the output's scale (float summation order is the only difference; ``dtype``'s rounding of the output is
+    allowed on top)."""
     spec = layer.spec
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(rows, spec.in_features, generator=gen).to(layer.qweight.device)
     if not spec.a_dynamic:  # inputs inside the calibrated range exercise the kernels honestly
         x = x * float(layer.a_scale) * 40
+    x = x.to(dtype)
     w = layer.weight.detach()
     bias = layer.bias
-    timings: dict[str, Any] = {"rows": rows, "shape": [spec.in_features, spec.out_features]}
-    timings["fp32"] = _median_time(lambda: F.linear(x, w, bias), repeats)[0]
-    xb, wb = x.bfloat16(), w.bfloat16()
-    bb = None if bias is None else bias.bfloat16()
-    timings["bf16"] = _median_time(lambda: F.linear(xb, wb, bb), repeats)[0]
+    timings: dict[str, Any] = {
+        "rows": rows, "shape": [spec.in_features, spec.out_features], "dtype": str(dtype)
+    }
+    for name, cast in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("float", dtype)):
+        xc, wc, bc = x.to(cast), w.to(cast), None if bias is None else bias.to(cast)
+        timings[name] = _median_time(lambda: F.linear(xc, wc, bc), repeats)[0]
     saved = layer.kernel
     layer.set_kernel("fake")
-    reference = layer(x)
+    reference = layer(x.float())
     scale = float(reference.abs().max()) or 1.0
+    tolerance = max(rtol, 2 * torch.finfo(dtype).eps)
     for kernel in candidates:
         if not runnable(kernel, spec, x.device):
             continue
         try:
             layer.set_kernel(kernel)
-            error = float((layer(x) - reference).abs().max()) / scale
-            if error > rtol:
+            error = float((layer(x).float() - reference).abs().max()) / scale
+            if error > tolerance:
                 timings[kernel] = f"wrong (rel. error {error:.2e})"
                 continue
             timings[kernel] = _median_time(lambda: layer(x), repeats)[0]
@@ -298,12 +327,27 @@ def measure(
 DEFAULT_ROWS = 256  # rows a layer is measured at when calibration recorded none
 
 
-def timing_label(spec: LayerSpec, rows: int) -> str:
+def timing_label(spec: LayerSpec, rows: int, dtype: torch.dtype = torch.float32) -> str:
     """The key of one shape's :func:`measure` result in a model's ``kernel_timings``."""
-    return f"{spec.in_features}x{spec.out_features} w{spec.w_bits}a{spec.a_bits} rows={rows}"
+    label = f"{spec.in_features}x{spec.out_features} w{spec.w_bits}a{spec.a_bits} rows={rows}"
+    return label if dtype == torch.float32 else f"{label} {str(dtype).removeprefix('torch.')}"
 
 
 def fastest(timings: dict[str, Any]) -> str:
     """The fastest correct candidate in a :func:`measure` result."""
     runnable = {k: v for k, v in timings.items() if k in KERNELS and isinstance(v, float)}
     return min(runnable, key=runnable.get) if runnable else "fake"
+
+
+# An integer kernel must beat the unquantized layer by this much to replace it: on a tie the float layer
+# wins, since it is exact and the timings carry noise.
+FLOAT_MARGIN = 0.97
+
+
+def float_is_faster(timings: dict[str, Any], kernel: str) -> bool:
+    """The unquantized layer (in the model's dtype) beat ``kernel`` in a :func:`measure` result; ``fake``
+    always loses to it (it dequantizes, then runs the same float matmul)."""
+    if kernel == "fake":
+        return True
+    own, plain = timings.get(kernel), timings.get("float", timings.get("fp32"))
+    return isinstance(own, float) and isinstance(plain, float) and own > FLOAT_MARGIN * plain

@@ -40,6 +40,7 @@ class RangeMethod(str, enum.Enum):
 
 class Kernel(str, enum.Enum):
     AUTO = "auto"
+    FUSED = "fused"
     INT_MM = "int_mm"
     ONEDNN = "onednn"
     FAKE = "fake"

@@ -112,9 +112,11 @@ class LSQLinear(torch.nn.Module, _ActQuant):
 class QuantLinear(torch.nn.Module, _ActQuant):
     """Integer ``Linear``: int8 weights (N, K), or 4-bit weights packed two per byte (N, ceil(K/2)).
 
-    ``kernel`` picks the execution: ``"int_mm"`` (``torch._int_mm``, int8 x int8 -> int32, exact, then
-    one float rescale), ``"onednn"`` (x86 oneDNN static qlinear, W8 symmetric + per-tensor A8) or
-    ``"fake"`` (dequantize and run a float matmul: correct everywhere, no speedup).
+    ``kernel`` picks the execution: ``"fused"`` (accel's C++ int8 linear: quantization, int8 GEMM and
+    epilogue in one call, fp32 or bf16 activations, 4-bit weights unpacked per tile), ``"int_mm"``
+    (``torch._int_mm``, int8 x int8 -> int32, exact, then one float rescale), ``"onednn"`` (x86 oneDNN
+    static qlinear, W8 symmetric + per-tensor A8) or ``"fake"`` (dequantize and run a float matmul:
+    correct everywhere, no speedup).
     """
 
     def __init__(self, spec: LayerSpec) -> None:
@@ -208,8 +210,28 @@ class QuantLinear(torch.nn.Module, _ActQuant):
         scale, zero = self.act_qparams(x2d, self.a_scale, a_zero)
         return quantize(x2d, scale, zero, *qrange(self.spec.a_bits, self.spec.a_symmetric)), scale, zero
 
+    def fused_forward(self, x2d: torch.Tensor) -> torch.Tensor:
+        """The ``fused`` kernel on (M, K) fp32 or bf16 activations, output in their dtype."""
+        from accel.kernels.cpu_int8_linear import int8_linear
+
+        rt = self._runtime
+        if "colsum" not in rt:  # derived once per layer: host reads here would break a compiled graph
+            rt["colsum"] = self.int_weight().sum(1, dtype=torch.int32)
+            rt["qrange"] = qrange(self.spec.a_bits, self.spec.a_symmetric)
+            rt["a_scale"] = None if self.spec.a_dynamic else float(self.a_scale)
+            rt["a_zero"] = 0.0 if self.spec.a_dynamic else float(self.a_zero)
+        return int8_linear(
+            x2d, self.qweight, self.spec.in_features, self.w_scale, self.w_zero, rt["colsum"], self.bias,
+            rt["qrange"], self.spec.a_symmetric, rt["a_scale"], rt["a_zero"],
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if self.kernel == "fused":
+            x2d = x.reshape(-1, self.spec.in_features)
+            if x2d.dtype not in (torch.float32, torch.bfloat16):
+                x2d = x2d.float()
+            return self.fused_forward(x2d).reshape(*x.shape[:-1], self.spec.out_features).to(dtype)
         x2d = x.reshape(-1, self.spec.in_features).float()
         qx, scale, zero = self.quantize_input(x2d)
         kernel = self.kernel

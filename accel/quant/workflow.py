@@ -154,20 +154,32 @@ def lsq_layers(
     return result
 
 
-def choose_kernels(layers: dict[str, QuantLinear], rows: dict[str, int], kernel: Kernel) -> dict[str, Any]:
+def choose_kernels(
+    layers: dict[str, QuantLinear],
+    rows: dict[str, int],
+    kernel: Kernel,
+    dtypes: dict[str, torch.dtype] | None = None,
+) -> dict[str, Any]:
     """Set each layer's kernel: the one asked for, or (``auto``) the fastest correct one measured at the
-    layer's own shape (layers of one shape share one measurement). Returns the measurements."""
+    layer's own shape from activations in its model's dtype (``dtypes``, by layer name; fp32 when absent).
+    Layers of one shape share one measurement. Returns the measurements, keyed by :func:`timing_label`."""
     measured: dict[tuple, dict[str, Any]] = {}
     for name, layer in layers.items():
         if kernel is not Kernel.AUTO:
             fits = qkernels.unavailable(kernel.value, layer.spec, layer.qweight.device) is None
             layer.set_kernel(kernel.value if fits else "fake")  # a wrong kernel falls back, warned once
             continue
-        key = (layer.spec, rows.get(name, qkernels.DEFAULT_ROWS))
+        dtype = (dtypes or {}).get(name, torch.float32)
+        key = (layer.spec, rows.get(name, qkernels.DEFAULT_ROWS), dtype)
         if key not in measured:
-            measured[key] = qkernels.measure(layer, key[1])
+            measured[key] = qkernels.measure(layer, key[1], dtype=dtype)
         layer.set_kernel(qkernels.fastest(measured[key]))
-    return {qkernels.timing_label(s, r): t for (s, r), t in measured.items()}
+    return {qkernels.timing_label(s, r, d): t for (s, r, d), t in measured.items()}
+
+
+def linear_dtypes(model: torch.nn.Module, names: Any) -> dict[str, torch.dtype]:
+    """The weight dtype of each named linear layer (what its activations arrive in)."""
+    return {name: model.get_submodule(name).weight.dtype for name in names}
 
 
 def finetune(
@@ -268,7 +280,7 @@ def finetune(
     layers = {name: layer.freeze() for name, layer in lsq.items()}
     rows = {n: calibration.observers[n].rows for n in names} if calibration else {}
     meta["rows"] = rows
-    meta["kernel_timings"] = choose_kernels(layers, rows, config.kernel)
+    meta["kernel_timings"] = choose_kernels(layers, rows, config.kernel, linear_dtypes(model, layers))
     return QuantizedModel(fingerprint, config.replace(artifact=None).to_dict(), layers, meta)
 
 

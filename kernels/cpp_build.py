@@ -1,0 +1,106 @@
+"""Building accel's C++ CPU extensions on first use: one lazily built, cached module per source file.
+
+Each extension is compiled with torch's C++ toolchain (``torch.utils.cpp_extension``) for this machine's CPU
+(``-march=native``; the build name carries a hash of the CPU's flags, the source and the torch version, so a
+cache shared with another CPU type never loads a binary it cannot run). A build needs a C++ compiler and
+ninja; when it fails the reason is kept (:attr:`CppExtension.failure`), logged once, never retried in the
+process, and callers take their pure-PyTorch path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _cpu_flags() -> str:
+    flags = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return flags + line
+    except OSError:
+        pass
+    return flags
+
+
+def _ensure_ninja_on_path() -> None:
+    """torch's builder runs ``ninja`` from PATH; a venv's python run without activating the venv does not have
+    the venv's ``bin`` (where the ``ninja`` package puts it) on PATH."""
+    if shutil.which("ninja"):
+        return
+    candidates = [str(Path(sys.executable).parent)]
+    try:
+        import ninja  # type: ignore[import-not-found]
+
+        candidates.insert(0, ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        pass
+    os.environ["PATH"] = os.pathsep.join([*candidates, os.environ.get("PATH", "")])
+
+
+class CppExtension:
+    """The extension built from ``source`` (a ``.cpp`` beside this file), loaded on first :meth:`load`."""
+
+    def __init__(self, source: str, what: str, fallback: str) -> None:
+        self.source = Path(__file__).with_name(source)
+        self.what = what  # for messages: "the CPU block-sparse kernel"
+        self.fallback = fallback  # what callers use instead: "the gather path"
+        self.module: Any = None
+        self.failure: str | None = None
+        self._lock = threading.Lock()
+        self.build: Callable[[], Any] = self._build
+
+    def tag(self) -> str:
+        source = self.source.read_bytes() if self.source.exists() else b""
+        return hashlib.sha1(_cpu_flags().encode() + source + torch.__version__.encode()).hexdigest()[:10]
+
+    def _build(self) -> Any:
+        from torch.utils.cpp_extension import load
+
+        _ensure_ninja_on_path()
+        logger.info("accel: building %s (once per machine, ~30 s)", self.what)
+        return load(
+            name=f"accel_{self.source.stem}_{self.tag()}",
+            sources=[str(self.source)],
+            # -fopenmp: at::parallel_for is an OpenMP region only when the extension is built with it; the
+            # runtime resolves to the libgomp torch already loaded (same soname), so there is one thread pool.
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+
+    def load(self) -> Any:
+        """The compiled module, building it on first call; ``None`` (and :attr:`failure` set) if the build
+        fails. Thread-safe."""
+        with self._lock:
+            if self.module is None and self.failure is None:
+                try:
+                    self.module = self.build()
+                except Exception as exc:  # noqa: BLE001 - any build failure: use the fallback, say so once
+                    text = str(exc).strip()
+                    self.failure = f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}"
+                    logger.warning("accel: %s did not build (%s); using %s.", self.what, self.failure,
+                                   self.fallback)
+            return self.module
+
+    def available(self) -> bool:
+        return self.load() is not None
+
+    def require(self) -> Any:
+        """The module, or a clear error naming why it is unavailable."""
+        module = self.load()
+        if module is None:
+            raise RuntimeError(f"{self.what} is unavailable ({self.failure}).")
+        return module
