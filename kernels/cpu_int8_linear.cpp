@@ -12,6 +12,7 @@
 // The integer accumulators equal sum_k (qx - zx)(qw - zw) exactly, as the Python reference computes them;
 // quantization uses the reference's float operations (division, round-half-even), so the int8 activations
 // are bit-identical too. `accumulators=true` returns the corrected int32 tile values for tests.
+// weight_only_linear serves weight-only layers (W4A16) with the same column tiles and a float GEMM.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -207,6 +208,77 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor qweight, int64_t k, boo
   return out;
 }
 
+// Columns [n0, n0 + tn) of an int8 or packed 4-bit weight, dequantized ((q - zw) * sw, the reference's float
+// operations) into T (tn, K).
+template <typename T>
+void dequantize_rows(const torch::Tensor& qweight, bool packed, int64_t k, int64_t n0, int64_t tn,
+                     const float* w_scale, const int32_t* w_zero, T* out) {
+  const int8_t* q8 = packed ? nullptr : qweight.data_ptr<int8_t>();
+  const uint8_t* q4 = packed ? qweight.data_ptr<uint8_t>() : nullptr;
+  const int64_t kp = (k + 1) / 2, half = k / 2;
+  at::parallel_for(0, tn, 8, [=](int64_t begin, int64_t end) {
+    std::vector<float> row(k);
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t c = n0 + j;
+      const float zw = static_cast<float>(w_zero[c]), sw = w_scale[c];
+      float* __restrict r = row.data();
+      if (packed) {
+        const uint8_t* __restrict src = q4 + c * kp;
+        for (int64_t i = 0; i < half; ++i) {
+          r[2 * i] = static_cast<float>((src[i] & 0x0F) - 8);
+          r[2 * i + 1] = static_cast<float>((src[i] >> 4) - 8);
+        }
+        if (k % 2) r[k - 1] = static_cast<float>((src[half] & 0x0F) - 8);
+      } else {
+        const int8_t* __restrict src = q8 + c * k;
+        for (int64_t i = 0; i < k; ++i) r[i] = static_cast<float>(src[i]);
+      }
+      T* __restrict dst = out + j * k;
+      for (int64_t i = 0; i < k; ++i) dst[i] = static_cast<T>((r[i] - zw) * sw);
+    }
+  });
+}
+
+// Weight-only linear (float activations): per column tile, the weight dequantized into a reused buffer in
+// x's dtype, one GEMM in that dtype, then the bias. The float weight never exists whole.
+torch::Tensor weight_only_linear(torch::Tensor x, torch::Tensor qweight, int64_t k, torch::Tensor w_scale,
+                                 torch::Tensor w_zero, torch::Tensor bias, int64_t tile_n) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.is_contiguous(), "x must be contiguous (M, K)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  const bool packed = qweight.scalar_type() == at::kByte;
+  TORCH_CHECK(packed || qweight.scalar_type() == at::kChar, "qweight must be int8 or packed uint8");
+  TORCH_CHECK(qweight.is_contiguous() && qweight.size(1) == (packed ? (k + 1) / 2 : k), "qweight shape");
+  const int64_t m = x.size(0), n = qweight.size(0);
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_zero.scalar_type() == at::kInt, "w_scale, w_zero dtypes");
+  const bool has_bias = bias.numel() > 0;
+  TORCH_CHECK(!has_bias || (bias.numel() == n && bias.scalar_type() == at::kFloat), "bias (N,) float32");
+  const int64_t tn_max = tile_n > 0 ? std::min(tile_n, n) : std::min<int64_t>(256, n);
+  auto out = torch::empty({m, n}, x.options());
+  auto w_tile = torch::empty({tn_max, k}, x.options());
+  auto y_tile = torch::empty({m, tn_max}, x.options());
+  auto zeros = has_bias ? bias : torch::zeros({n}, torch::dtype(torch::kFloat));
+  const float* b = zeros.data_ptr<float>();
+  for (int64_t n0 = 0; n0 < n; n0 += tn_max) {
+    const int64_t tn = std::min(tn_max, n - n0);
+    auto wt = w_tile.narrow(0, 0, tn);
+    auto yt = tn == tn_max ? y_tile : torch::empty({m, tn}, x.options());
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "weight_only_linear", [&] {
+      dequantize_rows<scalar_t>(qweight, packed, k, n0, tn, w_scale.data_ptr<float>(), w_zero.data_ptr<int32_t>(),
+                                wt.data_ptr<scalar_t>());
+      at::mm_out(yt, x, wt.t());
+      const scalar_t* y = yt.data_ptr<scalar_t>();
+      scalar_t* o = out.data_ptr<scalar_t>();
+      at::parallel_for(0, m, 8, [=](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r)
+          for (int64_t j = 0; j < tn; ++j)
+            o[r * n + n0 + j] = static_cast<scalar_t>(static_cast<float>(y[r * tn + j]) + b[n0 + j]);
+      });
+    });
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear", &int8_linear, "Fused int8 linear: quantize, int8 GEMM, dequantize + bias (CPU)");
+  m.def("weight_only_linear", &weight_only_linear, "Weight-only linear: int8/4-bit weights dequantized per tile");
 }

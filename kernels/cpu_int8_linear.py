@@ -55,3 +55,23 @@ def int8_linear(
         1.0 if a_scale is None else float(a_scale), float(a_zero), int(qrange[0]), int(qrange[1]),
         w_scale, w_zero, w_colsum, empty if bias is None else bias, int(tile_n), bool(accumulators),
     )
+
+
+def weight_only_linear(
+    x2d: torch.Tensor,
+    qweight: torch.Tensor,
+    in_features: int,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor,
+    bias: torch.Tensor | None,
+    tile_n: int = 0,
+) -> torch.Tensor:
+    """``x2d @ dequant(W)^T + bias`` with float activations (M, K) (float32 or bfloat16, computed in that
+    dtype): the integer weight (int8, or packed 4-bit) is dequantized one column tile at a time."""
+    if x2d.device.type != "cpu":
+        raise ValueError(f"the weight-only linear runs on CPU tensors, got {x2d.device}.")
+    module: Any = EXTENSION.require()
+    return module.weight_only_linear(
+        x2d.contiguous(), qweight, int(in_features), w_scale, w_zero,
+        torch.empty(0) if bias is None else bias, int(tile_n),
+    )

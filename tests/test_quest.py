@@ -106,7 +106,8 @@ def _random_layer(
     linear.weight.data = torch.randn(n, k, generator=gen) * 0.1
     spec = LayerSpec(k, n, w_bits, a_bits, w_sym, a_sym, dynamic, True)
     ws, wz = weight_qparams(linear.weight, w_bits, w_sym)
-    a_scale, a_zero = (None, None) if dynamic else act_qparams(-2.0, 3.0, None, a_bits, a_sym, "minmax")
+    static = not dynamic and a_bits < 16
+    a_scale, a_zero = act_qparams(-2.0, 3.0, None, a_bits, a_sym, "minmax") if static else (None, None)
     return LSQLinear(linear, spec, ws, wz, a_scale, a_zero).freeze()
 
 
@@ -292,6 +293,26 @@ def test_fused_kernel_takes_bf16_activations():
     assert torch.equal(out, layer(x.float()).bfloat16())
 
 
+@pytest.mark.parametrize("k,n,w_bits", [(72, 40, 4), (201, 300, 4), (128, 72, 8)])
+def test_weight_only_layer_unpacks_per_tile_and_matches_reference(k, n, w_bits):
+    """W4A16: activations stay float; the fused path dequantizes the packed weight one column tile at a
+    time and equals the dequantized-weight matmul (fp32: summation order only; bf16: its rounding)."""
+    _needs_fused()
+    layer = _random_layer(k, n, w_bits, 16, False, False, False)
+    assert layer.spec.weight_only and layer.a_scale is None
+    assert layer.qweight.dtype == (torch.uint8 if w_bits == 4 else torch.int8)
+    x = torch.randn(3, 33, k, generator=torch.Generator().manual_seed(k))
+    reference = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert torch.equal(layer(x), reference)  # fake
+    layer.set_kernel("fused")
+    torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5)
+    out = layer(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=0.02, atol=0.05 * float(reference.abs().max()))
+    with pytest.raises(ValueError, match="weight-only layers"):
+        layer.set_kernel("int_mm")
+
+
 def test_fused_kernel_falls_back_when_it_does_not_build(fresh_kernel_checks, monkeypatch):
     """No compiler: layers asked for ``fused`` run the next correct integer kernel, with one warning that
     says why, and the auto choice never offers it."""
@@ -445,6 +466,24 @@ def test_patch_quantizes_and_remove_restores_exactly():
     assert torch.equal(_run(pipe), reference)
 
 
+def test_weight_only_patch_needs_no_calibration_and_saves_bytes():
+    """W4A16 on a pipeline: no calibration run (no activation ranges), every linear layer packed to 4 bits
+    (an eighth of its fp32 weight bytes), outputs near the float model's, and removal exact."""
+    pipe = TinyPipe(layers=2)
+    reference = _run(pipe)
+    config = _config(bits="w4a16")
+    assert not config.needs_calibration
+    with accel.patch(pipe, config) as patch:
+        layers = [m for m in pipe.transformer.modules() if isinstance(m, QuantLinear)]
+        assert layers and all(m.qweight.dtype == torch.uint8 and m.a_scale is None for m in layers)
+        assert all(m.qweight.numel() * 2 <= (m.spec.in_features + 1) * m.spec.out_features for m in layers)
+        out = _run(pipe)
+        report = patch.report().methods["quest"]
+    assert report["bits"] == {"w4a16": 20}
+    assert float((out - reference).abs().mean()) < 0.5 and not torch.equal(out, reference)
+    assert torch.equal(_run(pipe), reference)
+
+
 def test_save_load_bit_identical_and_mismatch_refused(tmp_path):
     pipe = TinyPipe(layers=2)
     config = _config(bits="w4a4", finetune_iters=5)
@@ -497,7 +536,7 @@ def _layers_forward(model, qm, x, t, labels):
 @pytest.mark.parametrize(
     "field,value,match",
     [
-        ("bits", "w3a8", r"QuESTConfig.bits must be one of 'w8a8', 'w4a8', 'w4a4', got 'w3a8'"),
+        ("bits", "w3a8", r"QuESTConfig.bits must be one of 'w8a8', 'w4a8', 'w4a4', 'w4a16', got 'w3a8'"),
         (
             "act_granularity",
             "per_row",

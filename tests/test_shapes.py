@@ -62,3 +62,20 @@ def test_bench_times_a_shape_and_says_quality_is_not_measured(tmp_path, capsys):
         assert any("quality not measured" in note for note in r["notes"])
     assert records[1]["compute_fraction"] < 1.0
     assert "quality: not measured on shape workloads" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quest_width_benchmark_runs_and_reports(tmp_path):
+    """The real-width QuEST benchmark at a tiny token count: every requested variant gets a row with its
+    speed against fp32 (paired), its cosine to the fp32 output and its bytes."""
+    from accel.benchmarks import quest_width
+
+    quest_width.main(["--model", "shape:pixart-xl-512:blocks=1:latent=8", "--variants",
+                      "fp32,bf16,w8a8,w4a16", "--repeats", "1", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "quest_width.json").read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == ["fp32", "bf16", "w8a8", "w4a16"]
+    assert rows["w8a8"]["cosine_vs_fp32"] > 0.99 and rows["w4a16"]["cosine_vs_fp32"] > 0.95
+    assert rows["w4a16"]["bytes_vs_fp32"] < 0.3 and rows["w8a8"]["bytes_vs_fp32"] < 0.4
+    assert all(r["speedup_vs_fp32"] > 0 and "speedup_vs_bf16" in r for r in rows.values())
+    assert "| w4a16 |" in (tmp_path / "quest_width.md").read_text()

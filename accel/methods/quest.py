@@ -182,7 +182,8 @@ def _apply(ctx: PatchContext, config: QuESTConfig) -> QuEST:
 def _kept_in_float(qmodel: QuantizedModel, config: QuESTConfig, dtypes: dict[str, torch.dtype]) -> set[str]:
     """Layers the auto choice leaves unquantized: no integer kernel is correct here, or none beat the float
     layer in the model's own dtype at the layer's shape (bf16 GEMMs at width 128 beat int8 with its
-    quantize/rescale passes), so quantizing would only slow them."""
+    quantize/rescale passes), so quantizing would only slow them. Weight-only layers (``w4a16``) are asked
+    for their memory and stay quantized on the fused kernel even at equal speed."""
     if config.kernel is not Kernel.AUTO or not config.keep_float_when_faster:
         return set()
     timings = qmodel.meta.get("kernel_timings", {})
@@ -190,6 +191,8 @@ def _kept_in_float(qmodel: QuantizedModel, config: QuESTConfig, dtypes: dict[str
     kept = set()
     for name, layer in qmodel.layers.items():
         label = qkernels.timing_label(layer.spec, rows.get(name, qkernels.DEFAULT_ROWS), dtypes[name])
+        if layer.spec.weight_only and layer.kernel != "fake":
+            continue  # weight-only layers are there for memory: quantized wherever an integer path runs
         if layer.kernel == "fake" or qkernels.float_is_faster(timings.get(label, {}), layer.kernel):
             kept.add(name)
     return kept

@@ -13,7 +13,9 @@ class QuESTConfig(MethodConfig):
     """QuEST settings.
 
     Args:
-        bits: ``"w8a8"``, ``"w4a8"`` or ``"w4a4"`` (weight / activation bits of every linear layer).
+        bits: ``"w8a8"``, ``"w4a8"``, ``"w4a4"`` (weight / activation bits of every linear layer) or
+            ``"w4a16"`` (4-bit weights only: activations stay in the model's float dtype, no activation
+            calibration; for memory, with the weight unpacked one column tile at a time).
         weight_granularity: ``"per_channel"`` (one scale per output channel) or ``"per_tensor"``.
         act_granularity: ``"per_tensor"`` (static, calibrated) or ``"per_token"`` (dynamic).
         weight_symmetric / act_symmetric: symmetric (zero point 0) or asymmetric quantizers.
@@ -80,4 +82,5 @@ class QuESTConfig(MethodConfig):
 
     @property
     def needs_calibration(self) -> bool:
-        return self.act_granularity is ActGranularity.PER_TENSOR or self.finetune_iters > 0
+        static = self.act_granularity is ActGranularity.PER_TENSOR and not self.bits.weight_only
+        return static or self.finetune_iters > 0

@@ -52,6 +52,8 @@ def unavailable(kernel: str, spec: LayerSpec, device: torch.device) -> str | Non
         return "this torch has no torch._int_mm."
     if kernel == "fused" and device.type != "cpu":
         return "the fused int8 linear runs on CPU."
+    if spec.weight_only and kernel != "fused":
+        return "weight-only layers (float activations) run on the fused kernel or fake-quant."
     if kernel == "onednn":
         if device.type != "cpu" or not hasattr(torch.ops.onednn, "qlinear_pointwise"):
             return "oneDNN qlinear runs on CPU builds with oneDNN only."
@@ -292,7 +294,7 @@ def measure(
     spec = layer.spec
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(rows, spec.in_features, generator=gen).to(layer.qweight.device)
-    if not spec.a_dynamic:  # inputs inside the calibrated range exercise the kernels honestly
+    if spec.static_acts:  # inputs inside the calibrated range exercise the kernels honestly
         x = x * float(layer.a_scale) * 40
     x = x.to(dtype)
     w = layer.weight.detach()

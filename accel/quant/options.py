@@ -6,9 +6,12 @@ import enum
 
 
 class Bits(str, enum.Enum):
+    """Weight and activation bits. ``w4a16``: 4-bit weights only, activations stay float (bf16 or fp32)."""
+
     W8A8 = "w8a8"
     W4A8 = "w4a8"
     W4A4 = "w4a4"
+    W4A16 = "w4a16"
 
     @property
     def weight(self) -> int:
@@ -16,7 +19,11 @@ class Bits(str, enum.Enum):
 
     @property
     def act(self) -> int:
-        return int(self.value[3])
+        return int(self.value[3:])
+
+    @property
+    def weight_only(self) -> bool:
+        return self.act >= 16
 
 
 class WeightGranularity(str, enum.Enum):

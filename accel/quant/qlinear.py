@@ -32,6 +32,16 @@ class LayerSpec:
     a_dynamic: bool
     bias: bool
 
+    @property
+    def weight_only(self) -> bool:
+        """Only the weights are quantized (``a_bits`` 16): activations stay in the model's float dtype."""
+        return self.a_bits >= 16
+
+    @property
+    def static_acts(self) -> bool:
+        """Activations quantized with one calibrated per-tensor range."""
+        return not self.a_dynamic and not self.weight_only
+
     def to_json(self) -> dict:
         return asdict(self)
 
@@ -71,7 +81,7 @@ class LSQLinear(torch.nn.Module, _ActQuant):
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().float().clone())
         self.log_w_scale = torch.nn.Parameter(w_scale.float().log())
         self.register_buffer("w_zero", w_zero.float())
-        if spec.a_dynamic:
+        if not spec.static_acts:
             self.log_a_scale, self.a_zero = None, None
         else:
             self.log_a_scale = torch.nn.Parameter(a_scale.float().reshape(()).log())
@@ -82,7 +92,7 @@ class LSQLinear(torch.nn.Module, _ActQuant):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x2d = x.reshape(-1, self.spec.in_features).float()
-        if self.quantize_acts:
+        if self.quantize_acts and not self.spec.weight_only:
             a_scale = None if self.log_a_scale is None else self.log_a_scale.exp()
             scale, zero = self.act_qparams(x2d, a_scale, self.a_zero)
             x2d = fake_quant(x2d, scale, zero, *qrange(self.spec.a_bits, self.spec.a_symmetric))
@@ -131,8 +141,8 @@ class QuantLinear(torch.nn.Module, _ActQuant):
         self.register_buffer("w_scale", torch.ones(n))
         self.register_buffer("w_zero", torch.zeros(n, dtype=torch.int32))
         self.register_buffer("bias", torch.zeros(n) if spec.bias else None)
-        self.register_buffer("a_scale", None if spec.a_dynamic else torch.ones(()))
-        self.register_buffer("a_zero", None if spec.a_dynamic else torch.zeros((), dtype=torch.int32))
+        self.register_buffer("a_scale", torch.ones(()) if spec.static_acts else None)
+        self.register_buffer("a_zero", torch.zeros((), dtype=torch.int32) if spec.static_acts else None)
         # Models read their dtype from their first parameter (diffusers' Wan does
         # ``next(self.time_embedder.parameters()).dtype``); a module made only of quantized layers would have
         # none. This empty parameter carries the replaced weight's dtype and is never saved.
@@ -161,7 +171,7 @@ class QuantLinear(torch.nn.Module, _ActQuant):
         layer.w_zero = w_zero.detach().round().to(torch.int32)
         if spec.bias:
             layer.bias = bias.detach().float().clone()
-        if not spec.a_dynamic:
+        if spec.static_acts:
             layer.a_scale = a_scale.detach().float().reshape(()).clone()
             layer.a_zero = a_zero.detach().round().to(torch.int32).reshape(())
         return layer
@@ -212,8 +222,12 @@ class QuantLinear(torch.nn.Module, _ActQuant):
 
     def fused_forward(self, x2d: torch.Tensor) -> torch.Tensor:
         """The ``fused`` kernel on (M, K) fp32 or bf16 activations, output in their dtype."""
-        from accel.kernels.cpu_int8_linear import int8_linear
+        from accel.kernels.cpu_int8_linear import int8_linear, weight_only_linear
 
+        if self.spec.weight_only:
+            return weight_only_linear(
+                x2d, self.qweight, self.spec.in_features, self.w_scale, self.w_zero, self.bias
+            )
         rt = self._runtime
         if "colsum" not in rt:  # derived once per layer: host reads here would break a compiled graph
             rt["colsum"] = self.int_weight().sum(1, dtype=torch.int32)
@@ -233,6 +247,9 @@ class QuantLinear(torch.nn.Module, _ActQuant):
                 x2d = x2d.float()
             return self.fused_forward(x2d).reshape(*x.shape[:-1], self.spec.out_features).to(dtype)
         x2d = x.reshape(-1, self.spec.in_features).float()
+        if self.spec.weight_only:  # fake: the dequantized weight in a float matmul
+            out = F.linear(x2d, self.weight, self.bias)
+            return out.reshape(*x.shape[:-1], self.spec.out_features).to(dtype)
         qx, scale, zero = self.quantize_input(x2d)
         kernel = self.kernel
         if kernel != "fake" and not kernels.shape_ok(kernel, qx.shape[0], self.spec, qx.device):
@@ -252,9 +269,10 @@ class QuantLinear(torch.nn.Module, _ActQuant):
 
     def extra_repr(self) -> str:
         s = self.spec
+        acts = "float" if s.weight_only else "per-token dynamic" if s.a_dynamic else "per-tensor static"
         return (
             f"in_features={s.in_features}, out_features={s.out_features}, w{s.w_bits}a{s.a_bits}, "
-            f"acts={'per-token dynamic' if s.a_dynamic else 'per-tensor static'}, kernel={self.kernel}"
+            f"acts={acts}, kernel={self.kernel}"
         )
 
 

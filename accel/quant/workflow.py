@@ -114,7 +114,7 @@ def _specs(
             layer.in_features,
             layer.out_features,
             config.bits.weight,
-            8 if name in edge else config.bits.act,
+            8 if name in edge and not config.bits.weight_only else config.bits.act,
             config.weight_symmetric,
             config.act_symmetric,
             dynamic,
@@ -139,7 +139,7 @@ def lsq_layers(
         else:
             scale, zero = weight_qparams(w, spec.w_bits, spec.w_symmetric)
         a_scale = a_zero = None
-        if not spec.a_dynamic:
+        if spec.static_acts:
             obs = calib.observers[name]
             a_scale, a_zero = act_qparams(
                 obs.lo,
@@ -201,7 +201,7 @@ def finetune(
     _, model = resolve_target(target)
     adapter = find_adapter(model)
     if calibration is None:
-        if iters > 0 or config.act_granularity is ActGranularity.PER_TENSOR:
+        if iters > 0 or config.needs_calibration:
             raise ValueError(
                 "QuEST needs a calibration here (static activation ranges or finetuning): "
                 "calib = accel.methods.quest.calibrate(pipe_or_model, config, ...)."
