@@ -33,7 +33,7 @@ from accel.modules import output_tensor
 from accel.quant.finetune import relative_error, swapped, teacher_outputs
 from accel.timing import median_time
 
-BITS = ("w8a8", "w4a8", "w4a4")
+BITS = ("w8a8", "w4a8", "w4a4", "w4a16")
 
 
 def _time(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> tuple[float, float]:
@@ -244,9 +244,25 @@ def _swap_run(bench: _Dit, quantized: torch.nn.Module) -> tuple[torch.Tensor, tu
         bench.pipe.transformer = original
 
 
+def _quanto_weight_only(bench: _Dit) -> dict[str, Any]:
+    """optimum-quanto's qint4 weight-only quantization: the peer of ``w4a16``."""
+    try:
+        from optimum.quanto import freeze, qint4, quantize
+    except ImportError as exc:
+        return {"model": "digits-dit", "bits": "w4a16", "method": "optimum-quanto",
+                "note": f"not installed ({exc})"}
+    qto = copy.deepcopy(bench.pipe.transformer)
+    quantize(qto, weights=qint4)
+    freeze(qto)
+    images, latency = _swap_run(bench, qto)
+    return _row("digits-dit", "w4a16", "optimum-quanto qint4 weights", bench, images, latency, _bytes(qto),
+                {})
+
+
 def _baselines(bench: _Dit, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """int8 baselines at W8A8: torch.ao dynamic (fbgemm), torchao int8 dynamic, optimum-quanto."""
-    rows = []
+    """int8 baselines at W8A8: torch.ao dynamic (fbgemm), torchao int8 dynamic, optimum-quanto; and
+    optimum-quanto's qint4 weights beside ``w4a16``."""
+    rows = [_quanto_weight_only(bench)] if "w4a16" in args.bits else []
     if "w8a8" not in args.bits:
         return rows
     model = bench.pipe.transformer
@@ -360,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m accel.benchmarks.quest_bench", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--bits", default=",".join(BITS), help="comma-separated: w8a8,w4a8,w4a4")
+    parser.add_argument("--bits", default=",".join(BITS), help=f"comma-separated: {','.join(BITS)}")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps (generation and calibration)")
     parser.add_argument("--per-label", type=int, default=10, help="generated samples per digit")
     parser.add_argument("--iters", type=int, default=300, help="QuEST finetuning iterations")

@@ -239,10 +239,23 @@ void dequantize_rows(const torch::Tensor& qweight, bool packed, int64_t k, int64
   });
 }
 
-// Weight-only linear (float activations): per column tile, the weight dequantized into a reused buffer in
-// x's dtype, one GEMM in that dtype, then the bias. The float weight never exists whole.
+// y[:, n0:n0+tn] + bias, from the compute dtype C into the output dtype O.
+template <typename C, typename O>
+void store_tile(const C* y, int64_t m, int64_t tn, int64_t n0, int64_t n, const float* bias, O* out) {
+  at::parallel_for(0, m, 8, [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const C* __restrict src = y + r * tn;
+      O* __restrict dst = out + r * n + n0;
+      for (int64_t j = 0; j < tn; ++j) dst[j] = static_cast<O>(static_cast<float>(src[j]) + bias[n0 + j]);
+    }
+  });
+}
+
+// Weight-only linear (float activations): per column tile, the weight dequantized into a reused buffer in the
+// compute dtype, one GEMM in that dtype, then the bias. The float weight never exists whole. `bf16_compute`
+// runs fp32 activations through a bf16 GEMM (W4A16: 16-bit activations), for CPUs with bf16 dot products.
 torch::Tensor weight_only_linear(torch::Tensor x, torch::Tensor qweight, int64_t k, torch::Tensor w_scale,
-                                 torch::Tensor w_zero, torch::Tensor bias, int64_t tile_n) {
+                                 torch::Tensor w_zero, torch::Tensor bias, int64_t tile_n, bool bf16_compute) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.is_contiguous(), "x must be contiguous (M, K)");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
   const bool packed = qweight.scalar_type() == at::kByte;
@@ -252,27 +265,26 @@ torch::Tensor weight_only_linear(torch::Tensor x, torch::Tensor qweight, int64_t
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_zero.scalar_type() == at::kInt, "w_scale, w_zero dtypes");
   const bool has_bias = bias.numel() > 0;
   TORCH_CHECK(!has_bias || (bias.numel() == n && bias.scalar_type() == at::kFloat), "bias (N,) float32");
+  const torch::Tensor xc = bf16_compute ? x.to(at::kBFloat16) : x;
   const int64_t tn_max = tile_n > 0 ? std::min(tile_n, n) : std::min<int64_t>(256, n);
   auto out = torch::empty({m, n}, x.options());
-  auto w_tile = torch::empty({tn_max, k}, x.options());
-  auto y_tile = torch::empty({m, tn_max}, x.options());
+  auto w_tile = torch::empty({tn_max, k}, xc.options());
+  auto y_tile = torch::empty({m, tn_max}, xc.options());
   auto zeros = has_bias ? bias : torch::zeros({n}, torch::dtype(torch::kFloat));
   const float* b = zeros.data_ptr<float>();
   for (int64_t n0 = 0; n0 < n; n0 += tn_max) {
     const int64_t tn = std::min(tn_max, n - n0);
     auto wt = w_tile.narrow(0, 0, tn);
-    auto yt = tn == tn_max ? y_tile : torch::empty({m, tn}, x.options());
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "weight_only_linear", [&] {
+    auto yt = tn == tn_max ? y_tile : torch::empty({m, tn}, xc.options());
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xc.scalar_type(), "weight_only_linear", [&] {
       dequantize_rows<scalar_t>(qweight, packed, k, n0, tn, w_scale.data_ptr<float>(), w_zero.data_ptr<int32_t>(),
                                 wt.data_ptr<scalar_t>());
-      at::mm_out(yt, x, wt.t());
-      const scalar_t* y = yt.data_ptr<scalar_t>();
-      scalar_t* o = out.data_ptr<scalar_t>();
-      at::parallel_for(0, m, 8, [=](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r)
-          for (int64_t j = 0; j < tn; ++j)
-            o[r * n + n0 + j] = static_cast<scalar_t>(static_cast<float>(y[r * tn + j]) + b[n0 + j]);
-      });
+      at::mm_out(yt, xc, wt.t());
+      if (x.scalar_type() == at::kFloat) {
+        store_tile<scalar_t, float>(yt.data_ptr<scalar_t>(), m, tn, n0, n, b, out.data_ptr<float>());
+      } else {
+        store_tile<scalar_t, c10::BFloat16>(yt.data_ptr<scalar_t>(), m, tn, n0, n, b, out.data_ptr<c10::BFloat16>());
+      }
     });
   }
   return out;

@@ -48,12 +48,10 @@ def int8_linear(
     int32 values ``sum_k (qx - zx)(qw - zw)``."""
     if x2d.device.type != "cpu":
         raise ValueError(f"the fused int8 linear runs on CPU tensors, got {x2d.device}.")
-    module: Any = EXTENSION.require()
-    empty = torch.empty(0)
-    return module.int8_linear(
-        x2d.contiguous(), qweight, int(in_features), a_scale is None, bool(symmetric),
-        1.0 if a_scale is None else float(a_scale), float(a_zero), int(qrange[0]), int(qrange[1]),
-        w_scale, w_zero, w_colsum, empty if bias is None else bias, int(tile_n), bool(accumulators),
+    return torch.ops.accel.int8_linear(
+        x2d.contiguous(), qweight, int(in_features), w_scale, w_zero, w_colsum, bias, int(qrange[0]),
+        int(qrange[1]), bool(symmetric), None if a_scale is None else float(a_scale), float(a_zero),
+        int(tile_n), bool(accumulators),
     )
 
 
@@ -65,13 +63,51 @@ def weight_only_linear(
     w_zero: torch.Tensor,
     bias: torch.Tensor | None,
     tile_n: int = 0,
+    bf16_compute: bool = False,
 ) -> torch.Tensor:
-    """``x2d @ dequant(W)^T + bias`` with float activations (M, K) (float32 or bfloat16, computed in that
-    dtype): the integer weight (int8, or packed 4-bit) is dequantized one column tile at a time."""
+    """``x2d @ dequant(W)^T + bias`` with float activations (M, K) (float32 or bfloat16, output in that
+    dtype): the integer weight (int8, or packed 4-bit) is dequantized one column tile at a time. The GEMM
+    runs in ``x2d``'s dtype, or with ``bf16_compute`` in bfloat16 (16-bit activations, W4A16)."""
     if x2d.device.type != "cpu":
         raise ValueError(f"the weight-only linear runs on CPU tensors, got {x2d.device}.")
+    return torch.ops.accel.weight_only_linear(
+        x2d.contiguous(), qweight, int(in_features), w_scale, w_zero, bias, int(tile_n), bool(bf16_compute)
+    )
+
+
+# Registered as custom ops (with shape-only fake implementations) so a compiled model keeps these layers
+# inside its graph instead of breaking it at every quantized linear.
+@torch.library.custom_op("accel::int8_linear", mutates_args=())
+def _int8_linear_op(
+    x2d: torch.Tensor, qweight: torch.Tensor, in_features: int, w_scale: torch.Tensor, w_zero: torch.Tensor,
+    w_colsum: torch.Tensor, bias: torch.Tensor | None, qmin: int, qmax: int, symmetric: bool,
+    a_scale: float | None, a_zero: float, tile_n: int, accumulators: bool,
+) -> torch.Tensor:
+    module: Any = EXTENSION.require()
+    return module.int8_linear(
+        x2d, qweight, in_features, a_scale is None, symmetric, 1.0 if a_scale is None else a_scale, a_zero,
+        qmin, qmax, w_scale, w_zero, w_colsum, torch.empty(0) if bias is None else bias, tile_n, accumulators,
+    )
+
+
+@_int8_linear_op.register_fake
+def _(x2d, qweight, in_features, w_scale, w_zero, w_colsum, bias, qmin, qmax, symmetric, a_scale, a_zero,
+      tile_n, accumulators):
+    return x2d.new_empty((x2d.shape[0], qweight.shape[0]), dtype=torch.int32 if accumulators else x2d.dtype)
+
+
+@torch.library.custom_op("accel::weight_only_linear", mutates_args=())
+def _weight_only_op(
+    x2d: torch.Tensor, qweight: torch.Tensor, in_features: int, w_scale: torch.Tensor, w_zero: torch.Tensor,
+    bias: torch.Tensor | None, tile_n: int, bf16_compute: bool,
+) -> torch.Tensor:
     module: Any = EXTENSION.require()
     return module.weight_only_linear(
-        x2d.contiguous(), qweight, int(in_features), w_scale, w_zero,
-        torch.empty(0) if bias is None else bias, int(tile_n),
+        x2d, qweight, in_features, w_scale, w_zero, torch.empty(0) if bias is None else bias, tile_n,
+        bf16_compute,
     )
+
+
+@_weight_only_op.register_fake
+def _(x2d, qweight, in_features, w_scale, w_zero, bias, tile_n, bf16_compute):
+    return x2d.new_empty((x2d.shape[0], qweight.shape[0]))

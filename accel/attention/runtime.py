@@ -78,6 +78,9 @@ class Plan:
     table: torch.Tensor
     perm: torch.Tensor | None = None
     note: str = ""
+    # q and k already reordered by ``perm`` (the method scored blocks on them): the runtime reuses them
+    # instead of permuting the 17K-token tensors a second time.
+    permuted_qk: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -259,7 +262,11 @@ class SparseAttentionRuntime:
         q, k, v, key_mask = call.q, call.k, call.v, call.key_mask
         if plan.perm is not None:
             perm = plan.perm.to(q.device)
-            q, k, v = (t.index_select(2, perm) for t in (q, k, v))
+            # Scored copies were made without autograd: a training call permutes again, with gradients.
+            needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+            reuse = plan.permuted_qk if not needs_grad else None
+            q, k = reuse or (q.index_select(2, perm), k.index_select(2, perm))
+            v = v.index_select(2, perm)
             key_mask = None if key_mask is None else key_mask.index_select(1, perm)
         mask, density = self._mask_for(call, plan, q.device)
         self.last_masks[(call.layer.name, call.branch)] = mask

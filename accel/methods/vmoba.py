@@ -208,7 +208,7 @@ class VMoBA(SparseAttentionRuntime):
         scores = chunk_scores(q, k, chunk_of, self.block_size, key_mask)
         chosen = select_chunks(scores, own, self.config.selection, self.config.top_k, self.config.tau)
         table = (chosen.float() @ member.float().to(chosen.device)) > 0  # (B, H, Qb, nb)
-        return Plan(table, perm, note=mode.value)
+        return Plan(table, perm, note=mode.value, permuted_qk=(q, k))
 
 
 @register_method(VMoBAConfig, name="vmoba", stage=Stage.ATTENTION,

@@ -14,8 +14,9 @@ class QuESTConfig(MethodConfig):
 
     Args:
         bits: ``"w8a8"``, ``"w4a8"``, ``"w4a4"`` (weight / activation bits of every linear layer) or
-            ``"w4a16"`` (4-bit weights only: activations stay in the model's float dtype, no activation
-            calibration; for memory, with the weight unpacked one column tile at a time).
+            ``"w4a16"`` (4-bit weights only, 16-bit activations: no activation calibration; the weight is
+            unpacked one column tile at a time, and the GEMM runs in bf16 where the CPU multiplies bf16
+            natively, else in the model's dtype).
         weight_granularity: ``"per_channel"`` (one scale per output channel) or ``"per_tensor"``.
         act_granularity: ``"per_tensor"`` (static, calibrated) or ``"per_token"`` (dynamic).
         weight_symmetric / act_symmetric: symmetric (zero point 0) or asymmetric quantizers.

@@ -6,7 +6,7 @@ import enum
 
 
 class Bits(str, enum.Enum):
-    """Weight and activation bits. ``w4a16``: 4-bit weights only, activations stay float (bf16 or fp32)."""
+    """Weight and activation bits. ``w4a16``: 4-bit weights only, activations not quantized (16-bit)."""
 
     W8A8 = "w8a8"
     W4A8 = "w4a8"

@@ -225,8 +225,10 @@ class QuantLinear(torch.nn.Module, _ActQuant):
         from accel.kernels.cpu_int8_linear import int8_linear, weight_only_linear
 
         if self.spec.weight_only:
+            # W4A16 means 16-bit activations: fp32 inputs take the bf16 GEMM where the CPU has one
             return weight_only_linear(
-                x2d, self.qweight, self.spec.in_features, self.w_scale, self.w_zero, self.bias
+                x2d, self.qweight, self.spec.in_features, self.w_scale, self.w_zero, self.bias,
+                bf16_compute=x2d.dtype == torch.float32 and kernels.native_bf16(),
             )
         rt = self._runtime
         if "colsum" not in rt:  # derived once per layer: host reads here would break a compiled graph
