@@ -133,8 +133,9 @@ class _Dit:
         return _time(lambda: model(x, timestep=t, class_labels=y), self.args.repeats)
 
     def quality(self, images: torch.Tensor) -> dict[str, Any]:
-        from accel import metrics
         from accel.pipelines import judges
+
+        from accel import metrics
 
         out = {
             "psnr": round(metrics.psnr(self.base, images), 2),

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from accel.benchmarks.shapes import ShapePipeline, parse_shape
+
 from accel.prune.structure import parameter_bytes
 
 VARIANTS = (
@@ -171,9 +171,8 @@ def run(model_name: str, variants: list[str], repeats: int, timestep: float) -> 
 def markdown(result: dict[str, Any]) -> str:
     cols = ("variant", "latency_s", "fp32_s", "speedup_vs_fp32", "speedup_vs_bf16", "cosine_vs_fp32",
             "params_mb", "bytes_vs_fp32", "kernels")
-    lines = [f"{result['model']}; one denoiser call at t={result['timestep']:g}, "
-             f"median of {result['repeats']}",
-             "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    title = f"{result['model']}; one denoiser call at t={result['timestep']:g}, median of {result['repeats']}"
+    lines = [title, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in result["rows"]:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
     return "\n".join(lines) + "\n"

@@ -9,11 +9,11 @@ import sys
 
 import pytest
 import torch
+from accel.kernels import cpu_int8_linear
+from accel.kernels.cpp_build import CppExtension
 from tiny import TinyPipe, tiny_dit
 
 import accel
-from accel.kernels import cpu_int8_linear
-from accel.kernels.cpp_build import CppExtension
 from accel.methods import quest  # registers "quest"
 from accel.quant import kernels
 from accel.quant.calibration import collect
@@ -22,7 +22,6 @@ from accel.quant.packing import pack_int4, unpack_int4
 from accel.quant.qlinear import LayerSpec, LSQLinear, QuantLinear
 from accel.quant.quantizers import act_qparams, fake_quant, qrange, token_qparams, weight_qparams
 from accel.quant.workflow import lsq_layers
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-import accel
 from accel.benchmarks.cli import main
 from accel.benchmarks.shapes import SHAPES, ShapePipeline, parse_shape
+
+import accel
 
 
 def test_published_sizes_and_token_counts():

@@ -71,6 +71,11 @@ class AttentionCall:
         return self.progress is not None and self.progress < fraction - 1e-9
 
 
+# A plan listing every block is dense attention: it runs as SDPA, which is faster than any block-sparse
+# kernel walking a full list, with the same result.
+DENSE_ABOVE = 1.0
+
+
 @dataclass
 class Plan:
     """A method's decision: attend ``table`` (B, H, Qb, Kb) over the sequence reordered by ``perm``."""
@@ -256,9 +261,12 @@ class SparseAttentionRuntime:
             return plan.output
         if isinstance(plan, Dense):
             return self._dense(args, kwargs, record, plan.reason)
-        return self._run(call, plan)
+        mask, density = self._mask_for(call, plan, query.device)
+        if density >= DENSE_ABOVE:
+            return self._dense(args, kwargs, record, "the plan lists every block")
+        return self._run(call, plan, mask, density)
 
-    def _run(self, call: AttentionCall, plan: Plan) -> torch.Tensor:
+    def _run(self, call: AttentionCall, plan: Plan, mask: BlockSparseMask, density: float) -> torch.Tensor:
         q, k, v, key_mask = call.q, call.k, call.v, call.key_mask
         if plan.perm is not None:
             perm = plan.perm.to(q.device)
@@ -268,7 +276,6 @@ class SparseAttentionRuntime:
             q, k = reuse or (q.index_select(2, perm), k.index_select(2, perm))
             v = v.index_select(2, perm)
             key_mask = None if key_mask is None else key_mask.index_select(1, perm)
-        mask, density = self._mask_for(call, plan, q.device)
         self.last_masks[(call.layer.name, call.branch)] = mask
         out, used = sparse_attention(q, k, v, mask, scale=call.scale, key_mask=key_mask, backend=self.backend)
         if plan.perm is not None:

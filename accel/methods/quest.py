@@ -27,8 +27,8 @@ from accel.errors import ArtifactMismatchError, UnsupportedModelError
 from accel.modules import parent_of
 from accel.quant import kernels as qkernels
 from accel.quant.artifact import QuantizedModel
-from accel.quant.finetune import swapped
 from accel.quant.config import QuESTConfig
+from accel.quant.finetune import swapped
 from accel.quant.options import ActGranularity, Bits, Kernel, RangeMethod, WeightGranularity
 from accel.quant.workflow import (
     calibrate,

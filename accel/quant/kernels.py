@@ -320,7 +320,7 @@ def measure(
     }
     for name, cast in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("float", dtype)):
         xc, wc, bc = x.to(cast), w.to(cast), None if bias is None else bias.to(cast)
-        timings[name] = _median_time(lambda: F.linear(xc, wc, bc), repeats)[0]
+        timings[name] = _median_time(lambda xc=xc, wc=wc, bc=bc: F.linear(xc, wc, bc), repeats)[0]
     saved = layer.kernel
     layer.set_kernel("fake")
     reference = layer(x.float())
@@ -358,9 +358,10 @@ def fastest(timings: dict[str, Any]) -> str:
     return min(runnable, key=runnable.get) if runnable else "fake"
 
 
-# An integer kernel must beat the unquantized layer by this much to replace it: on a tie the float layer
-# wins, since it is exact and the timings carry noise.
-FLOAT_MARGIN = 0.97
+# An integer kernel must beat the unquantized layer by this much to replace it: a layer timed alone gains
+# more than it does inside the model (its quantize pass competes for cache with its neighbours), the float
+# layer is exact, and the timings carry noise.
+FLOAT_MARGIN = 0.9
 
 
 def float_is_faster(timings: dict[str, Any], kernel: str) -> bool:
