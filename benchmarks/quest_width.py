@@ -10,7 +10,8 @@ Variants: ``fp32``, ``bf16``; ``w8a8``, ``w4a8`` (static per-tensor activations 
 inputs, the default kernels chosen by measured speed, no finetuning), ``w4a16`` (4-bit weights only); a
 ``-bf16`` suffix runs the variant on the bf16 model; ``prune30+w8a8`` removes 30% of the blocks by position
 (HierarchicalPrune without distillation) under dynamic per-token W8A8; ``torchao-int8`` is torchao's int8
-dynamic-activation int8-weight quantization, compiled. One call is one denoiser forward at the middle timestep
+dynamic-activation int8-weight quantization, compiled; ``w8a8-compiled`` is W8A8 with every layer on the fused
+kernel under ``torch.compile``. One call is one denoiser forward at the middle timestep
 with the family's CFG batch; times are medians of ``--repeats`` calls after a warm-up, each variant paired
 with an fp32 timing taken just before it.
 """
@@ -33,6 +34,7 @@ from accel.prune.structure import parameter_bytes
 
 VARIANTS = (
     "fp32", "bf16", "w8a8", "w8a8-bf16", "w4a8", "w4a16", "w4a16-bf16", "prune30+w8a8", "torchao-int8",
+    "w8a8-compiled",
 )
 
 
@@ -72,13 +74,14 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30))
 
 
-def _quantized(model: torch.nn.Module, bits: str, calib: list[tuple[tuple, dict]], folder: Path) -> Any:
+def _quantized(model: torch.nn.Module, bits: str, calib: list[tuple[tuple, dict]], folder: Path,
+               kernel: str = "auto") -> Any:
     """``accel.patch`` of ``model`` with a QuEST artifact made here (static activation ranges from
     ``calib``)."""
     import accel
     from accel.methods import quest
 
-    config = quest.QuESTConfig(bits=bits, finetune_iters=0)
+    config = quest.QuESTConfig(bits=bits, finetune_iters=0, kernel=kernel)
     if config.needs_calibration:
         qmodel = quest.quantize(model, config, inputs=calib, progress=False)
     else:
@@ -133,7 +136,11 @@ def run(model_name: str, variants: list[str], repeats: int, timestep: float) -> 
             dtype = torch.bfloat16 if suffix == "bf16" or variant == "bf16" else torch.float32
             model, patch, started = models[dtype], None, time.perf_counter()
             if name.startswith(("w8", "w4")):
-                patch = _quantized(model, name, [_cast(c, dtype) for c in calib], Path(tmp))
+                # Compiled: every layer on the fused custom op, which stays inside inductor's graph
+                kernel = "fused" if suffix == "compiled" else "auto"
+                patch = _quantized(model, name, [_cast(c, dtype) for c in calib], Path(tmp), kernel)
+                if suffix == "compiled":
+                    model = torch.compile(model)
             elif variant == "prune30+w8a8":
                 patch = _pruned_w8a8(model)
             elif variant == "torchao-int8":
