@@ -148,6 +148,21 @@ int64_t column_tile(int64_t m, int64_t n, int64_t tile_n, bool packed) {
 
 }  // namespace
 
+// The checks both entry points share; returns whether the weight is packed 4-bit.
+bool check_linear_inputs(const torch::Tensor& x, const torch::Tensor& qweight, int64_t k,
+                         const torch::Tensor& w_scale, const torch::Tensor& w_zero, const torch::Tensor& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.is_contiguous(), "x must be contiguous (M, K)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  const bool packed = qweight.scalar_type() == at::kByte;
+  TORCH_CHECK(packed || qweight.scalar_type() == at::kChar, "qweight must be int8 or packed uint8");
+  TORCH_CHECK(qweight.is_contiguous() && qweight.size(1) == (packed ? (k + 1) / 2 : k), "qweight shape");
+  const int64_t n = qweight.size(0);
+  TORCH_CHECK(w_scale.numel() == n && w_zero.numel() == n, "w_scale and w_zero must be (N,)");
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_zero.scalar_type() == at::kInt, "w_scale float32, w_zero int32");
+  TORCH_CHECK(bias.numel() == 0 || (bias.numel() == n && bias.scalar_type() == at::kFloat), "bias (N,) float32");
+  return packed;
+}
+
 // x (M, K) float or bf16 contiguous; qweight (N, K) int8 or (N, ceil(K/2)) uint8 packed 4-bit;
 // a_scale/a_zero: floats used when !dynamic; w_scale (N,) float; w_zero, w_colsum (N,) int32;
 // bias (N,) float or empty. Returns (M, N) in x's dtype, or the corrected int32 accumulators.
@@ -155,18 +170,10 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor qweight, int64_t k, boo
                           double a_scale, double a_zero, int64_t qmin, int64_t qmax, torch::Tensor w_scale,
                           torch::Tensor w_zero, torch::Tensor w_colsum, torch::Tensor bias, int64_t tile_n,
                           bool accumulators) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.is_contiguous(), "x must be contiguous (M, K)");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
-  const bool packed = qweight.scalar_type() == at::kByte;
-  TORCH_CHECK(packed || qweight.scalar_type() == at::kChar, "qweight must be int8 or packed uint8");
-  TORCH_CHECK(qweight.is_contiguous() && qweight.size(1) == (packed ? (k + 1) / 2 : k), "qweight shape");
+  const bool packed = check_linear_inputs(x, qweight, k, w_scale, w_zero, bias);
   const int64_t m = x.size(0), n = qweight.size(0);
-  TORCH_CHECK(w_scale.numel() == n && w_zero.numel() == n && w_colsum.numel() == n, "per-column vectors");
-  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_zero.scalar_type() == at::kInt &&
-                  w_colsum.scalar_type() == at::kInt,
-              "w_scale float32, w_zero and w_colsum int32");
+  TORCH_CHECK(w_colsum.numel() == n && w_colsum.scalar_type() == at::kInt, "w_colsum (N,) int32");
   const bool has_bias = bias.numel() > 0;
-  TORCH_CHECK(!has_bias || (bias.numel() == n && bias.scalar_type() == at::kFloat), "bias (N,) float32");
 
   auto qx = torch::empty({m, k}, torch::dtype(torch::kInt8));
   auto row_scale = torch::empty({m}, torch::dtype(torch::kFloat));
@@ -256,15 +263,9 @@ void store_tile(const C* y, int64_t m, int64_t tn, int64_t n0, int64_t n, const 
 // runs fp32 activations through a bf16 GEMM (W4A16: 16-bit activations), for CPUs with bf16 dot products.
 torch::Tensor weight_only_linear(torch::Tensor x, torch::Tensor qweight, int64_t k, torch::Tensor w_scale,
                                  torch::Tensor w_zero, torch::Tensor bias, int64_t tile_n, bool bf16_compute) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == k && x.is_contiguous(), "x must be contiguous (M, K)");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
-  const bool packed = qweight.scalar_type() == at::kByte;
-  TORCH_CHECK(packed || qweight.scalar_type() == at::kChar, "qweight must be int8 or packed uint8");
-  TORCH_CHECK(qweight.is_contiguous() && qweight.size(1) == (packed ? (k + 1) / 2 : k), "qweight shape");
+  const bool packed = check_linear_inputs(x, qweight, k, w_scale, w_zero, bias);
   const int64_t m = x.size(0), n = qweight.size(0);
-  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_zero.scalar_type() == at::kInt, "w_scale, w_zero dtypes");
   const bool has_bias = bias.numel() > 0;
-  TORCH_CHECK(!has_bias || (bias.numel() == n && bias.scalar_type() == at::kFloat), "bias (N,) float32");
   const torch::Tensor xc = bf16_compute ? x.to(at::kBFloat16) : x;
   const int64_t tn_max = tile_n > 0 ? std::min(tile_n, n) : std::min<int64_t>(256, n);
   auto out = torch::empty({m, n}, x.options());

@@ -435,7 +435,8 @@ class BAC:
         )
         self.schedule.volatility[num_steps] = volatilities
         if weights is not None:
-            self.schedule.sensitivity[num_steps] = [round(w, 6) for w in weights]
+            # six significant digits, not six decimals: sensitivities span decades (1e-5 .. 1)
+            self.schedule.sensitivity[num_steps] = [float(f"{w:.6g}") for w in weights]
         levels = self._recorded_levels.get(num_steps)
         known = self.schedule.distances
         if levels is not None and (known is None or num_steps >= known.steps):
