@@ -406,3 +406,16 @@ def test_vmoba_modes_profile_runs_at_a_tiny_grid(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["mode"] for r in rows] == ["1d", "2d", "3d"]
     assert all(0 < r["block_density"] <= 1 and r["seconds"]["kernel"] >= 0 for r in rows)
+
+
+def test_vmoba_density_sets_top_k_per_layer_from_its_chunk_count():
+    """``density`` attends about the same share of chunks in 1D layers (few whole-frame chunks) as in 2D/3D
+    layers (many small ones); ``top_k`` alone would not."""
+    assert vmoba.chunks_to_add(11, 3, None) == 3
+    assert vmoba.chunks_to_add(11, 3, 0.2) == 1  # 2 of 11 with the own chunk
+    assert vmoba.chunks_to_add(80, 3, 0.2) == 15  # 16 of 80
+    assert vmoba.chunks_to_add(4, 3, 0.1) == 0  # at least the own chunk
+    assert vmoba.chunks_to_add(10, 0, 1.0) == 9
+    with pytest.raises(ValueError, match="VMoBAConfig.density"):
+        VMoBAConfig(density=0.0)
+    assert accel.registry.parse_method("vmoba:density=0.25").density == 0.25

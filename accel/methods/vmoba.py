@@ -60,6 +60,9 @@ class VMoBAConfig(MethodConfig):
             or row runs for images; 2D: square tiles over all frames; 3D: cubes).
         selection: ``topk`` (default), ``global`` or ``threshold``.
         top_k: chunks added per query block (``topk``; ``global`` keeps ``top_k`` per block on average).
+        density: instead of ``top_k``, the share of a layer's chunks each query block attends, own chunks
+            included (``topk``/``global``), so 1D layers (few whole-frame chunks) and 2D/3D layers (many
+            small ones) attend alike: ``top_k`` becomes ``round(density * chunks) - 1`` per layer (at least 0).
         tau: share of a head's normalised score mass to keep (``threshold``), in (0, 1].
         warmup: fraction of the steps run dense first (inference only).
         backend: ``auto``, ``triton``, ``cpp``, ``flex``, ``gather`` or ``reference`` (the forward's kernel;
@@ -72,6 +75,7 @@ class VMoBAConfig(MethodConfig):
     chunk_tokens: int = 256
     selection: Selection = Selection.TOPK
     top_k: int = 3
+    density: float | None = None
     tau: float = 0.25
     warmup: float = 0.25
     backend: AttentionBackend = AttentionBackend.AUTO
@@ -83,6 +87,8 @@ class VMoBAConfig(MethodConfig):
         check_int("VMoBAConfig.chunk_tokens", self.chunk_tokens, low=1)
         object.__setattr__(self, "selection", check_choice("VMoBAConfig.selection", self.selection, Selection))
         check_int("VMoBAConfig.top_k", self.top_k, low=0)
+        if self.density is not None:
+            check_float("VMoBAConfig.density", self.density, low=0.0, high=1.0, low_open=True)
         check_float("VMoBAConfig.tau", self.tau, low=0.0, high=1.0, low_open=True)
         check_float("VMoBAConfig.warmup", self.warmup, low=0.0, high=1.0, high_open=True)
         object.__setattr__(self, "backend", check_choice("VMoBAConfig.backend", self.backend, AttentionBackend))
@@ -137,6 +143,14 @@ def chunk_scores(q: torch.Tensor, k: torch.Tensor, chunk_of: torch.Tensor, block
         weights = weights * key_mask.unsqueeze(-1).float()
     k_mean = torch.einsum("bhsd,bsc->bhcd", k.float(), weights) / weights.sum(1).clamp_min(1.0).unsqueeze(1).unsqueeze(-1)
     return torch.einsum("bhqd,bhcd->bhqc", q_mean, k_mean)
+
+
+def chunks_to_add(chunks: int, top_k: int, density: float | None) -> int:
+    """Chunks each query block adds to its own: ``top_k``, or with a ``density`` the number that makes
+    about that share of the layer's ``chunks`` (own chunk included)."""
+    if density is None:
+        return top_k
+    return max(1, round(density * chunks)) - 1
 
 
 def select_chunks(scores: torch.Tensor, own: torch.Tensor, selection: Selection, top_k: int, tau: float) -> torch.Tensor:
@@ -206,7 +220,8 @@ class VMoBA(SparseAttentionRuntime):
         k = call.k.index_select(2, perm.to(call.k.device))
         key_mask = None if call.key_mask is None else call.key_mask.index_select(1, perm.to(call.q.device))
         scores = chunk_scores(q, k, chunk_of, self.block_size, key_mask)
-        chosen = select_chunks(scores, own, self.config.selection, self.config.top_k, self.config.tau)
+        top_k = chunks_to_add(member.shape[0], self.config.top_k, self.config.density)
+        chosen = select_chunks(scores, own, self.config.selection, top_k, self.config.tau)
         table = (chosen.float() @ member.float().to(chosen.device)) > 0  # (B, H, Qb, nb)
         return Plan(table, perm, note=mode.value, permuted_qk=(q, k))
 
