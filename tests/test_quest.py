@@ -21,6 +21,7 @@ from accel.quant.finetune import pick_sensitive, sensitivity, teacher_outputs, t
 from accel.quant.packing import pack_int4, unpack_int4
 from accel.quant.qlinear import LayerSpec, LSQLinear, QuantLinear
 from accel.quant.quantizers import act_qparams, fake_quant, qrange, token_qparams, weight_qparams
+from accel.quant import workflow
 from accel.quant.workflow import lsq_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -489,6 +490,36 @@ def test_weight_only_patch_needs_no_calibration_and_saves_bytes():
     assert torch.equal(_run(pipe), reference)
 
 
+def test_whole_model_without_gain_keeps_every_layer_float(monkeypatch):
+    """Per-layer timings can promise a gain the whole model does not show: when the model with its integer
+    layers is not faster than the float model on a recorded call, every layer stays float and the report
+    says why; the output is then the float model's."""
+    monkeypatch.setattr(kernels, "float_is_faster", lambda timings, kernel: kernel == "fake")  # layers gain
+    slower = {"float_s": 1.0, "quantized_s": 1.1, "speedup": 0.91}
+    monkeypatch.setattr(workflow, "whole_model_speed", lambda model, layers, call, repeats=3: slower)
+    pipe = TinyPipe(layers=2)
+    reference = _run(pipe)
+    with accel.patch(pipe, _config(keep_float_when_faster=True)) as patch:
+        assert not any(isinstance(m, QuantLinear) for m in pipe.transformer.modules())
+        report = patch.report().methods["quest"]
+        assert torch.equal(_run(pipe), reference)
+    assert "0.91x its float speed" in report["whole_model_check"] and "every layer stays float" in \
+        report["whole_model_check"]
+    assert "no layer is quantized" in report["warning"]
+
+
+def test_whole_model_speed_times_both_ways():
+    pipe = TinyPipe(layers=1)
+    model = pipe.transformer
+    qm = quest.quantize(pipe, _config(keep_float_when_faster=False), progress=False)
+    x = torch.randn(2, 1, 8, 8)
+    call = ((x,), {"timestep": torch.tensor([500, 500]), "class_labels": torch.tensor([1, 2])})
+    result = workflow.whole_model_speed(model, qm.layers, call, repeats=1)
+    assert result["float_s"] > 0 and result["quantized_s"] > 0
+    assert result["speedup"] == pytest.approx(result["float_s"] / result["quantized_s"], rel=1e-3)
+    assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n in qm.layers)  # restored
+
+
 def test_save_load_bit_identical_and_mismatch_refused(tmp_path):
     pipe = TinyPipe(layers=2)
     config = _config(bits="w4a4", finetune_iters=5)
@@ -650,6 +681,13 @@ def test_default_keeps_layers_in_float_where_no_integer_kernel_helps(monkeypatch
     # int_mm counts as correct here; fused as it really is (it may not build without a compiler)
     fused = kernels.wrong_results("fused", torch.device("cpu"))
     monkeypatch.setattr(kernels, "_WRONG", {("int_mm", "cpu"): None, ("fused", "cpu"): fused})
+    checked = []
+
+    def whole_model_speed(model, layers, call, repeats=3):
+        checked.append(set(layers))
+        return {"float_s": 2.0, "quantized_s": 1.0, "speedup": 2.0}  # the whole model gains: layers stay
+
+    monkeypatch.setattr(workflow, "whole_model_speed", whole_model_speed)
     pipe = TinyPipe(layers=2)
     model = pipe.transformer
     reference = _run(pipe)
@@ -658,6 +696,8 @@ def test_default_keeps_layers_in_float_where_no_integer_kernel_helps(monkeypatch
                  if isinstance(m, (torch.nn.Linear, QuantLinear))}
         report = patch.report().methods["quest"]
     small = {n for n, k in kinds.items() if k is torch.nn.Linear}
+    assert checked == [set(kinds) - small]  # the whole-model check ran the layers the per-layer rule kept
+    assert report["whole_model_check"].startswith("with its integer layers the model ran 2.00x")
     assert small and len(small) < len(kinds)
     assert all(model.get_submodule(n).out_features < 64 for n in small)
     assert report["kept_float"].startswith(

@@ -31,9 +31,11 @@ from accel.quant.config import QuESTConfig
 from accel.quant.finetune import swapped
 from accel.quant.options import ActGranularity, Bits, Kernel, RangeMethod, WeightGranularity
 from accel.quant.workflow import (
+    WHOLE_MODEL_GAIN,
     calibrate,
     choose_kernels,
     finetune,
+    kept_in_float,
     linear_dtypes,
     load,
     quantize,
@@ -103,6 +105,13 @@ class QuEST:
                 facts["warning"] = ("no layer is quantized: this model's layers are too small for an integer "
                                     "speedup here (or this CPU has no correct int8 kernel); the patch "
                                     "changes nothing")
+        whole = meta.get("whole_model")
+        if whole:
+            kept_all = whole["speedup"] < WHOLE_MODEL_GAIN
+            facts["whole_model_check"] = (
+                f"with its integer layers the model ran {whole['speedup']:.2f}x its float speed on a "
+                + ("recorded call: below 1.03x, so every layer stays float" if kept_all else "recorded call")
+            )
         fake = [layer for layer in layers if layer.kernel == "fake"]
         if fake:
             no_kernel = sum(
@@ -164,7 +173,7 @@ def _apply(ctx: PatchContext, config: QuESTConfig) -> QuEST:
             )
         qmodel = quantize(ctx.pipeline if ctx.pipeline is not None else ctx.model, config)
     dtypes = linear_dtypes(ctx.model, qmodel.layers)
-    kept = _kept_in_float(qmodel, config, dtypes)
+    kept = kept_in_float(qmodel.layers, qmodel.meta, config, dtypes)
     replaced = 0
     for name, layer in qmodel.layers.items():
         if name in kept:
@@ -177,25 +186,6 @@ def _apply(ctx: PatchContext, config: QuESTConfig) -> QuEST:
     kept_dtypes = sorted({str(dtypes[name]).removeprefix("torch.").replace("float32", "fp32").replace(
         "bfloat16", "bf16") for name in kept})
     return QuEST(config, qmodel, fp32_bytes, quant_bytes, kept, "/".join(kept_dtypes) or "fp32")
-
-
-def _kept_in_float(qmodel: QuantizedModel, config: QuESTConfig, dtypes: dict[str, torch.dtype]) -> set[str]:
-    """Layers the auto choice leaves unquantized: no integer kernel is correct here, or none beat the float
-    layer in the model's own dtype at the layer's shape (bf16 GEMMs at width 128 beat int8 with its
-    quantize/rescale passes), so quantizing would only slow them. Weight-only layers (``w4a16``) are asked
-    for their memory and stay quantized on the fused kernel even at equal speed."""
-    if config.kernel is not Kernel.AUTO or not config.keep_float_when_faster:
-        return set()
-    timings = qmodel.meta.get("kernel_timings", {})
-    rows = qmodel.meta.get("rows", {})
-    kept = set()
-    for name, layer in qmodel.layers.items():
-        label = qkernels.timing_label(layer.spec, rows.get(name, qkernels.DEFAULT_ROWS), dtypes[name])
-        if layer.spec.weight_only and layer.kernel != "fake":
-            continue  # weight-only layers are there for memory: quantized wherever an integer path runs
-        if layer.kernel == "fake" or qkernels.float_is_faster(timings.get(label, {}), layer.kernel):
-            kept.add(name)
-    return kept
 
 
 __all__ = [

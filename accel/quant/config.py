@@ -34,8 +34,9 @@ class QuESTConfig(MethodConfig):
             cannot run fall back to fake-quant.
         keep_float_when_faster: with ``kernel="auto"``, a layer no integer kernel can speed up (none is
             correct on this CPU, or none beats the unquantized layer in the model's dtype at its shape)
-            stays an unquantized float layer (reported as kept in fp32 / bf16). ``False`` quantizes every
-            layer: the memory saving first.
+            stays an unquantized float layer (reported as kept in fp32 / bf16), and every layer does when
+            the whole model with its integer layers was not faster on a recorded calibration call.
+            ``False`` quantizes every layer: the memory saving first.
         artifact: folder of a saved quantized model (``QuantizedModel.save``); skips all calibration.
     """
 

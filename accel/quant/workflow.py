@@ -7,6 +7,7 @@ apply function calls :func:`quantize` when ``accel.patch`` gets no artifact.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ from accel.quant.finetune import (
     evaluate,
     pick_sensitive,
     sensitivity,
+    swapped,
     teacher_outputs,
     temporal_layers,
 )
@@ -177,6 +179,63 @@ def choose_kernels(
     return {qkernels.timing_label(s, r, d): t for (s, r, d), t in measured.items()}
 
 
+# The quantized model must run at least this much faster than the float model on a recorded call to keep
+# its integer layers: per-layer timings can promise gains the whole model does not show (bf16 at width 128).
+WHOLE_MODEL_GAIN = 1.03
+
+
+def kept_in_float(
+    layers: dict[str, QuantLinear], meta: dict[str, Any], config: QuESTConfig, dtypes: dict[str, torch.dtype]
+) -> set[str]:
+    """Layers the auto choice leaves unquantized: no integer kernel is correct here, or none beat the float
+    layer in the model's own dtype at the layer's shape, so quantizing would only slow them; and all of them
+    when the whole model with its integer layers was not faster than the float model
+    (``meta["whole_model"]``, measured by :func:`finetune`). Weight-only layers (``w4a16``) are asked for
+    their memory and stay quantized on the fused kernel even at equal speed."""
+    if config.kernel is not Kernel.AUTO or not config.keep_float_when_faster:
+        return set()
+    timings = meta.get("kernel_timings", {})
+    rows = meta.get("rows", {})
+    whole = meta.get("whole_model") or {}
+    no_gain = whole.get("speedup", WHOLE_MODEL_GAIN) < WHOLE_MODEL_GAIN
+    kept = set()
+    for name, layer in layers.items():
+        if layer.spec.weight_only and layer.kernel != "fake":
+            continue  # weight-only layers are there for memory: quantized wherever an integer path runs
+        label = qkernels.timing_label(layer.spec, rows.get(name, qkernels.DEFAULT_ROWS), dtypes[name])
+        slower = layer.kernel == "fake" or qkernels.float_is_faster(timings.get(label, {}), layer.kernel)
+        if no_gain or slower:
+            kept.add(name)
+    return kept
+
+
+@torch.no_grad()
+def whole_model_speed(
+    model: torch.nn.Module, layers: dict[str, QuantLinear], call: tuple[tuple, dict], repeats: int = 3
+) -> dict[str, float]:
+    """Median forward time of ``model`` on one recorded ``call`` as it is and with ``layers`` in place of its
+    linear layers, interleaved; ``speedup`` = float time / quantized time."""
+    args, kwargs = call
+    times: dict[str, list[float]] = {"float_s": [], "quantized_s": []}
+
+    def run(key: str | None) -> None:
+        start = time.perf_counter()
+        model(*args, **kwargs)
+        if key is not None:
+            times[key].append(time.perf_counter() - start)
+
+    run(None)
+    with swapped(model, layers):
+        run(None)  # warm-up of both
+    for _ in range(repeats):
+        run("float_s")
+        with swapped(model, layers):
+            run("quantized_s")
+    result = {key: sorted(values)[len(values) // 2] for key, values in times.items()}
+    result["speedup"] = result["float_s"] / max(result["quantized_s"], 1e-12)
+    return {key: round(value, 6) for key, value in result.items()}
+
+
 def linear_dtypes(model: torch.nn.Module, names: Any) -> dict[str, torch.dtype]:
     """The weight dtype of each named linear layer (what its activations arrive in)."""
     return {name: model.get_submodule(name).weight.dtype for name in names}
@@ -280,7 +339,21 @@ def finetune(
     layers = {name: layer.freeze() for name, layer in lsq.items()}
     rows = {n: calibration.observers[n].rows for n in names} if calibration else {}
     meta["rows"] = rows
-    meta["kernel_timings"] = choose_kernels(layers, rows, config.kernel, linear_dtypes(model, layers))
+    dtypes = linear_dtypes(model, layers)
+    meta["kernel_timings"] = choose_kernels(layers, rows, config.kernel, dtypes)
+    kept = kept_in_float(layers, meta, config, dtypes)
+    candidates = {n: layer for n, layer in layers.items() if n not in kept}
+    checked = config.kernel is Kernel.AUTO and config.keep_float_when_faster
+    if candidates and checked and calibration is not None and calibration.inputs:
+        was_training = model.training
+        model.eval()
+        try:
+            for name, layer in candidates.items():
+                layer.take_place_of(model.get_submodule(name))  # device and reported dtype, as when patched
+            call = calibration.inputs[len(calibration.inputs) // 2]  # a mid-trajectory call
+            meta["whole_model"] = whole_model_speed(model, candidates, call)
+        finally:
+            model.train(was_training)
     return QuantizedModel(fingerprint, config.replace(artifact=None).to_dict(), layers, meta)
 
 
