@@ -17,6 +17,7 @@ import shutil
 import sys
 import threading
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +26,17 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def _cpu_flags() -> str:
-    flags = platform.machine()
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The running CPU's feature flags (x86 ``flags`` or Arm ``Features`` in /proc/cpuinfo; empty if
+    unreadable): what ``-march=native`` builds for and what accel's kernels choose by."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
-                return flags + line
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return flags
+    return frozenset()
 
 
 def _ensure_ninja_on_path() -> None:
@@ -65,7 +68,8 @@ class CppExtension:
 
     def tag(self) -> str:
         source = self.source.read_bytes() if self.source.exists() else b""
-        return hashlib.sha1(_cpu_flags().encode() + source + torch.__version__.encode()).hexdigest()[:10]
+        cpu = (platform.machine() + " ".join(sorted(cpu_flags()))).encode()
+        return hashlib.sha1(cpu + source + torch.__version__.encode()).hexdigest()[:10]
 
     def _build(self) -> Any:
         from torch.utils.cpp_extension import load

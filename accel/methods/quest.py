@@ -136,6 +136,9 @@ class QuEST:
         return facts
 
 
+_SHORT_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # the report's names
+
+
 @register_method(
     QuESTConfig,
     name="quest",
@@ -183,8 +186,7 @@ def _apply(ctx: PatchContext, config: QuESTConfig) -> QuEST:
         replaced += _model_bytes(original)
         ctx.hooks.set_attr(parent, child, layer.take_place_of(original))
     quant_bytes = fp32_bytes - replaced + qmodel.nbytes(exclude=kept)
-    kept_dtypes = sorted({str(dtypes[name]).removeprefix("torch.").replace("float32", "fp32").replace(
-        "bfloat16", "bf16") for name in kept})
+    kept_dtypes = sorted({_SHORT_DTYPE.get(dtypes[n], str(dtypes[n]).removeprefix("torch.")) for n in kept})
     return QuEST(config, qmodel, fp32_bytes, quant_bytes, kept, "/".join(kept_dtypes) or "fp32")
 
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from accel.kernels.cpp_build import cpu_flags
 from accel.quant.options import Kernel
 from accel.timing import median_time
 
@@ -75,21 +76,12 @@ def _isa_cap_level(cap: str) -> int | None:
 
 
 @lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
-    except OSError:
-        return frozenset()
-
-
-@lru_cache(maxsize=1)
 def native_bf16() -> bool:
     """This x86 CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16), so a bf16 GEMM beats fp32; honours a
     ``ONEDNN_MAX_CPU_ISA`` cap below those."""
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).upper()
-    capped = bool(cap) and cap not in ("ALL", "DEFAULT") and not any(t in cap for t in ("BF16", "AMX", "AVX10"))
-    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"}) and not capped
+    capped = cap not in ("", "ALL", "DEFAULT") and not any(t in cap for t in ("BF16", "AMX", "AVX10"))
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"}) and not capped
 
 
 @lru_cache(maxsize=1)
@@ -97,7 +89,7 @@ def int8_isa() -> str:
     """The int8 dot product x86 oneDNN can use here: ``"amx"``, ``"vnni"`` (AVX-512 or AVX VNNI),
     ``"no_vnni"`` (AVX2 or AVX-512 without VNNI: u8 x s8 pair sums saturate int16) or ``"unknown"``.
     Honours ``ONEDNN_MAX_CPU_ISA``, which caps what oneDNN dispatches to."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if not flags:
         return "unknown"
     if "avx2" not in flags:

@@ -7,7 +7,7 @@ apply function calls :func:`quantize` when ``accel.patch`` gets no artifact.
 from __future__ import annotations
 
 import logging
-import time
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +33,7 @@ from accel.quant.options import ActGranularity, Kernel, WeightGranularity
 from accel.quant.qlinear import LayerSpec, LSQLinear, QuantLinear
 from accel.quant.quantizers import act_qparams, weight_qparams
 from accel.registry import find_adapter
+from accel.timing import median_time
 
 logger = logging.getLogger(__name__)
 
@@ -216,22 +217,19 @@ def whole_model_speed(
     """Median forward time of ``model`` on one recorded ``call`` as it is and with ``layers`` in place of its
     linear layers, interleaved; ``speedup`` = float time / quantized time."""
     args, kwargs = call
-    times: dict[str, list[float]] = {"float_s": [], "quantized_s": []}
 
-    def run(key: str | None) -> None:
-        start = time.perf_counter()
+    def run() -> None:
         model(*args, **kwargs)
-        if key is not None:
-            times[key].append(time.perf_counter() - start)
 
-    run(None)
+    times: dict[str, list[float]] = {"float_s": [], "quantized_s": []}
+    run()
     with swapped(model, layers):
-        run(None)  # warm-up of both
-    for _ in range(repeats):
-        run("float_s")
+        run()  # warm-up of both
+    for _ in range(repeats):  # one timed call each way per round: drift on a shared host hits both alike
+        times["float_s"] += median_time(run, 1, warmup=0)[2]
         with swapped(model, layers):
-            run("quantized_s")
-    result = {key: sorted(values)[len(values) // 2] for key, values in times.items()}
+            times["quantized_s"] += median_time(run, 1, warmup=0)[2]
+    result = {key: statistics.median(values) for key, values in times.items()}
     result["speedup"] = result["float_s"] / max(result["quantized_s"], 1e-12)
     return {key: round(value, 6) for key, value in result.items()}
 
