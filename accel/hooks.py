@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .parallel import register_inside_parallel_hooks
+
 _MISSING = object()
 
 
@@ -118,7 +120,7 @@ class HookSet:
                 module, hasattr(module, "_diffusers_hook"), "forward" in module.__dict__
             )
         name = f"{self.prefix}.{role}"
-        _registry(module).register_hook(hook, name)
+        register_inside_parallel_hooks(_registry(module), hook, name)
         self._hooks.append((module, name))
         return hook
 

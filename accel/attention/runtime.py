@@ -29,7 +29,9 @@ from accel.attention.format import BlockSparseMask
 from accel.attention.intercept import SparseAttentionHook, original_sdpa
 from accel.attention.tokens import SequenceGeometry, inverse_permutation
 from accel.contract import PatchContext
+from accel.errors import UnsupportedModelError
 from accel.hooks import CallbackHook
+from accel.parallel import context_parallel_config
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +161,8 @@ class SparseAttentionRuntime:
         self.layers: list[LayerInfo] = []
         self._hooks: list[SparseAttentionHook] = []
         self.steps_by: str | None = None  # what placed the warm-up and searches (report)
+        self.model = ctx.model
+        check_parallelism(self.method, ctx.model)
         self._attach(ctx)
         ctx.tracker.on_reset(self.reset)
 
@@ -207,6 +211,7 @@ class SparseAttentionRuntime:
 
     def reset(self) -> None:
         """A new sequence: drop per-sequence logs and every cache."""
+        check_parallelism(self.method, self.model)  # enable_parallelism may have run after the patch
         self.stats.records.clear()
         self.drop_caches()
 
@@ -348,6 +353,23 @@ class SparseAttentionRuntime:
 
     def records(self) -> list[_Record]:
         return list(self.stats.records)
+
+
+def check_parallelism(method: str, model: torch.nn.Module) -> None:
+    """Sparse attention composes with Ulysses context parallelism, not with ring attention.
+
+    Ulysses' all-to-all hands each rank the whole sequence for some of the heads before attention runs, so
+    block selection sees what it sees in one process (selection is per head). Ring attention gives each rank
+    a slice of the keys at a time and merges partial results by their log-sum-exp, through backends that
+    never call SDPA: the sparse pattern would silently not apply."""
+    cp = context_parallel_config(model)
+    if cp is not None and (getattr(cp, "ring_degree", 1) or 1) > 1:
+        raise UnsupportedModelError(
+            f"{method}: sparse attention does not compose with ring attention (ContextParallelConfig("
+            f"ring_degree={cp.ring_degree})): each rank sees a slice of the keys, so a block pattern over the "
+            "whole sequence cannot be applied. Use ContextParallelConfig(ulysses_degree=N), with which it "
+            "composes, or remove the sparse method."
+        )
 
 
 def _permuted_special_blocks(geometry: SequenceGeometry, perm: torch.Tensor | None, block_size: int,

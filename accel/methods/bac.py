@@ -62,6 +62,7 @@ from accel.methods.bac_schedule import (
     schedule_updates,
     volatility,
 )
+from accel.parallel import check_agreement, context_parallel_group, gather_records
 from accel.registry import Stage, register_method
 
 
@@ -176,8 +177,9 @@ class BAC:
     """Runtime of one BAC patch: the schedule in force, cached branch outputs, calibration records."""
 
     def __init__(self, config: BACConfig, branches: list[_Branch], tracker: Any, schedule: BACSchedule,
-                 scheduler: Any = None) -> None:
+                 scheduler: Any = None, model: torch.nn.Module | None = None) -> None:
         self.config = config
+        self.model = model  # read for its context-parallel group when schedules are built
         self.scheduler = scheduler
         self.strategy = STRATEGIES[config.weighting]
         self.prior_weights: dict[int, list[float]] = {}  # per-step weights known before calibration (√SNR)
@@ -296,8 +298,12 @@ class BAC:
 
     def _calibrate_for(self, pipeline: Any, settings: dict[str, Any]) -> BACSchedule:
         from accel.calls import UnsupportedPipelineError, call_shape
-        from accel.methods.bac_calibrate import (_generator_states, calibration_call, probe_sensitivity,
-                                                 record_run)
+        from accel.methods.bac_calibrate import (
+            _generator_states,
+            calibration_call,
+            probe_sensitivity,
+            record_run,
+        )
 
         steps = self.config.calibration_steps
         try:
@@ -415,7 +421,10 @@ class BAC:
             if num_steps is not None and complete:
                 result[num_steps] = complete
         self._records.clear()
-        return result
+        # Under context parallelism each rank recorded its own slice of the tokens: every rank builds from
+        # all slices, so every rank skips the same units (a unit skipped on one rank only would hang the
+        # others in attention's collectives).
+        return gather_records(result, context_parallel_group(self.model))
 
     def build(self, num_steps: int, runs: list[dict[str, dict[int, np.ndarray]]],
               weights: list[float] | None = None) -> None:
@@ -433,6 +442,8 @@ class BAC:
         self.schedule.steps[num_steps] = bubbling_union(
             schedules, volatilities, self.config.bubbling, *self._layout()
         )
+        check_agreement(f"BAC's {num_steps}-step schedule", self.schedule.steps[num_steps],
+                        context_parallel_group(self.model))
         self.schedule.volatility[num_steps] = volatilities
         if weights is not None:
             # six significant digits, not six decimals: sensitivities span decades (1e-5 .. 1)
@@ -563,12 +574,14 @@ def _apply(ctx: PatchContext, config: BACConfig) -> BAC:
     if config.granularity is Granularity.STACK:
         from accel.methods.bac_stack import StackReuse, hook_stack
 
-        stack = StackReuse(config, _units(ctx.adapter, config.granularity), ctx.tracker, schedule, scheduler)
+        stack = StackReuse(config, _units(ctx.adapter, config.granularity), ctx.tracker, schedule, scheduler,
+                           ctx.model)
         _check_units(schedule, stack.branches, config)
         ctx.tracker.on_reset(stack.on_reset)
         hook_stack(ctx, stack)
         return stack
-    runtime = BAC(config, _units(ctx.adapter, config.granularity), ctx.tracker, schedule, scheduler)
+    runtime = BAC(config, _units(ctx.adapter, config.granularity), ctx.tracker, schedule, scheduler,
+                  ctx.model)
     _check_units(schedule, runtime.branches, config)
     ctx.tracker.on_reset(runtime.on_reset)
     # Decisions run compiler-disabled: they read per-unit schedules and the step, which as guards would

@@ -25,6 +25,7 @@ import torch
 from accel.contract import PatchContext
 from accel.errors import ArtifactMismatchError, UnsupportedModelError
 from accel.modules import parent_of
+from accel.parallel import broadcast_from_first, carries_parallel_hooks, context_parallel_group
 from accel.quant import kernels as qkernels
 from accel.quant.artifact import QuantizedModel
 from accel.quant.config import QuESTConfig
@@ -70,6 +71,19 @@ class QuEST:
         self.quant_bytes = quant_bytes
         self.kept = kept or set()
         self.kept_dtype = kept_dtype
+        self.parallel_kept: set[str] = set()  # layers diffusers' context parallelism hooks (split/gather)
+        self.replaced: dict[str, torch.nn.Module] = {}
+
+    def before_call(self, pipeline: Any, kwargs: dict[str, Any]) -> None:
+        """Refuse a model whose context parallelism was enabled after the patch on a replaced layer: its
+        split/gather hooks would sit on accel's layer and be lost with it when the patch is removed."""
+        hooked = sorted(name for name, layer in self.replaced.items() if carries_parallel_hooks(layer))
+        if hooked:
+            raise UnsupportedModelError(
+                f"QuEST: context parallelism was enabled after accel.patch, and diffusers hooked the quantized "
+                f"layer(s) {', '.join(hooked)}; removing the patch would lose those hooks. Call "
+                "model.enable_parallelism(...) before accel.patch(...)."
+            )
 
     def remove(self) -> None:
         """Nothing to drop: the float layers come back through the patch's hooks."""
@@ -94,6 +108,11 @@ class QuEST:
             "finetune_run": meta.get("finetune"),
             "float": "attention matmuls, norms, embeddings and convolutions stay in float",
         }
+        if self.parallel_kept:
+            facts["kept_float_for_parallelism"] = (
+                f"{', '.join(sorted(self.parallel_kept))}: diffusers' context parallelism splits or gathers "
+                "the sequence in hooks on these layers, which stay float so the hooks stay where they are"
+            )
         if self.kept:
             facts["kept_float"] = (
                 f"{len(self.kept)} of {len(self.qmodel.layers)} layers kept in {self.kept_dtype}: too small "
@@ -167,6 +186,14 @@ def _apply(ctx: PatchContext, config: QuESTConfig) -> QuEST:
                 linear_dtypes(ctx.model, qmodel.layers),
             )
     else:
+        if config.needs_calibration and context_parallel_group(ctx.model) is not None:
+            raise UnsupportedModelError(
+                "QuEST cannot calibrate or finetune under context parallelism: each rank sees only its slice of "
+                "the tokens (its ranges and gradients would differ between ranks). Quantize in one process and "
+                "pass the artifact on every rank: accel.methods.quest.finetune(pipe, "
+                "accel.methods.quest.calibrate(pipe, config), config).save(path), then QuESTConfig(artifact=path); "
+                "or use act_granularity='per_token', finetune_iters=0 (no data needed)."
+            )
         if config.needs_calibration and ctx.pipeline is None:
             raise UnsupportedModelError(
                 f"QuEST on a bare {type(ctx.model).__name__} cannot calibrate (no pipeline to run). Quantize "
@@ -177,17 +204,34 @@ def _apply(ctx: PatchContext, config: QuESTConfig) -> QuEST:
         qmodel = quantize(ctx.pipeline if ctx.pipeline is not None else ctx.model, config)
     dtypes = linear_dtypes(ctx.model, qmodel.layers)
     kept = kept_in_float(qmodel.layers, qmodel.meta, config, dtypes)
-    replaced = 0
+    parallel_kept = {name for name in qmodel.layers if carries_parallel_hooks(ctx.model.get_submodule(name))}
+    kept = _agreed_choice(qmodel, kept, context_parallel_group(ctx.model))
+    replaced, bytes_replaced = {}, 0
     for name, layer in qmodel.layers.items():
-        if name in kept:
+        if name in kept or name in parallel_kept:
             continue
         parent, child = parent_of(ctx.model, name)
         original = parent._modules[child]
-        replaced += _model_bytes(original)
-        ctx.hooks.set_attr(parent, child, layer.take_place_of(original))
-    quant_bytes = fp32_bytes - replaced + qmodel.nbytes(exclude=kept)
+        bytes_replaced += _model_bytes(original)
+        replaced[name] = layer.take_place_of(original)
+        ctx.hooks.set_attr(parent, child, replaced[name])
+    quant_bytes = fp32_bytes - bytes_replaced + qmodel.nbytes(exclude=kept | parallel_kept)
     kept_dtypes = sorted({_SHORT_DTYPE.get(dtypes[n], str(dtypes[n]).removeprefix("torch.")) for n in kept})
-    return QuEST(config, qmodel, fp32_bytes, quant_bytes, kept, "/".join(kept_dtypes) or "fp32")
+    runtime = QuEST(config, qmodel, fp32_bytes, quant_bytes, kept, "/".join(kept_dtypes) or "fp32")
+    runtime.parallel_kept, runtime.replaced = parallel_kept, replaced
+    return runtime
+
+
+def _agreed_choice(qmodel: QuantizedModel, kept: set[str], group: Any | None) -> set[str]:
+    """Under context parallelism, every rank takes the first rank's measured choice (kernels, layers kept
+    float), so all ranks compute their slices the same way. Returns the layers kept float."""
+    if group is None:
+        return kept
+    choice = broadcast_from_first({"kernels": {n: layer.kernel for n, layer in qmodel.layers.items()},
+                                   "kept": sorted(kept)}, group)
+    for name, kernel in choice["kernels"].items():
+        qmodel.layers[name].set_kernel(kernel)
+    return set(choice["kept"])
 
 
 __all__ = [
