@@ -90,17 +90,25 @@ def architecture_fingerprint(model: torch.nn.Module) -> str:
     return f"{type(model).__name__}:{hashlib.sha256(payload).hexdigest()[:16]}"
 
 
-def weights_digest(model: torch.nn.Module, sample: int = 2048) -> str:
+def weights_digest(model: torch.nn.Module, sample: int = 2048, rounded: bool = False) -> str:
     """A cheap digest of the values: each state tensor's name, shape and a fixed strided sample. Artifacts
-    that replace or finetune part of a model (QuEST layers, distilled blocks) fit only the exact weights
-    they were made from, so they check this too."""
+    that replace or finetune part of a model (QuEST layers, distilled blocks) fit only the weights they
+    were made from, so they check this too.
+
+    ``rounded``: digest the sample rounded to bf16, so a checkpoint loaded in fp32 and the same checkpoint
+    cast to bf16 (``torch_dtype=torch.bfloat16``) give one digest: an artifact made on either fits both."""
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // sample)
         h.update(name.encode())
         h.update(repr(tuple(tensor.shape)).encode())
-        h.update(flat[::step][:sample].float().cpu().numpy().tobytes())
+        values = flat[::step][:sample]
+        if rounded and values.is_floating_point():
+            values = values.to(torch.bfloat16).view(torch.int16)
+        else:
+            values = values.float()
+        h.update(values.cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

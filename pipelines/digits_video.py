@@ -119,9 +119,12 @@ class DigitsVideoPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         for t in self.progress_bar(self.scheduler.timesteps):
             timestep = t.expand(latents.shape[0])
-            velocity = self.transformer(latents, timestep=timestep, encoder_hidden_states=cond).sample
+            # return_dict=False: diffusers' context-parallel hooks take tensors only (as WanPipeline calls it)
+            velocity = self.transformer(latents, timestep=timestep, encoder_hidden_states=cond,
+                                        return_dict=False)[0]
             if guidance_scale > 1:
-                v_uncond = self.transformer(latents, timestep=timestep, encoder_hidden_states=uncond).sample
+                v_uncond = self.transformer(latents, timestep=timestep, encoder_hidden_states=uncond,
+                                            return_dict=False)[0]
                 velocity = v_uncond + guidance_scale * (velocity - v_uncond)
             latents = self.scheduler.step(velocity, t, latents).prev_sample
 

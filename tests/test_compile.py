@@ -110,6 +110,8 @@ def test_compile_bench_writes_paired_rows(tmp_path):
     assert rows[0]["frames"] == 1 and not any(r["recompiled_after_warmup"] for r in rows)
     assert rows[1]["max_abs_diff_compiled_vs_eager"] < 1e-5 and rows[1]["compute_fraction"] < 1.0
     assert rows[1]["eager_speedup"] == pytest.approx(rows[0]["eager_s"] / rows[1]["eager_s"])
+    assert all(isinstance(r["compile_s"], float) for r in rows)  # each from a fresh process
+    assert rows[1]["compile_s_added"] == pytest.approx(rows[1]["compile_s"] - rows[0]["compile_s"])
 
 
 @pytest.mark.parametrize("method", [

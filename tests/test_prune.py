@@ -170,6 +170,22 @@ def test_artifact_refuses_another_model(tmp_path) -> None:
         accel.patch(tiny_dit(4, seed=1), Config(artifact=str(tmp_path / "a")))
 
 
+def test_artifact_made_in_fp32_fits_the_same_weights_in_bf16(tmp_path) -> None:
+    """Users load checkpoints in bf16: an artifact distilled from the fp32 weights applies to them (and its
+    distilled blocks run in the model's dtype); other weights in bf16 are still refused."""
+    hp.prune(tiny_dit(4), Config(ratio=0.25, distill_steps=2, batch_size=8), analyze=False, pool=dit_pool(),
+             save_to=tmp_path / "a", progress=False)
+    model = tiny_dit(4).to(torch.bfloat16)
+    x = torch.randn(2, 1, 8, 8, dtype=torch.bfloat16)
+    kwargs = dict(timestep=torch.tensor([100, 700]), class_labels=torch.tensor([0, 9]))
+    with accel.patch(model, Config(artifact=str(tmp_path / "a"))) as patch, torch.no_grad():
+        out = model(x, **kwargs).sample
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+        assert "removed" in str(patch.report())
+    with pytest.raises(ArtifactMismatchError, match="other weights"):
+        accel.patch(tiny_dit(4, seed=1).to(torch.bfloat16), Config(artifact=str(tmp_path / "a")))
+
+
 # -- recovery ------------------------------------------------------------------------------------------
 def test_distillation_lowers_loss_and_keeps_early_blocks() -> None:
     model = tiny_dit(4)

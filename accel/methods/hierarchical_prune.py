@@ -271,7 +271,8 @@ def prune(
         for name, module in heads.items():
             weights.update({f"{name}.{k}": v.clone() for k, v in module.state_dict().items()})
     artifact = PruneArtifact(
-        source=architecture_fingerprint(model), source_weights=weights_digest(model), blocks=[b.name for b in blocks],
+        source=architecture_fingerprint(model), source_weights=weights_digest(model, rounded=True),
+        blocks=[b.name for b in blocks],
         removed=removed, settings=config.to_dict(), weights=weights,
         profile=profile.to_json() if profile is not None else None,
         distill=result_distill.to_json() if result_distill is not None else None,
