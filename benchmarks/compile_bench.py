@@ -5,12 +5,12 @@
 For each method: the pipeline is patched, one eager call is made (methods that calibrate online do so
 there), then the denoiser is compiled (inductor unless ``--backend``) and called until two calls in a row
 compile nothing new. Reported per method: eager and compiled latency (medians of ``--repeats``; the unpatched
-model is measured the same way first, in the same run), the compile seconds the first compiled call spent
-beyond a steady one, the frames dynamo compiled, whether a later call recompiled, and the largest difference
-between the compiled and the eager output. Compile seconds come from a fresh process per method with an
-empty inductor cache directory (in one process inductor reuses the kernels an earlier model compiled, so
-a method's first compiled call would look cheap): ``compile_s`` = first compiled call - a steady one, and
-``compile_s_added`` is the method's ``compile_s`` minus the unpatched model's. Run it on a quiet machine.
+model is measured the same way first, in the same run), the frames dynamo compiled, whether a later call
+recompiled, and the largest difference between the compiled and the eager output. Compile seconds come from
+a fresh process per method with an empty inductor cache directory (in one process inductor reuses the
+kernels an earlier model compiled, so a method's first compiled call would look cheap): ``compile_s`` =
+first compiled call - a steady one, and ``compile_s_added`` is the method's ``compile_s`` minus the
+unpatched model's. Run it on a quiet machine.
 """
 
 from __future__ import annotations

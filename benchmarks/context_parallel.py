@@ -20,11 +20,14 @@ import os
 import random
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from accel.metrics import psnr
 
 
 def _call(pipe: Any, args: argparse.Namespace) -> np.ndarray:
@@ -69,46 +72,61 @@ def _run(args: argparse.Namespace, method: str, order: str | None) -> dict[str, 
     return {"output": output, "seconds": time.perf_counter() - start, **_facts(patch)}
 
 
-def _worker(rank: int, port: str, args: argparse.Namespace, jobs: list[tuple[str, str]], queue: Any) -> None:
+def run_on_ranks(task: Callable[[int, Any], Any], payload: Any, world: int,
+                 timeout: float) -> list[Any] | None:
+    """``task(rank, payload)`` in ``world`` spawned processes joined in one gloo group (one thread each);
+    their results by rank, or ``None`` when not every rank answered within ``timeout`` seconds (a rank
+    stuck in a collective). An exception escaping ``task`` on a rank is raised here with its traceback.
+    ``task`` must be importable by name (a module-level function)."""
+    context = torch.multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    port = str(random.Random().randrange(20000, 40000))
+    processes = [context.Process(target=_rank_main, args=(rank, world, port, task, payload, queue))
+                 for rank in range(world)]
+    for process in processes:
+        process.start()
+    try:
+        answers = {rank: (ok, value) for rank, ok, value in (queue.get(timeout=timeout) for _ in processes)}
+    except Exception:  # queue.Empty
+        answers = None
+    finally:
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+    if answers is None:
+        return None
+    for rank, (ok, value) in sorted(answers.items()):
+        if not ok:
+            raise RuntimeError(f"rank {rank} failed:\n{value}")
+    return [answers[rank][1] for rank in range(world)]
+
+
+def _rank_main(rank: int, world: int, port: str, task: Callable[[int, Any], Any], payload: Any,
+               queue: Any) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     torch.set_num_threads(1)
     # diffusers picks each rank's device as rank % torch.accelerator.device_count(): zero on CPU only
     torch.accelerator.device_count = lambda: 1
-    dist.init_process_group("gloo", rank=rank, world_size=args.world)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        queue.put((rank, True, task(rank, payload)))
+    except Exception:  # noqa: BLE001 - raised in the parent
+        queue.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+def _jobs_on_rank(rank: int, payload: tuple[argparse.Namespace, list[tuple[str, str]]]) -> dict[str, Any]:
+    args, jobs = payload
     results: dict[str, Any] = {}
     for method, order in jobs:
         try:
             results[f"{method}|{order}"] = _run(args, method, order)
         except Exception:  # noqa: BLE001 - reported in the table
             results[f"{method}|{order}"] = {"error": traceback.format_exc(limit=3)[-800:]}
-    queue.put((rank, results))
-    dist.destroy_process_group()
-
-
-def _ranks(args: argparse.Namespace, jobs: list[tuple[str, str]]) -> list[dict[str, Any]] | None:
-    context = torch.multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    port = str(random.Random().randrange(20000, 40000))
-    processes = [context.Process(target=_worker, args=(r, port, args, jobs, queue))
-                 for r in range(args.world)]
-    for process in processes:
-        process.start()
-    try:
-        results = dict(queue.get(timeout=args.timeout) for _ in processes)
-    except Exception:  # queue.Empty: a rank is stuck in a collective
-        results = None
-    for process in processes:
-        process.join(timeout=5)
-        if process.is_alive():
-            process.kill()
-    return None if results is None else [results[r] for r in range(args.world)]
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * float(np.log10(1.0 / mse))
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     orders = [o for o in args.orders.split(",") if o]
     single = {method: _run(args, method, None) for method in methods}
     jobs = [(method, order) for method in methods for order in orders]
-    ranks = _ranks(args, jobs)
+    ranks = run_on_ranks(_jobs_on_rank, (args, jobs), args.world, args.timeout)
     rows = []
     for method, order in jobs:
         alone = single[method]
@@ -142,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             got = [r[key] for r in ranks]
             row.update(
-                psnr_vs_one_process=_psnr(got[0]["output"], single[method]["output"]),
+                psnr_vs_one_process=psnr(torch.from_numpy(single[method]["output"]),
+                                         torch.from_numpy(got[0]["output"])),
                 max_abs_diff=float(np.abs(got[0]["output"] - single[method]["output"]).max()),
                 ranks_same_output=all(np.array_equal(g["output"], got[0]["output"]) for g in got),
                 ranks_same_report=all(g["text"] == got[0]["text"] for g in got),

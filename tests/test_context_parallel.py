@@ -13,9 +13,6 @@ sparse attention under ring is tested.
 
 from __future__ import annotations
 
-import os
-import random
-import traceback
 from typing import Any
 
 import numpy as np
@@ -23,6 +20,7 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
+from accel.benchmarks.context_parallel import run_on_ranks  # noqa: E402
 from diffusers import ContextParallelConfig, WanTransformer3DModel  # noqa: E402
 from tiny_pipelines import build_pipeline, call_kwargs  # noqa: E402
 
@@ -72,7 +70,8 @@ def _facts(patch: Any) -> dict[str, Any]:
     report = patch.report()
     facts = {}
     for method, section in report.methods.items():
-        facts[method] = {k: section.get(k) for k in ("compute_fraction", "density", "kept_float_for_parallelism")}
+        keys = ("compute_fraction", "density", "kept_float_for_parallelism")
+        facts[method] = {k: section.get(k) for k in keys}
     facts["text"] = str(report)
     return facts
 
@@ -112,42 +111,15 @@ def _agreement_checks(rank: int) -> dict[str, Any]:
     return {"gathered": gathered["a"][0]["x"].tolist(), "disagreement": disagreement}
 
 
-def _worker(rank: int, port: str, scenarios: list[tuple[str, str]], queue: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    torch.set_num_threads(1)
-    torch.accelerator.device_count = lambda: 1  # see the module docstring
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    results: dict[Any, Any] = {}
-    try:
-        for name, order in scenarios:
-            results[(name, order)] = (_agreement_checks(rank) if name == "agreement"
-                                      else _scenario(name, order))
-    except Exception:  # noqa: BLE001 - reported to the test process
-        results["crash"] = traceback.format_exc()
-    queue.put((rank, results))
-    dist.destroy_process_group()
+def _scenarios_on_rank(rank: int, scenarios: list[tuple[str, str]]) -> dict[Any, Any]:
+    return {(name, order): _agreement_checks(rank) if name == "agreement" else _scenario(name, order)
+            for name, order in scenarios}
 
 
 def _run_ranks(scenarios: list[tuple[str, str]]) -> list[dict[Any, Any]]:
-    context = torch.multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    port = str(random.Random().randrange(20000, 40000))
-    processes = [context.Process(target=_worker, args=(rank, port, scenarios, queue)) for rank in range(WORLD)]
-    for process in processes:
-        process.start()
-    try:
-        results = dict(queue.get(timeout=TIMEOUT_S) for _ in processes)
-    except Exception:  # queue.Empty: a rank hangs in a collective
-        results = {}
-    finally:
-        for process in processes:
-            process.join(timeout=10)
-            if process.is_alive():
-                process.kill()
-    assert len(results) == WORLD, f"a rank did not finish within {TIMEOUT_S} s (hung in a collective?)"
-    for rank in range(WORLD):
-        assert "crash" not in results[rank], results[rank]["crash"]
-    return [results[rank] for rank in range(WORLD)]
+    results = run_on_ranks(_scenarios_on_rank, scenarios, WORLD, TIMEOUT_S)
+    assert results is not None, f"a rank did not finish within {TIMEOUT_S} s (hung in a collective?)"
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +203,8 @@ def test_quest_calibration_under_context_parallelism_is_refused(monkeypatch):
 
     monkeypatch.setattr(quest, "context_parallel_group", lambda model: object())
     pipe = _pipeline()
-    with pytest.raises(accel.errors.UnsupportedModelError, match="cannot calibrate or finetune under context"):
+    with pytest.raises(accel.errors.UnsupportedModelError,
+                       match="cannot calibrate or finetune under context"):
         accel.patch(pipe, "quest")
     assert not accel.hooks.accel_hook_names(pipe.transformer)
 

@@ -52,7 +52,7 @@ class PruneArtifact:
                 "blocks expected). Make one for this model with accel.methods.hierarchical_prune.prune(...).")
         digest = weights_digest(model, rounded=True)
         # artifacts written before digests were rounded to bf16 hold the exact fp32 digest
-        if self.source_weights not in (digest, weights_digest(model)):
+        if self.source_weights != digest and self.source_weights != weights_digest(model):
             raise ArtifactMismatchError(
                 f"This hierarchical-prune artifact was distilled from other weights of {self.source} (digest "
                 f"{self.source_weights}, this model {digest}); its finetuned blocks would not fit. Re-run "
