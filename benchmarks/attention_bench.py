@@ -3,8 +3,9 @@
     python -m accel.benchmarks.attention_bench            # S in {4K, 16K, 32K}, density in {0.1, 0.2, 0.4}
     python -m accel.benchmarks.attention_bench --quick    # a small smoke run (seconds)
 
-For each (S, density): B=1, H=8, D=64 fp32 random Q/K/V; the mask is AdaSpa's selection at that density
-(exact block sums, per-head top-k), so the output cosine vs dense means something. Times are medians of
+For each (S, density): B=1, H=8, D=64 random Q/K/V in ``--dtype`` (fp32 by default; dense SDPA runs in the
+same dtype); the mask is AdaSpa's selection at that density (exact block sums, per-head top-k), so the
+output cosine vs dense means something. Times are medians of
 ``--repeats`` after a warm-up (compile excluded); dense SDPA is timed right before the sparse paths in
 every repeat. Reported: speedup (the median of the per-repeat ratios dense / sparse), the ideal 1/density
 (token-pair density of the mask) and the fraction of the ideal reached; FLOP/s of the sparse path =
@@ -61,7 +62,7 @@ def mask_at_density(q: torch.Tensor, k: torch.Tensor, density: float, block: int
 def bench_case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, density: float, block: int,
                backends: list[str], repeats: int) -> list[dict[str, Any]]:
     B, H, S, D = q.shape
-    mask = mask_at_density(q, k, density, block)
+    mask = mask_at_density(q.float(), k.float(), density, block)
     actual = mask.density()
     # These first calls are also the warm-up paired_times relies on (flex compiles here).
     dense_out = F.scaled_dot_product_attention(q, k, v)
@@ -88,7 +89,7 @@ def bench_case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, density: float
             "speedup": round(speedup, 3), "ideal": round(1 / actual, 3),
             "fraction_of_ideal": round(speedup * actual, 3),
             "sparse_gflops": round(dense_attention_flops(B, H, S, S, D) * actual / median / 1e9, 2),
-            "cosine_vs_dense": round(cosine(out, dense_out), 5),
+            "cosine_vs_dense": round(cosine(out.float(), dense_out.float()), 5), "dtype": str(q.dtype)[6:],
             "search_step_vs_dense": round(search_vs_dense, 3),
         })
     return rows
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/attention_bench.json"))
     parser.add_argument("--no-capture", action="store_true", help="skip the digits-video-dit Q/K/V case")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="Q/K/V dtype for both dense SDPA and the sparse paths")
     args = parser.parse_args(argv)
     seqs = args.seq or ([1024, 2048] if args.quick else [4096, 16384, 32768])
     densities = args.density or [0.1, 0.2, 0.4]
@@ -145,10 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     B, H, D = 1, 8, 64
+    dtype = getattr(torch, args.dtype)
     rows: list[dict[str, Any]] = []
     for S in seqs:
         gen = torch.Generator().manual_seed(S)
-        q, k, v = (torch.randn(B, H, S, D, generator=gen) for _ in range(3))
+        q, k, v = (torch.randn(B, H, S, D, generator=gen).to(dtype) for _ in range(3))
         for density in densities:
             for row in bench_case(q, k, v, density, args.block, args.backends, repeats):
                 row["inputs"] = "random"
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(got)
             print(f"skipped captured Q/K/V: {got}")
         else:
-            q, k, v = (t.float() for t in got)
+            q, k, v = (t.to(dtype) for t in got)
             for density in densities:
                 for row in bench_case(q, k, v, density, args.block, args.backends, repeats):
                     row["inputs"] = "digits-video-dit"
@@ -169,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                     _print_row(row)
     payload = {"command": " ".join(["python -m accel.benchmarks.attention_bench", *(argv or sys.argv[1:])]),
                "torch": torch.__version__, "threads": torch.get_num_threads(), "B": B, "H": H, "D": D,
+               "dtype": args.dtype,
                "rows": rows, "notes": notes}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2))

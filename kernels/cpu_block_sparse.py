@@ -3,7 +3,9 @@
 Same contract as the Triton launcher: ``q, k, v`` (B, H, S, D), ``kv_counts`` / ``kv_indices`` in the
 ``BlockMask`` layout, block 64 or 128, any ``S`` (tail keys never enter the softmax); returns the output and
 the per-row LSE. Also takes a key-padding mask (padded prompt tokens in joint text+video attention). Computes
-in fp32 (fp16/bf16 inputs are converted and the output converted back).
+in fp32, except that bf16 inputs run their GEMMs in bf16 (fp32 accumulation, softmax and output) on CPUs
+with native bf16 dot products once MKL's bf16 GEMM has matched an fp32 product there
+(:func:`bf16_gemm_problem`); other fp16/bf16 inputs are converted to fp32 and the output converted back.
 :func:`block_sparse_attention_backward_cpu` is its backward (dQ, dK, dV from the saved output and LSE, no
 key padding), for training.
 
@@ -13,10 +15,11 @@ PyTorch gather path."""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import torch
-from accel.kernels.cpp_build import CppExtension
+from accel.kernels.cpp_build import CppExtension, cpu_flags
 from accel.kernels.reference import check_backward_inputs, check_block_sparse_inputs
 
 EXTENSION = CppExtension("cpu_block_sparse.cpp", "the CPU block-sparse kernel", "the gather path")
@@ -33,6 +36,49 @@ def available() -> bool:
 
 def unavailable_reason() -> str | None:
     return EXTENSION.failure
+
+
+# CPU features with bf16 dot-product instructions: elsewhere MKL's bf16 GEMM converts to fp32 inside, no
+# faster than converting once up front.
+BF16_NATIVE_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+# MKL's bf16 GEMM multiplies bf16 values exactly and sums in fp32: against an fp32 product of the same values
+# it may differ only by summation order.
+_PROBE_TOLERANCE = 1e-4
+
+
+@lru_cache(maxsize=1)
+def bf16_gemm_problem() -> str | None:
+    """Why bf16 inputs are converted to fp32 on this machine, or ``None`` when the kernel runs them in bf16.
+    Checked once per process: the CPU has native bf16 dot products and the GEMM calls the kernel makes give an
+    fp32 product of the same values."""
+    module = EXTENSION.load()
+    if module is None:
+        return f"the kernel did not build ({EXTENSION.failure})"
+    if not BF16_NATIVE_FLAGS & cpu_flags():
+        return "this CPU has no native bf16 dot products (avx512_bf16 or amx_bf16)"
+    if not module.has_bf16_gemm():
+        return "this torch build's BLAS has no bf16 GEMM"
+    return _probe_bf16_gemm(module)
+
+
+def _probe_bf16_gemm(module: Any) -> str | None:
+    gen = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(*shape, generator=gen) for shape in ((64, 80), (72, 80), (64, 72)))
+    a, b = a.bfloat16(), b.bfloat16()
+    scores = module.bf16_gemm_probe(a, b)  # a b^T, as Q K^T
+    a_, b_ = a[:, :72].contiguous(), b[:, :72].contiguous()
+    product = module.bf16_gemm_probe(a_, b_, c)  # c + a b, as O += P V
+    errors = [float((got - want).abs().max() / want.abs().max()) for got, want in (
+        (scores, a.float() @ b.float().T), (product, c + a_.float() @ b_.float()))]
+    if all(error <= _PROBE_TOLERANCE for error in errors):  # a NaN fails too
+        return None
+    worst = next((e for e in errors if e != e), max(errors))
+    return f"MKL's bf16 GEMM was off by {worst:.1e} (relative) against fp32 on a probe"
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernel's GEMMs read for inputs of ``dtype``."""
+    return torch.bfloat16 if dtype == torch.bfloat16 and bf16_gemm_problem() is None else torch.float32
 
 
 def block_sparse_attention_cpu(
@@ -102,8 +148,9 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_counts: torch.Ten
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     counts = kv_counts.contiguous()  # int32, as checked above
     order = _work_order(counts)
-    q32, k32, v32 = (t.float().contiguous() for t in (q, k, v))
+    read = compute_dtype(q.dtype)
+    qc, kc, vc = (t.to(read).contiguous() for t in (q, k, v))
     key_ok = torch.empty(0, dtype=torch.uint8) if key_mask is None else key_mask.to(torch.uint8).contiguous()
-    out, lse, sums = module.forward(q32, k32, v32, counts, kv_indices.contiguous(), order,
+    out, lse, sums = module.forward(qc, kc, vc, counts, kv_indices.contiguous(), order,
                                     int(block_size), scale, with_block_sums, key_ok)
     return out.to(q.dtype), lse, sums

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from accel.kernels import cpu_block_sparse
-from accel.kernels.cpp_build import CppExtension
+from accel.kernels.cpp_build import CppExtension, cpu_flags
 from accel.kernels.cpu_block_sparse import attention_with_block_sums_cpu, block_sparse_attention_cpu
 from accel.kernels.reference import block_sparse_attention_reference, block_sums_reference
 
@@ -54,13 +54,82 @@ def test_matches_reference(Sq, Sk, D, block):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs_compute_in_fp32(dtype):
+def test_half_inputs_match_the_reference(dtype):
     q, k, v = (torch.randn(1, 2, 200, 64).to(dtype) for _ in range(3))
     mask = mask_with_edge_rows(1, 2, 200, 200, 64)
     out, _ = block_sparse_attention_cpu(q, k, v, mask.kv_counts, mask.kv_indices, 64)
     ref, _ = block_sparse_attention_reference(q, k, v, mask.kv_counts, mask.kv_indices, 64)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.fixture
+def fresh_bf16_check():
+    cpu_block_sparse.bf16_gemm_problem.cache_clear()
+    yield
+    cpu_block_sparse.bf16_gemm_problem.cache_clear()
+
+
+def test_bf16_gemms_only_where_checked(fresh_bf16_check):
+    problem = cpu_block_sparse.bf16_gemm_problem()
+    native = bool(cpu_block_sparse.BF16_NATIVE_FLAGS & cpu_flags())
+    assert (problem is None) == (native and cpu_block_sparse.load_kernel().has_bf16_gemm()), problem
+    expected = torch.bfloat16 if problem is None else torch.float32
+    assert cpu_block_sparse.compute_dtype(torch.bfloat16) == expected
+    assert cpu_block_sparse.compute_dtype(torch.float16) == torch.float32
+    assert cpu_block_sparse.compute_dtype(torch.float32) == torch.float32
+
+
+@pytest.mark.parametrize("Sq,Sk,block", [(200, 330, 64), (64 * 20, 64 * 20, 64), (300, 300, 128)])
+def test_bf16_gemm_path_matches_fp32_on_the_same_values(Sq, Sk, block, fresh_bf16_check):
+    if cpu_block_sparse.bf16_gemm_problem() is not None:
+        pytest.skip(f"bf16 inputs run in fp32 here: {cpu_block_sparse.bf16_gemm_problem()}")
+    q = torch.randn(2, 2, Sq, 64).bfloat16()
+    k, v = torch.randn(2, 2, Sk, 64).bfloat16(), torch.randn(2, 2, Sk, 64).bfloat16()
+    mask = mask_with_edge_rows(2, 2, Sq, Sk, block)  # tails, empty and full rows; lists in and out of order
+    key_mask = padding(2, Sk, (Sk - 70, 10))
+    poisoned_k, poisoned_v = k.clone(), v.clone()  # NaN in unlisted and masked keys reaches nothing
+    unlisted = ~mask.to_dense().any(2).repeat_interleave(block, dim=-1)[..., :Sk]  # (B, H, Sk)
+    poisoned_k[unlisted | ~key_mask[:, None, :]] = float("nan")
+    poisoned_v[unlisted] = float("nan")
+    out, lse, sums = attention_with_block_sums_cpu(q, poisoned_k, poisoned_v,
+                                                   mask.kv_counts, mask.kv_indices, block, 0.125, key_mask)
+    args = (q.float(), k.float(), v.float(), mask.kv_counts, mask.kv_indices, block, 0.125, key_mask)
+    ref, ref_lse, ref_sums = attention_with_block_sums_cpu(*args)  # the fp32 kernel on the same values
+    assert out.dtype == torch.bfloat16 and bool(torch.isfinite(out).all())
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)  # P rounded to bf16 for P V
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)  # scores: exact products, fp32 sums
+    torch.testing.assert_close(sums, ref_sums, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(out, ref.bfloat16())  # the bf16 GEMMs ran, not the fp32 ones
+
+
+def test_bf16_without_native_bf16_dot_products_runs_in_fp32(monkeypatch, fresh_bf16_check):
+    monkeypatch.setattr(cpu_block_sparse, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert "native bf16" in cpu_block_sparse.bf16_gemm_problem()
+    q, k, v = (torch.randn(1, 2, 200, 64).bfloat16() for _ in range(3))
+    mask = mask_with_edge_rows(1, 2, 200, 200, 64)
+    out, _ = block_sparse_attention_cpu(q, k, v, mask.kv_counts, mask.kv_indices, 64)
+    ref, _ = block_sparse_attention_cpu(q.float(), k.float(), v.float(), mask.kv_counts, mask.kv_indices, 64)
+    assert torch.equal(out, ref.bfloat16())
+
+
+class _TorchGemm:
+    """Stands in for the extension's bf16 GEMM probe, exact or with every product off by ``error``."""
+
+    def __init__(self, error: float = 0.0) -> None:
+        self.error = error
+
+    def bf16_gemm_probe(self, a, b, accumulate_into=None):
+        if accumulate_into is None:
+            return a.float() @ b.float().T * (1 + self.error)
+        exact = accumulate_into + a.float() @ b.float()
+        return exact * (1 + self.error)
+
+
+def test_the_probe_refuses_a_wrong_bf16_gemm():
+    assert cpu_block_sparse._probe_bf16_gemm(_TorchGemm()) is None
+    assert "off by 1.0e-02" in cpu_block_sparse._probe_bf16_gemm(_TorchGemm(error=1e-2))
+    assert "off by" in cpu_block_sparse._probe_bf16_gemm(_TorchGemm(error=float("nan")))
 
 
 def test_reads_only_listed_blocks():
