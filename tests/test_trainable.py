@@ -264,3 +264,28 @@ def test_train_compare_writes_a_table_and_loss_curves(tmp_path) -> None:
     table = (tmp_path / "c.md").read_text()
     assert "| vmoba | 30 | 1.00 | 2.00x |" in table and "+2.0%" in table
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_ema_warms_up_from_a_random_init_and_not_from_saved_weights() -> None:
+    from accel.pipelines.train.common import EMA
+
+    start, live = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    for warm_up, kept in ((True, 0.1), (False, 0.9)):  # step 0 warmed up: decay min(0.9, 1/10)
+        ema = EMA(start, decay=0.9, warm_up=warm_up)
+        ema.update(live, step=0)
+        expected = kept * start.weight + (1 - kept) * live.weight
+        torch.testing.assert_close(ema.model.weight, expected.detach())
+
+
+def test_train_loss_gap_compares_settings_on_the_same_batches(monkeypatch) -> None:
+    from accel.benchmarks import train_loss_gap
+    from accel.pipelines.train import train_video_dit as tv
+
+    monkeypatch.setattr(tv, "load_weights", lambda model, folder: None)  # random init: only the plumbing
+    specs = ["vmoba:selection=threshold:tau=1.0", "vmoba:selection=threshold:tau=0.25"]
+    rows = train_loss_gap.measure(specs, tv.WEIGHTS / "unused", batches=2, clip_frames=4, clip_batch=1,
+                                  image_batch=2, seed=0)
+    assert [r["spec"] for r in rows] == ["dense", "vmoba:selection=threshold:tau=1.0",
+                                         "vmoba:selection=threshold:tau=0.25"]
+    assert abs(rows[1]["excess"]) < 1e-3 and rows[1]["density"] > 0.95  # (nearly) every pair kept: dense
+    assert rows[2]["density"] < 0.9 and rows[2]["excess"] != 0.0

@@ -43,14 +43,17 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
 class EMA:
     """Exponential moving average of a model's weights (sampling quality of diffusion models relies on it)."""
 
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+    def __init__(self, model: torch.nn.Module, decay: float, warm_up: bool = True) -> None:
         self.decay = decay
+        # warm_up: for a random init, whose weights no average should keep. A run continued from saved
+        # (averaged) weights starts the average at full decay: warmed up, its first steps' average would be
+        # the live weights, which a fresh optimizer moves most.
+        self.warm_up = warm_up
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
-        # Warm the decay up so that early averages are not dominated by the random init.
-        decay = min(self.decay, (1 + step) / (10 + step))
+        decay = min(self.decay, (1 + step) / (10 + step)) if self.warm_up else self.decay
         for ema_p, p in zip(self.model.parameters(), model.parameters()):
             ema_p.lerp_(p.detach(), 1 - decay)
 

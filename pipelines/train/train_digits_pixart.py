@@ -225,7 +225,7 @@ def train_pixart(steps: int, batch_size: int, lr: float, seed: int, init: Path |
     means, stds, attrs = encode_dataset(vae, seed)
     print(f"encoded {len(means)} pictures", flush=True)
     models = torch.nn.ModuleDict({"text_encoder": text_encoder, "transformer": transformer}).train()
-    ema = EMA(models, decay=0.999)
+    ema = EMA(models, decay=0.999, warm_up=init is None)
     noise_sched = DDPMScheduler(**NOISE_SCHEDULE)
     opt = torch.optim.AdamW(models.parameters(), lr=lr, weight_decay=0.0)
     progress = Progress(steps, every=50)

@@ -98,7 +98,7 @@ def train(steps: int, image_batch: int, clip_batch: int, clip_frames: int, lr: f
     model = VideoModel().train()
     if init is not None:
         load_weights(model, init)
-    ema = EMA(model, decay=0.998)
+    ema = EMA(model, decay=0.998, warm_up=init is None)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     patch = sparse_attention_patch(model, attention)  # after the EMA copy: the copy stays unpatched
     progress = Progress(steps)
