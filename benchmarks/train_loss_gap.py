@@ -23,13 +23,11 @@ import torch
 DEFAULT_SPECS = tuple(f"vmoba:selection=threshold:tau={tau}" for tau in (0.25, 0.4, 0.55, 0.7, 0.85, 0.95))
 
 
-def batch_losses(model: Any, batches: int, clip_frames: int, clip_batch: int, image_batch: int,
-                 seed: int) -> list[float]:
-    """The flow loss of ``batches`` batches drawn from generator seeds ``seed, seed + 1, ...``."""
-    from accel.pipelines.data import load_digit_images
-    from accel.pipelines.train.train_video_dit import DIGIT, flow_loss, sample_batch
+def batch_losses(model: Any, digits: torch.Tensor, labels: torch.Tensor, batches: int, clip_frames: int,
+                 clip_batch: int, image_batch: int, seed: int) -> list[float]:
+    """The flow loss of ``batches`` batches of ``digits`` drawn with generator seeds ``seed, seed + 1...``."""
+    from accel.pipelines.train.train_video_dit import flow_loss, sample_batch
 
-    digits, labels = load_digit_images(DIGIT, "train")
     losses = []
     with torch.no_grad():
         for b in range(batches):
@@ -43,17 +41,21 @@ def batch_losses(model: Any, batches: int, clip_frames: int, clip_batch: int, im
 
 def measure(specs: list[str], weights: Path, batches: int, clip_frames: int, clip_batch: int,
             image_batch: int, seed: int) -> list[dict[str, Any]]:
-    from accel.pipelines.train.train_video_dit import VideoModel, load_weights, sparse_attention_patch
+    from accel.pipelines.data import load_digit_images
+    from accel.pipelines.train.train_video_dit import DIGIT, VideoModel, load_weights, sparse_attention_patch
 
     model = VideoModel().eval()
     load_weights(model, weights)
-    dense = batch_losses(model, batches, clip_frames, clip_batch, image_batch, seed)
+    digits, labels = load_digit_images(DIGIT, "train")
+    batch = dict(batches=batches, clip_frames=clip_frames, clip_batch=clip_batch, image_batch=image_batch,
+                 seed=seed)
+    dense = batch_losses(model, digits, labels, **batch)
     dense_mean = sum(dense) / len(dense)
     rows = [{"spec": "dense", "loss": dense_mean, "excess": 0.0, "density": 1.0}]
     for spec in specs:
         patch = sparse_attention_patch(model, spec)
         try:
-            losses = batch_losses(model, batches, clip_frames, clip_batch, image_batch, seed)
+            losses = batch_losses(model, digits, labels, **batch)
             (report,) = patch.report().methods.values()
         finally:
             patch.remove()

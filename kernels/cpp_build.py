@@ -39,6 +39,15 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+# x86 features with bf16 dot-product instructions: only with them does a bf16 GEMM beat converting to fp32.
+BF16_DOT_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def bf16_dot_products() -> bool:
+    """The running CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16)."""
+    return bool(cpu_flags() & BF16_DOT_FLAGS)
+
+
 def _ensure_ninja_on_path() -> None:
     """torch's builder runs ``ninja`` from PATH; a venv's python run without activating the venv does not have
     the venv's ``bin`` (where the ``ninja`` package puts it) on PATH."""

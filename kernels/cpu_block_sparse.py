@@ -19,7 +19,7 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-from accel.kernels.cpp_build import CppExtension, cpu_flags
+from accel.kernels.cpp_build import CppExtension, bf16_dot_products
 from accel.kernels.reference import check_backward_inputs, check_block_sparse_inputs
 
 EXTENSION = CppExtension("cpu_block_sparse.cpp", "the CPU block-sparse kernel", "the gather path")
@@ -38,9 +38,6 @@ def unavailable_reason() -> str | None:
     return EXTENSION.failure
 
 
-# CPU features with bf16 dot-product instructions: elsewhere MKL's bf16 GEMM converts to fp32 inside, no
-# faster than converting once up front.
-BF16_NATIVE_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 # MKL's bf16 GEMM multiplies bf16 values exactly and sums in fp32: against an fp32 product of the same values
 # it may differ only by summation order.
 _PROBE_TOLERANCE = 1e-4
@@ -53,8 +50,8 @@ def bf16_gemm_problem() -> str | None:
     fp32 product of the same values."""
     module = EXTENSION.load()
     if module is None:
-        return f"the kernel did not build ({EXTENSION.failure})"
-    if not BF16_NATIVE_FLAGS & cpu_flags():
+        return f"the kernel did not build ({unavailable_reason()})"
+    if not bf16_dot_products():  # elsewhere MKL's bf16 GEMM converts inside, no faster than converting first
         return "this CPU has no native bf16 dot products (avx512_bf16 or amx_bf16)"
     if not module.has_bf16_gemm():
         return "this torch build's BLAS has no bf16 GEMM"

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from accel.kernels import cpu_block_sparse
-from accel.kernels.cpp_build import CppExtension, cpu_flags
+from accel.kernels.cpp_build import CppExtension, bf16_dot_products
 from accel.kernels.cpu_block_sparse import attention_with_block_sums_cpu, block_sparse_attention_cpu
 from accel.kernels.reference import block_sparse_attention_reference, block_sums_reference
 
@@ -72,7 +72,7 @@ def fresh_bf16_check():
 
 def test_bf16_gemms_only_where_checked(fresh_bf16_check):
     problem = cpu_block_sparse.bf16_gemm_problem()
-    native = bool(cpu_block_sparse.BF16_NATIVE_FLAGS & cpu_flags())
+    native = bf16_dot_products()
     assert (problem is None) == (native and cpu_block_sparse.load_kernel().has_bf16_gemm()), problem
     expected = torch.bfloat16 if problem is None else torch.float32
     assert cpu_block_sparse.compute_dtype(torch.bfloat16) == expected
@@ -104,7 +104,7 @@ def test_bf16_gemm_path_matches_fp32_on_the_same_values(Sq, Sk, block, fresh_bf1
 
 
 def test_bf16_without_native_bf16_dot_products_runs_in_fp32(monkeypatch, fresh_bf16_check):
-    monkeypatch.setattr(cpu_block_sparse, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(cpu_block_sparse, "bf16_dot_products", lambda: False)  # an AVX2-only CPU
     assert "native bf16" in cpu_block_sparse.bf16_gemm_problem()
     q, k, v = (torch.randn(1, 2, 200, 64).bfloat16() for _ in range(3))
     mask = mask_with_edge_rows(1, 2, 200, 200, 64)

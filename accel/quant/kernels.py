@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from accel.kernels.cpp_build import cpu_flags
+from accel.kernels.cpp_build import bf16_dot_products, cpu_flags
 from accel.quant.options import Kernel
 from accel.timing import median_time
 
@@ -81,7 +81,7 @@ def native_bf16() -> bool:
     ``ONEDNN_MAX_CPU_ISA`` cap below those."""
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).upper()
     capped = cap not in ("", "ALL", "DEFAULT") and not any(t in cap for t in ("BF16", "AMX", "AVX10"))
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"}) and not capped
+    return bf16_dot_products() and not capped
 
 
 @lru_cache(maxsize=1)
