@@ -55,8 +55,9 @@ def test_step_decisions_do_not_recompile(method, bound):
     patch.remove()
 
 
-def test_bac_over_the_whole_stack_compiles_a_bounded_number_of_frames():
-    frames, outputs, eager, patch = _compiled_calls(accel.BACConfig(granularity="stack"))
+@pytest.mark.parametrize("reuse", ["delta", "x0"])
+def test_bac_over_the_whole_stack_compiles_a_bounded_number_of_frames(reuse):
+    frames, outputs, eager, patch = _compiled_calls(accel.BACConfig(granularity="stack", reuse=reuse))
     assert frames[0] <= 32 and frames[1] == frames[0], frames
     for got in outputs:
         torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)

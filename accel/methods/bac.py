@@ -75,6 +75,15 @@ class Granularity(str, enum.Enum):
     STACK = "stack"
 
 
+class Reuse(str, enum.Enum):
+    """What a reused step of the stack unit returns: the blocks' cached Δ added to the current input
+    (the embeddings and output layer run), or the denoiser's cached clean-sample estimate x̂0 re-expressed
+    at the current noisy input (nothing runs; ``accel.methods.bac_stack``)."""
+
+    DELTA = "delta"
+    X0 = "x0"
+
+
 @dataclass(frozen=True, kw_only=True)
 class BACConfig(MethodConfig):
     """BAC settings.
@@ -110,6 +119,13 @@ class BACConfig(MethodConfig):
             this resolution and serve every step count (finer than the calls they serve keeps them exact).
         calibration_batch: samples in the online calibration call.
         probe_groups: pooled probe calls of ``weighting="pooled"`` (spans of the steps it measures).
+        reuse: with ``granularity="stack"``, what a reused step returns. ``"delta"`` adds the stack's cached
+            Δ to the current input and runs the embeddings and output layer. ``"x0"`` runs nothing: the
+            denoiser's last output, held as the clean-sample estimate x̂0 it stands for (read with the
+            scheduler's prediction type and noise levels, ``accel.noise``), is re-expressed at the current
+            noisy input. Under a sampler that adds fresh noise each step (ancestral DDPM) or combines past
+            outputs (DPM-Solver++), x̂0 moves far less from step to step than ε or the features do, so the
+            same schedule loses less. Needs a pipeline whose scheduler gives both.
 
     Our recipe (benchmarks/RESULTS.md, "Caching"): ``granularity="stack", weighting="sensitivity"``, which
     beat cosine-similarity weighting at the same update budget: an ancestral sampler's last steps are far
@@ -130,6 +146,7 @@ class BACConfig(MethodConfig):
     calibration_steps: int = 50
     calibration_batch: int = 4
     probe_groups: int = 2
+    reuse: Reuse = Reuse.DELTA
 
     def __post_init__(self) -> None:
         check_int("BACConfig.calibration_steps", self.calibration_steps, low=2)
@@ -145,6 +162,10 @@ class BACConfig(MethodConfig):
             check_int("BACConfig.updates", self.updates, low=1)
         object.__setattr__(self, "metric", check_choice("BACConfig.metric", self.metric, Metric))
         check_int("BACConfig.bubbling", self.bubbling, low=0)
+        object.__setattr__(self, "reuse", check_choice("BACConfig.reuse", self.reuse, Reuse))
+        if self.reuse is Reuse.X0 and self.granularity is not Granularity.STACK:
+            raise ValueError(f"BACConfig(reuse='x0') reuses the whole denoiser's output, so it needs "
+                             f"granularity='stack', got granularity={self.granularity.value!r}.")
         check_int("BACConfig.max_features", self.max_features, low=16)
 
     def resolved_updates(self, num_steps: int) -> int:
@@ -155,12 +176,16 @@ class BACConfig(MethodConfig):
     def sweep_grid(cls, num_steps: int) -> list[dict[str, Any]]:
         """Settings ``accel-bench --sweep`` tries: the paper's recipe at 70% down to 30% of the steps, the
         stack unit with pooled probes at 40% down to 12% (its error stays low far below the paper's
-        budgets), and the probe-free √SNR weighting."""
+        budgets), the probe-free √SNR weighting, and √SNR with x̂0 reuse from 60% down to 20% (one setting
+        per distinct update count)."""
         paper = [{"updates": max(2, round(f * num_steps))} for f in (0.7, 0.6, 0.5, 0.4, 0.3)]
         budgets = sorted({max(2, round(f * num_steps)) for f in (0.4, 0.3, 0.22, 0.16, 0.12)}, reverse=True)
         pooled = [{"updates": k, "granularity": "stack", "weighting": "pooled"} for k in budgets]
         snr = [{"granularity": "stack", "weighting": "snr", "update_fraction": f} for f in (0.5, 0.34)]
-        return paper + pooled + snr
+        by_count = {math.ceil(f * num_steps): f for f in (0.2, 0.24, 0.3, 0.4, 0.45, 0.5, 0.6)}
+        x0 = [{"granularity": "stack", "weighting": "snr", "reuse": "x0", "update_fraction": f}
+              for _, f in sorted(by_count.items(), reverse=True)]
+        return paper + pooled + snr + x0
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import torch
 
 from accel.artifacts import architecture_fingerprint, read_artifact, write_artifact
 from accel.errors import ArtifactMismatchError
+from accel.noise import step_inputs
 
 SCHEDULE_FORMAT = "accel.bac.schedule"
 SCHEDULE_VERSION = 1
@@ -331,21 +332,8 @@ def noise_weights(scheduler: Any, num_steps: int) -> list[float] | None:
     tracks them after the first steps and its schedules lose little. ``None`` when the scheduler exposes no
     noise levels accel can read.
     """
-    timesteps = getattr(scheduler, "timesteps", None)
-    if timesteps is None or len(timesteps) != num_steps:
-        return None
-    config = getattr(scheduler, "config", {})
-    sigmas = getattr(scheduler, "sigmas", None)
-    flow = "FlowMatch" in type(scheduler).__name__ or bool(_config_get(config, "use_flow_sigmas")) or (
-        _config_get(config, "prediction_type") == "flow_prediction")
-    if sigmas is not None and len(sigmas) >= num_steps:
-        s = torch.as_tensor(sigmas[:num_steps], dtype=torch.float64).clamp(1e-6, None)
-        return ((1 - s.clamp(max=1.0)) / s).tolist() if flow else (1 / s).tolist()  # x = (1-σ)x0 + σε / x0 + σε
-    alphas = getattr(scheduler, "alphas_cumprod", None)
-    if alphas is not None:
-        a = torch.as_tensor(alphas, dtype=torch.float64)[torch.as_tensor(timesteps).long().cpu()]
-        return (a / (1 - a).clamp(min=1e-12)).sqrt().tolist()
-    return None
+    inputs = step_inputs(scheduler, num_steps)
+    return None if inputs is None else [step.snr_sqrt for step in inputs]
 
 
 def noise_levels(scheduler: Any, num_steps: int) -> list[float] | None:

@@ -7,6 +7,11 @@ block returns input + Δ and every later block passes its input through, so a re
 the embeddings and the output layer, which still see the current timestep. The update steps come from
 the same DP and schedule strategies as BAC's (``accel.methods.bac_schedule``); the Bubbling Union has
 nothing to do with one unit.
+
+With ``reuse="x0"`` a hook on the denoiser itself takes the decision before anything runs: on an update
+step the whole model runs and its output is cached as the clean-sample estimate x̂0 it stands for; on a
+reused step the model does not run at all and returns the output that says the same x̂0 at the current
+noisy input and noise level (``accel.noise``). The schedule is still chosen over the stack's Δ features.
 """
 
 from __future__ import annotations
@@ -17,10 +22,20 @@ import torch
 
 from accel.adapters.base import ModelAdapter
 from accel.contract import PatchContext
+from accel.errors import UnsupportedModelError
 from accel.hooks import SkipHook
 from accel.methods._runlog import RunLog
 from accel.methods._streams import add_streams, pass_through
-from accel.methods.bac import BAC, _Branch, _cost
+from accel.methods.bac import BAC, Reuse, _Branch, _Cached, _cost
+from accel.noise import (
+    NoisyInput,
+    Prediction,
+    current_input,
+    from_clean,
+    prediction_of,
+    prediction_split,
+    to_clean,
+)
 
 
 def stack_unit(adapter: ModelAdapter) -> _Branch:
@@ -33,6 +48,7 @@ class StackReuse(BAC):
     """BAC's runtime (schedules, recording, cache) with the decision taken once per forward."""
 
     _span_value: Any = None
+    clean: CleanReuse | None = None  # reuse="x0": the denoiser-level decision
 
     def decide_span(self, block: Any, args: tuple, kwargs: dict) -> Any:
         """The first block decides for all; on a reused step it returns input + Δ and every later
@@ -52,13 +68,94 @@ class StackReuse(BAC):
 
     def after_span(self, block: Any, output: Any, last: int) -> Any:
         if block.index == last and self._span_value is None:
+            if self.clean is not None and not self.recording:  # the denoiser's hook caches x̂0 instead
+                self._inputs.pop((self.tracker.state.branch, self.branches[0].key), None)
+                return output
             return self.after(self.branches[0], output, io=block.io)
         return output
 
 
+class CleanReuse:
+    """``reuse="x0"``: the denoiser's forward as the decision point; its output cached as x̂0."""
+
+    def __init__(self, stack: StackReuse, adapter: ModelAdapter, prediction: Prediction) -> None:
+        self.stack, self.adapter, self.prediction = stack, adapter, prediction
+        self.block_names = [b.name for b in adapter.blocks()]
+        self.templates: dict[int, Any] = {}  # per CFG branch: the latest output, whose form reuse returns
+
+    def _noisy_input(self) -> NoisyInput:
+        state = self.stack.tracker.state
+        at = current_input(self.stack.scheduler, state.step_index, state.timestep)
+        if at is None:
+            raise UnsupportedModelError(
+                f"BAC reuse='x0' cannot read the noise level of step {state.step_index} from "
+                f"{type(self.stack.scheduler).__name__}; use reuse='delta'.")
+        return at
+
+    def decide(self, args: tuple, kwargs: dict) -> Any:
+        stack, state = self.stack, self.stack.tracker.state
+        cached = stack._reuse(stack.branches[0])
+        if cached is None:
+            return None
+        for name in self.block_names:
+            stack.log.record(state.step_index, state.branch, name, ran=False)
+        sample = self.adapter.sample(args, kwargs)
+        template = self.templates[state.branch]
+        out = _prediction(template)
+        fresh = from_clean(self.prediction, cached["x0"], sample, self._noisy_input()).to(out.dtype)
+        if cached["rest"] is not None:
+            fresh = torch.cat([fresh, cached["rest"]], dim=cached["dim"])
+        return _with_prediction(template, fresh)
+
+    def after(self, args: tuple, kwargs: dict, output: Any) -> Any:
+        stack, state = self.stack, self.stack.tracker.state
+        if stack.recording or stack.active is None:
+            return output
+        sample, out = self.adapter.sample(args, kwargs), _prediction(output)
+        try:
+            dim = prediction_split(out.shape, sample.shape)
+        except ValueError as error:
+            raise UnsupportedModelError(f"BAC reuse='x0': {error} Use reuse='delta'.") from None
+        head, rest = (out, None) if dim is None else out.split(sample.shape[dim], dim=dim)
+        value = {"x0": to_clean(self.prediction, head, sample, self._noisy_input()), "rest": rest, "dim": dim}
+        key = (state.branch, stack.branches[0].key)
+        stack.cache[key] = _Cached(value, state.step_index, stack.cache.get(key))
+        self.templates[state.branch] = output
+        return output
+
+
+def _prediction(output: Any) -> torch.Tensor:
+    """The prediction tensor of a denoiser's output: ``.sample`` of diffusers' output classes, the first
+    entry of the ``return_dict=False`` tuple, or the tensor itself."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output[next(iter(output.keys()))]
+
+
+def _with_prediction(template: Any, prediction: torch.Tensor) -> Any:
+    """An output of ``template``'s form holding ``prediction``."""
+    if isinstance(template, torch.Tensor):
+        return prediction
+    if isinstance(template, (tuple, list)):
+        return type(template)([prediction, *template[1:]])
+    first = next(iter(template.keys()))
+    return type(template)(**{**dict(template), first: prediction})
+
+
 def hook_stack(ctx: PatchContext, runtime: StackReuse) -> None:
-    """Hooks on every block; the log counts blocks run, so the compute fraction is per block."""
+    """Hooks on every block (and with ``reuse="x0"`` on the denoiser); the log counts blocks run, so the
+    compute fraction is per block."""
     blocks = ctx.adapter.blocks()
+    if runtime.config.reuse is Reuse.X0:
+        clean = runtime.clean = CleanReuse(runtime, ctx.adapter, x0_prediction(ctx))
+        # Registered before the step tracker's hook (added last, so outermost): the state has advanced
+        # when this decides.
+        ctx.hooks.add_hook(ctx.model, SkipHook(
+            decide=torch.compiler.disable(lambda m, a, k: clean.decide(a, k)),
+            after=torch.compiler.disable(lambda m, a, k, out: clean.after(a, k, out)),
+        ), "denoiser")
     runtime.log = RunLog(units=len(blocks), cost={b.name: _cost(b.module) for b in blocks})
     last = blocks[-1].index
     for block in blocks:  # every block: the first decides, the rest pass through on reused steps
@@ -67,3 +164,17 @@ def hook_stack(ctx: PatchContext, runtime: StackReuse) -> None:
             after=torch.compiler.disable(lambda m, a, k, out, b=block: runtime.after_span(b, out, last)),
         )
         ctx.hooks.add_hook(block.module, hook, f"block.{block.name}")
+
+
+def x0_prediction(ctx: PatchContext) -> Prediction:
+    """The parameterisation ``reuse="x0"`` reads the denoiser's output in, from the pipeline's scheduler."""
+    scheduler = getattr(ctx.pipeline, "scheduler", None)
+    if scheduler is None:
+        raise ValueError("BACConfig(reuse='x0') reads the prediction type and noise levels from the "
+                         "pipeline's scheduler: patch the pipeline, not the bare model (or reuse='delta').")
+    prediction = prediction_of(scheduler)
+    if prediction is None:
+        raise UnsupportedModelError(
+            f"BACConfig(reuse='x0'): {type(scheduler).__name__} names no prediction type accel reads "
+            f"({', '.join(p.value for p in Prediction)}); use reuse='delta'.")
+    return prediction
