@@ -17,6 +17,7 @@ from accel.contract import Handle, PatchContext
 from accel.errors import AlreadyPatchedError, IncompatibleMethodsError, UnsupportedModelError
 from accel.hooks import CallbackHook, HookSet, invalidate_registry_caches
 from accel.modules import resolve_target
+from accel.noise import prediction_of
 from accel.registry import MethodSpec, Stage, find_adapter, get_method, method_names, resolve_method
 from accel.steps import StepTracker, host_timestep
 
@@ -78,17 +79,23 @@ def _options_to_methods(options: dict[str, Any]) -> list[str | MethodConfig]:
     return methods
 
 
-# The recipe ``accel.patch(pipe)`` uses on a denoiser pipeline: BAC with the whole block stack as one
-# Δ-reused unit, half of the steps updated, chosen by a DP weighted with each step's √SNR over feature
-# distances that one calibration call (accel's own conditions and seeds, 50 steps) records before the first
-# call with new settings; they serve every step count, so every call is cached and its output depends on
-# that call alone. Half, not fewer: measured on digits-dit and digits-pixart (benchmarks/RESULTS.md,
-# "Caching"), 40% was faster at 50 steps but fell to 25-30 dB at 20-30 steps, the step counts most users
-# run, and lost a digit on digits-pixart at 20; half keeps >= 29 dB there on both. Probed sensitivities
-# (``accel.methods.bac.calibrate``) do better, most on DPM-Solver, but cost one extra call per step. A bare
-# model has no scheduler to read noise levels from, so it gets Δ-DiT, which needs neither calibration nor
-# noise levels. Families may override both with an adapter ``default_recipe()``.
-DEFAULT_DENOISER_RECIPE: tuple[str, ...] = ("bac:granularity=stack:weighting=snr:update_fraction=0.5",)
+# The recipe ``accel.patch(pipe)`` uses on a denoiser pipeline: BAC with the whole block stack as one unit,
+# half of the steps updated, chosen by a DP weighted with each step's √SNR over feature distances that one
+# calibration call (accel's own conditions and seeds, 50 steps) records before the first call with new
+# settings; they serve every step count, so every call is cached and its output depends on that call alone.
+# A reused step returns the denoiser's last clean-sample estimate x̂0 re-expressed at the current noisy input
+# (``reuse="x0"``) where the scheduler names its parameterisation, else the stack's Δ. Chosen by measurement
+# on digits-dit (DDPM), digits-pixart (DPM-Solver++) and PixArt-XL's width (benchmarks/RESULTS.md,
+# "Caching"): at the same schedule x̂0 reuse lost much less on DDPM, where fresh noise enters every step and
+# ε follows it while x̂0 barely moves, lost no more on DPM-Solver++, and also skips the embeddings and the
+# output layer. Half the steps, not fewer: at 20-30 steps, the counts most users run, fewer fell below
+# 30 dB on one of the two models. Probed sensitivities (``weighting="pooled"``/``"sensitivity"``) do better
+# on DPM-Solver but cost extra calls. A bare model has no scheduler to read noise levels from, so it gets
+# Δ-DiT, which needs neither calibration nor noise levels. Families may override both with an adapter
+# ``default_recipe()``.
+DEFAULT_DENOISER_RECIPE: tuple[str, ...] = (
+    "bac:granularity=stack:weighting=snr:update_fraction=0.5:reuse=x0",)
+DELTA_DENOISER_RECIPE: tuple[str, ...] = ("bac:granularity=stack:weighting=snr:update_fraction=0.5",)
 BARE_DENOISER_RECIPE: tuple[str, ...] = ("delta-dit",)
 
 
@@ -96,8 +103,11 @@ def _default_methods(adapter: ModelAdapter, pipeline: Any | None) -> list[str | 
     recipe = getattr(adapter, "default_recipe", None)
     methods = list(recipe()) if callable(recipe) else []
     if not methods and adapter.is_denoiser:
-        has_scheduler = getattr(pipeline, "scheduler", None) is not None
-        methods = list(DEFAULT_DENOISER_RECIPE if has_scheduler else BARE_DENOISER_RECIPE)
+        scheduler = getattr(pipeline, "scheduler", None)
+        if scheduler is None:
+            methods = list(BARE_DENOISER_RECIPE)
+        else:
+            methods = list(DEFAULT_DENOISER_RECIPE if prediction_of(scheduler) else DELTA_DENOISER_RECIPE)
     if not methods:
         raise UnsupportedModelError(
             f"accel.patch was given no method and has no default recipe for {adapter.family} models "

@@ -54,7 +54,10 @@ def is_flow_matching(scheduler: Any) -> bool:
 
 
 def prediction_of(scheduler: Any) -> Prediction | None:
-    """The parameterisation the scheduler reads the denoiser's output in; ``None`` when it does not say."""
+    """The parameterisation the scheduler reads the denoiser's output in; ``None`` when it does not say, or
+    when it preconditions inputs and outputs (EDM's c_in, c_skip, c_out), which none of the four describe."""
+    if "EDM" in type(scheduler).__name__:
+        return None
     if is_flow_matching(scheduler):
         return Prediction.FLOW
     kind = _config_get(getattr(scheduler, "config", {}), "prediction_type")

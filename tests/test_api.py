@@ -9,12 +9,12 @@ import sys
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from tiny import loop, tiny_dit
 
 import accel
 from accel.config import MethodConfig, check_float
 from accel.hooks import accel_hook_names
 from accel.registry import Stage, register_method, unregister_method
-from tiny import loop, tiny_dit
 
 
 def snapshot(model: torch.nn.Module) -> tuple[dict, dict]:
@@ -98,9 +98,10 @@ def test_device_timesteps_come_from_the_host_copy_at_the_predicted_step(identity
     the host once per call and, once the scheduler has stepped, indexed by the step the tracker predicts.
     On pipeline loops (one forward per step; two CFG forwards per step) the prediction must match every
     forward; a hand-written loop after them gets no index (its timesteps are read)."""
+    from tiny import TinyPipe
+
     from accel import api
     from accel.steps import host_timestep
-    from tiny import TinyPipe
 
     meta = torch.empty(1, device="meta")  # stands for a device tensor: reading it would fail
     assert host_timestep(meta, [900.0, 500.0], 1) == 500.0
@@ -260,11 +261,14 @@ def test_no_methods_uses_the_default_caching_recipe():
     base = pipe([1], num_inference_steps=6)
     with accel.patch(pipe) as p:
         (config,) = p.methods
-        assert (type(config).__name__, config.granularity.value, config.weighting.value) == (
-            "BACConfig", "stack", "snr")
+        settings = (config.granularity.value, config.weighting.value, config.reuse.value)
+        assert (type(config).__name__, settings) == ("BACConfig", ("stack", "snr", "x0"))
         cached = pipe([1], num_inference_steps=6)  # cached from the first call on
         assert p.report().methods["bac"]["compute_fraction"] < 1.0
     assert torch.isfinite(cached).all() and not torch.equal(cached, base)
+    pipe.scheduler.register_to_config(prediction_type=None)  # a scheduler that does not name it: Δ reuse
+    with accel.patch(pipe) as p:
+        assert p.methods[0].reuse.value == "delta"
 
 
 def test_config_round_trip_and_options(identity_method):

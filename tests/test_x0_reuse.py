@@ -8,6 +8,7 @@ import torch
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
+    EDMEulerScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
 )
@@ -59,6 +60,7 @@ def test_schedulers_name_their_parameterisation_and_noise_levels():
     assert prediction_of(DDIMScheduler(prediction_type="v_prediction")) is Prediction.V
     assert prediction_of(FlowMatchEulerDiscreteScheduler()) is Prediction.FLOW
     assert prediction_of(object()) is None
+    assert prediction_of(EDMEulerScheduler()) is None  # preconditioned outputs: none of the four
 
     ddim = DDIMScheduler()
     ddim.set_timesteps(5)
@@ -222,3 +224,35 @@ def test_x0_reuse_refuses_what_it_cannot_read():
     pipe.scheduler.register_to_config(prediction_type="something-else")
     with pytest.raises(UnsupportedModelError, match="names no prediction type"):
         accel.patch(pipe, config)
+
+
+def test_x0_reuse_falls_back_to_delta_where_the_output_is_not_an_estimate_of_the_input():
+    """An inpainting-style denoiser takes extra condition channels: its output has fewer channels than its
+    input, so x̂0 cannot be read; the stack reuses its Δ instead, with one warning."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=2, out_channels=1,
+                                  num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+
+    class InpaintPipe(TinyPipe):
+        def __call__(self, class_labels, num_inference_steps=10, generator=None, output_type="pt"):
+            self.scheduler.set_timesteps(num_inference_steps)
+            x = torch.randn(len(class_labels), 1, 8, 8, generator=torch.Generator().manual_seed(0))
+            mask = torch.ones_like(x)
+            labels = torch.tensor(class_labels)
+            with torch.no_grad():
+                for t in self.scheduler.timesteps:
+                    eps = self.transformer(torch.cat([x, mask], 1), timestep=t.expand(len(labels)),
+                                           class_labels=labels).sample
+                    x = self.scheduler.step(eps, t, x).prev_sample
+            return x
+
+    pipe = InpaintPipe()
+    pipe.transformer = model
+    with accel.patch(pipe, X0_SPEC) as p:
+        with pytest.warns(UserWarning, match="Reusing the stack's Δ instead"):
+            pipe([1, 2], num_inference_steps=8)
+        out = pipe([1, 2], num_inference_steps=8)
+        assert p.report().methods["bac"]["compute_fraction_last_call"] == pytest.approx(0.5)
+    assert torch.isfinite(out).all()

@@ -16,6 +16,7 @@ noisy input and noise level (``accel.noise``). The schedule is still chosen over
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -82,6 +83,22 @@ class CleanReuse:
         self.stack, self.adapter, self.prediction = stack, adapter, prediction
         self.block_names = [b.name for b in adapter.blocks()]
         self.templates: dict[int, Any] = {}  # per CFG branch: the latest output, whose form reuse returns
+        self.enabled = True
+        self._checked = False
+
+    def _check_output(self, out: torch.Tensor, sample: torch.Tensor) -> bool:
+        """The first output decides, once per patch, whether it can be read as an estimate of the input's
+        clean sample; if not, the stack falls back to Δ reuse with one warning (the default recipe must
+        not fail on an inpainting model whose input carries extra condition channels)."""
+        if self._checked:
+            return self.enabled
+        self._checked = True
+        try:
+            prediction_split(out.shape, sample.shape)
+        except ValueError as error:
+            warnings.warn(f"BAC reuse='x0': {error} Reusing the stack's Δ instead.", stacklevel=2)
+            self.enabled, self.stack.clean = False, None
+        return self.enabled
 
     def _noisy_input(self) -> NoisyInput:
         state = self.stack.tracker.state
@@ -93,6 +110,8 @@ class CleanReuse:
         return at
 
     def decide(self, args: tuple, kwargs: dict) -> Any:
+        if not self.enabled:
+            return None
         stack, state = self.stack, self.stack.tracker.state
         cached = stack._reuse(stack.branches[0])
         if cached is None:
@@ -109,13 +128,10 @@ class CleanReuse:
 
     def after(self, args: tuple, kwargs: dict, output: Any) -> Any:
         stack, state = self.stack, self.stack.tracker.state
-        if stack.recording or stack.active is None:
-            return output
         sample, out = self.adapter.sample(args, kwargs), _prediction(output)
-        try:
-            dim = prediction_split(out.shape, sample.shape)
-        except ValueError as error:
-            raise UnsupportedModelError(f"BAC reuse='x0': {error} Use reuse='delta'.") from None
+        if not self._check_output(out, sample) or stack.recording or stack.active is None:
+            return output
+        dim = prediction_split(out.shape, sample.shape)
         head, rest = (out, None) if dim is None else out.split(sample.shape[dim], dim=dim)
         value = {"x0": to_clean(self.prediction, head, sample, self._noisy_input()), "rest": rest, "dim": dim}
         key = (state.branch, stack.branches[0].key)
