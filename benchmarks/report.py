@@ -83,8 +83,18 @@ def write_markdown(path: Path, env: dict[str, Any], records: list[Record]) -> No
     path.write_text("\n".join(text))
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (speedup, PSNR) points no other point beats on both, by speedup: a method's best trade-offs."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):  # fastest first
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return sorted(front)
+
+
 def write_pareto(path: Path, records: list[Record]) -> None:
-    """Speedup vs PSNR, one series per method (the baseline's infinite PSNR is drawn at the top)."""
+    """Speedup vs PSNR: every point of a method as a marker, its Pareto front as a line (the baseline's
+    infinite PSNR is drawn at the top). Lines through all points would zigzag between settings families."""
     matplotlib = require("matplotlib", "bench", "accel-bench's pareto.png")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -94,9 +104,10 @@ def write_pareto(path: Path, records: list[Record]) -> None:
     top = (max(finite) if finite else 40.0) + 5
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for family in dict.fromkeys(r.method for r in points):
-        series = sorted((r for r in points if r.method == family), key=lambda r: r.speedup)
-        ys = [r.psnr if r.psnr is not None else top for r in series]
-        ax.plot([r.speedup for r in series], ys, marker="o", label=family)
+        series = [(r.speedup, r.psnr if r.psnr is not None else top) for r in points if r.method == family]
+        front = pareto_front(series)
+        (line,) = ax.plot([x for x, _ in front], [y for _, y in front], marker="o", label=family)
+        ax.scatter([x for x, _ in series], [y for _, y in series], s=14, color=line.get_color(), alpha=0.45)
     ax.set_xlabel("speedup vs none (same run)")
     ax.set_ylabel("PSNR vs none (dB)")
     ax.grid(alpha=0.3)

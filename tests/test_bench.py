@@ -202,3 +202,11 @@ def test_grid_cell_equals_the_image_it_shows(tmp_path, shape):
             shown = grid[y : y + 4 * h : 4, x : x + 4 * w : 4]
             assert np.abs(shown - np.round(expect * 255)).max() <= 1, (row, i)
             assert (grid[y : y + 4 * h, x + 4 * w : x + 4 * w + 4] == 255).all()  # the gap is white
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    from accel.benchmarks.report import pareto_front
+
+    points = [(1.0, 50.0), (2.0, 30.0), (1.5, 20.0), (3.0, 25.0), (2.5, 35.0), (3.0, 10.0)]
+    assert pareto_front(points) == [(1.0, 50.0), (2.5, 35.0), (3.0, 25.0)]
+    assert pareto_front([]) == []
