@@ -87,13 +87,13 @@ def _options_to_methods(options: dict[str, Any]) -> list[str | MethodConfig]:
 # (``reuse="x0"``) where the scheduler names its parameterisation, else the stack's Δ. Chosen by measurement
 # on digits-dit (DDPM), digits-pixart (DPM-Solver++) and PixArt-XL's width (benchmarks/RESULTS.md,
 # "Caching"): at the same schedule x̂0 reuse lost much less on DDPM, where fresh noise enters every step and
-# ε follows it while x̂0 barely moves, lost no more on DPM-Solver++, and also skips the embeddings and the
-# output layer (at PixArt-XL's width both reuses run at the speed their compute fraction predicts). Half the
-# steps, not fewer: at 20-30 steps, the counts most users run, fewer fell below
-# 30 dB on one of the two models. Probed sensitivities (``weighting="pooled"``/``"sensitivity"``) do better
-# on DPM-Solver but cost extra calls. A bare model has no scheduler to read noise levels from, so it gets
-# Δ-DiT, which needs neither calibration nor noise levels. Families may override both with an adapter
-# ``default_recipe()``.
+# ε follows it while x̂0 barely moves; it was on par on DPM-Solver++ (a little behind only at very few
+# steps); it also skips the embeddings and the output layer, and at PixArt-XL's width both reuses run at the
+# speed their compute fraction predicts. Half the steps, not fewer: at 20-30 steps, the counts most users
+# run, fewer fell below 30 dB on one of the two models. Probed sensitivities (``weighting="pooled"`` or
+# ``"sensitivity"``) do better on DPM-Solver but cost extra calls. A bare model has no scheduler to read
+# noise levels from, so it gets Δ-DiT, which needs neither calibration nor noise levels. Families may
+# override both with an adapter ``default_recipe()``.
 DEFAULT_DENOISER_RECIPE: tuple[str, ...] = (
     "bac:granularity=stack:weighting=snr:update_fraction=0.5:reuse=x0",)
 DELTA_DENOISER_RECIPE: tuple[str, ...] = ("bac:granularity=stack:weighting=snr:update_fraction=0.5",)

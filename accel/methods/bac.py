@@ -20,7 +20,7 @@ A bare model (no pipeline to run a calibration call on) records its first loop a
 
 Where each part lives: this module is the per-step path (units, reuse decisions, cache, recording);
 ``bac_schedule`` the DP, the Bubbling Union and the schedule strategies (similarity, probed sensitivity,
-√SNR); ``bac_calibrate`` the offline calibration; ``bac_stack`` the whole-stack Δ reuse that
+√SNR); ``bac_calibrate`` the offline calibration; ``bac_stack`` the whole-stack Δ or x̂0 reuse that
 ``granularity="stack"`` selects, which is accel's extension and not the paper's method.
 
 Example::

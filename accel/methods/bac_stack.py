@@ -1,4 +1,4 @@
-"""Whole-stack Δ reuse: every block of the denoiser as one cached unit, on a BAC-style DP schedule.
+"""Whole-stack reuse: every block of the denoiser as one cached unit, on a BAC-style DP schedule.
 
 This is not the paper's BAC (which caches each attention/FFN branch, see ``accel.methods.bac``); it is
 what ``BACConfig(granularity="stack")`` selects and what ``accel.patch(pipe)`` uses by default. On an
