@@ -95,6 +95,17 @@ def step_inputs(scheduler: Any, num_steps: int) -> list[NoisyInput] | None:
     return None
 
 
+def noise_levels(scheduler: Any, num_steps: int) -> list[float] | None:
+    """Each step's noise level as its timestep over the scheduler's training range (1 = pure noise; a
+    flow-matching scheduler's σ): the coordinate in which ``bac_schedule.NoiseLevelDistances`` are kept. ``None``
+    when the scheduler holds no timesteps for ``num_steps`` steps."""
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None or len(timesteps) != num_steps:
+        return None
+    span = _config_get(getattr(scheduler, "config", {}), "num_train_timesteps") or 1000
+    return (torch.as_tensor(timesteps, dtype=torch.float64).cpu() / float(span)).tolist()
+
+
 def current_input(scheduler: Any, step_index: int, timestep: float | None) -> NoisyInput | None:
     """(α, σ) of the forward at loop step ``step_index`` with ``timestep``: by the scheduler's own step
     index where it keeps one (img2img loops start part-way, ``set_begin_index``), else by the timestep in

@@ -58,10 +58,10 @@ from accel.methods.bac_schedule import (
     NoiseLevelDistances,
     Weighting,
     bubbling_union,
-    noise_levels,
     schedule_updates,
     volatility,
 )
+from accel.noise import noise_levels
 from accel.parallel import check_agreement, context_parallel_group, gather_records
 from accel.registry import Stage, register_method
 

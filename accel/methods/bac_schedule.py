@@ -336,21 +336,6 @@ def noise_weights(scheduler: Any, num_steps: int) -> list[float] | None:
     return None if inputs is None else [step.snr_sqrt for step in inputs]
 
 
-def noise_levels(scheduler: Any, num_steps: int) -> list[float] | None:
-    """Each step's noise level as its timestep over the scheduler's training range (1 = pure noise; a
-    flow-matching scheduler's σ): the coordinate in which :class:`NoiseLevelDistances` are kept. ``None``
-    when the scheduler holds no timesteps for ``num_steps`` steps."""
-    timesteps = getattr(scheduler, "timesteps", None)
-    if timesteps is None or len(timesteps) != num_steps:
-        return None
-    span = _config_get(getattr(scheduler, "config", {}), "num_train_timesteps") or 1000
-    return (torch.as_tensor(timesteps, dtype=torch.float64).cpu() / float(span)).tolist()
-
-
-def _config_get(config: Any, key: str) -> Any:
-    return config.get(key) if hasattr(config, "get") else getattr(config, key, None)
-
-
 # ---- schedule strategies: what the DP optimises for each cached unit ------------------------------------
 
 class Weighting(str, enum.Enum):
