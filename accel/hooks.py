@@ -55,14 +55,23 @@ class SkipHook(ModelHook):
 
     ``decide(module, args, kwargs)`` returns the output to use instead of running the module, or
     ``None`` to run it. Used to skip blocks and branches (caching) and to count executions.
+
+    ``needed()``, when given, says whether the hook has anything to do at all; when it says no, the module
+    runs as if unhooked. It is read by ``torch.compile`` (keep it to plain attribute reads that change
+    between calls, not steps): ``decide`` and ``after`` are compiler-disabled, so every hook that calls
+    them splits the compiled graph, and a hook that is not needed should not.
     """
 
-    def __init__(self, decide: Callable[..., Any], after: Callable[..., Any] | None = None) -> None:
+    def __init__(self, decide: Callable[..., Any], after: Callable[..., Any] | None = None,
+                 needed: Callable[[], bool] | None = None) -> None:
         super().__init__()
         self._decide = decide
         self._after = after
+        self._needed = needed
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self._needed is not None and not self._needed():
+            return self.fn_ref.original_forward(*args, **kwargs)
         replacement = self._decide(module, args, kwargs)
         if replacement is not None:
             return replacement

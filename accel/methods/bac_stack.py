@@ -51,6 +51,11 @@ class StackReuse(BAC):
     _span_value: Any = None
     clean: CleanReuse | None = None  # reuse="x0": the denoiser-level decision
 
+    def blocks_needed(self) -> bool:
+        """Whether the block hooks have work this call: recording the stack's Δ, or Δ reuse. With x̂0 reuse
+        the denoiser's hook decides and counts, so once calibrated the compiled stack runs unbroken."""
+        return self.clean is None or self.recording
+
     def decide_span(self, block: Any, args: tuple, kwargs: dict) -> Any:
         """The first block decides for all; on a reused step it returns input + Δ and every later
         block passes its input through."""
@@ -115,6 +120,9 @@ class CleanReuse:
         stack, state = self.stack, self.stack.tracker.state
         cached = stack._reuse(stack.branches[0])
         if cached is None:
+            if not stack.blocks_needed():  # the blocks run unhooked: count them here
+                for name in self.block_names:
+                    stack.log.record(state.step_index, state.branch, name, ran=True)
             return None
         for name in self.block_names:
             stack.log.record(state.step_index, state.branch, name, ran=False)
@@ -178,6 +186,7 @@ def hook_stack(ctx: PatchContext, runtime: StackReuse) -> None:
         hook = SkipHook(
             decide=torch.compiler.disable(lambda m, a, k, b=block: runtime.decide_span(b, a, k)),
             after=torch.compiler.disable(lambda m, a, k, out, b=block: runtime.after_span(b, out, last)),
+            needed=runtime.blocks_needed,
         )
         ctx.hooks.add_hook(block.module, hook, f"block.{block.name}")
 
