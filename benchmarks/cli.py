@@ -164,7 +164,8 @@ def expand_sweep(methods: list[BenchMethod], steps: int, num_blocks: int | None 
 
     out: list[BenchMethod] = []
     for method in methods:
-        if method.swept or method.kind == "none" or (method.kind == "accel" and len(method.configs) > 1):
+        composed = method.kind == "accel" and len(method.configs) > 1
+        if method.swept or method.kind in ("none", "default") or composed:
             out.append(method)
         elif method.kind == "baseline":
             from accel.benchmarks.baselines import BASELINES
@@ -192,7 +193,9 @@ def applicable_methods(workload: Workload) -> list[str]:
                  if status.startswith("available") and n not in accel_names and n != "none"]
     if not workload.is_denoiser:
         baselines = [n for n in baselines if n.startswith("torchao")]
-    return names + [n for n in baselines if _fits(n, workload)]
+    # accel.patch(pipe) with no method named: what a user who reads no further gets
+    default = ["default"] if workload.is_denoiser and workload.kind != "shape" else []
+    return default + names + [n for n in baselines if _fits(n, workload)]
 
 
 def _block_count(workload: Workload) -> int | None:

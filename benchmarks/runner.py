@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accel.benchmarks.spec import BenchMethod
+from accel.benchmarks.spec import DEFAULT, BenchMethod
 from accel.benchmarks.workloads import Workload
 from accel.extras import require
 
@@ -78,6 +78,8 @@ class Applied:
     #: Attaches the same method again without repeating its offline steps (calibration, quantization),
     #: so timed calls can alternate with unaccelerated ones; None when that is not cheap (recompiling).
     reattach: Callable[[], Applied] | None = None
+    #: The methods and settings that ran, where the entry did not name them (``default``).
+    recipe: str | None = None
 
 
 def apply_method(method: BenchMethod, workload: Workload, calibration: Callable[[Any], None] | None) -> Applied:
@@ -98,10 +100,20 @@ def apply_method(method: BenchMethod, workload: Workload, calibration: Callable[
     configs = [prepare_config(config, workload) for config in method.configs]
 
     def attach() -> Applied:
-        patch = accel.patch(workload.target, *configs)
-        return Applied(patch.remove, lambda: _compute_fraction(patch), reattach=attach)
+        patch = accel.patch(workload.target, *configs)  # no configs (``default``): the model's recipe
+        recipe = recipe_text(patch) if method.kind == DEFAULT else None
+        return Applied(patch.remove, lambda: _compute_fraction(patch), reattach=attach, recipe=recipe)
 
     return attach()
+
+
+def recipe_text(patch: accel.Patch) -> str:
+    """A patch's methods and their non-default settings, written as ``--methods`` takes them."""
+    parts = []
+    for name, facts in patch.report().methods.items():
+        settings = facts.get("settings") or {}
+        parts.append(":".join([name, *(f"{k}={v}" for k, v in settings.items())]))
+    return "+".join(parts)
 
 
 _SENSITIVITY: dict[tuple[int, Any], dict[int, list[float]]] = {}
@@ -300,6 +312,8 @@ def measure(
         record.error = f"{type(exc).__name__}: {exc}"
         return record, None
     prepared_s = time.perf_counter() - started
+    if applied.recipe is not None:
+        record.settings = applied.recipe
     if prepared_s >= PREPARATION_NOTE_S:  # offline steps (calibration, finetuning) a user waits for once
         record.notes.append(f"prepared offline in {prepared_s:.0f} s before timing (untimed)")
     try:

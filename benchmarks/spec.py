@@ -1,4 +1,5 @@
-"""What ``--methods`` means: accel methods (composed with ``+``), named baselines, and ``none``."""
+"""What ``--methods`` means: accel methods (composed with ``+``), named baselines, ``default`` (what
+``accel.patch(pipe)`` picks with no method named) and ``none``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from accel.errors import UnknownMethodError, did_you_mean
 from accel.registry import get_method, method_names, parse_method
 
 NONE = "none"
+DEFAULT = "default"
 
 
 @dataclass(frozen=True)
@@ -17,7 +19,7 @@ class BenchMethod:
     """One entry of ``--methods``: ``none``, an accel recipe (one or more configs) or a baseline."""
 
     label: str
-    kind: str  # "none" | "accel" | "baseline"
+    kind: str  # "none" | "accel" | "baseline" | "default"
     configs: tuple[MethodConfig, ...] = ()
     baseline: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
@@ -28,6 +30,8 @@ class BenchMethod:
         """The series name in plots and the sweep group: the method names without settings."""
         if self.kind == "accel":
             return "+".join(_name_of(c) for c in self.configs)
+        if self.kind == DEFAULT:
+            return DEFAULT
         return self.baseline or NONE
 
     def settings_text(self) -> str:
@@ -37,6 +41,8 @@ class BenchMethod:
                 values = config.settings()
                 parts.append(":".join(f"{k}={_fmt(v)}" for k, v in values.items()) or "defaults")
             return " + ".join(parts)
+        if self.kind == DEFAULT:  # the runner replaces it with the recipe the patch chose
+            return "accel.patch(pipe)'s recipe"
         return ":".join(f"{k}={_fmt(v)}" for k, v in self.settings.items()) or "defaults"
 
 
@@ -58,7 +64,8 @@ def _baselines() -> dict[str, Any]:
 
 def available_names() -> dict[str, str]:
     """Every name ``--methods`` accepts, with a one-line status ('available' or why not)."""
-    names = {NONE: "available: the unaccelerated baseline"}
+    names = {NONE: "available: the unaccelerated baseline",
+             DEFAULT: "available: accel.patch(pipe) with no method named (the model's default recipe)"}
     for name in method_names():
         names[name] = f"available: {get_method(name).summary or 'accel method'}"
     for name, baseline in _baselines().items():
@@ -72,6 +79,8 @@ def parse_item(item: str) -> BenchMethod:
     item = item.strip()
     if item == NONE:
         return BenchMethod(label=NONE, kind=NONE)
+    if item == DEFAULT:
+        return BenchMethod(label=DEFAULT, kind=DEFAULT)
     head = item.split(":", 1)[0]
     baselines = _baselines()
     if head in baselines:
@@ -85,7 +94,7 @@ def parse_item(item: str) -> BenchMethod:
         settings = {**baseline.defaults, **parse_settings(baseline, pairs)}
         return BenchMethod(label=item, kind="baseline", baseline=head, settings=settings, swept=bool(pairs))
     parts = [part for part in item.split("+")]
-    known = [*method_names(), *baselines, NONE]
+    known = [*method_names(), *baselines, NONE, DEFAULT]
     configs = []
     for part in parts:
         name = part.split(":", 1)[0].strip()

@@ -132,6 +132,21 @@ def test_end_to_end_writes_every_field(tiny_model_dir, tmp_path, capsys):
     assert "delta-dit" in capsys.readouterr().out
 
 
+def test_default_runs_the_recipe_accel_patch_picks(tiny_model_dir, tmp_path):
+    """``default`` is ``accel.patch(pipe)`` with no method named; its record names the recipe that ran."""
+    from accel.api import DEFAULT_DENOISER_RECIPE
+
+    assert parse_item("default").family == "default"
+    out = tmp_path / "out"
+    assert main(["--model", str(tiny_model_dir), "--methods", "none,default", "--steps", "4", "--labels", "0,1",
+                 "--batch", "2", "--repeats", "1", "--warmup", "0", "--sweep", "--out", str(out)]) == 0
+    record = json.loads((out / "results.json").read_text())["records"][1]
+    assert record["method"] == "default" and record["error"] is None
+    recipe = DEFAULT_DENOISER_RECIPE[0]  # DDIM names its prediction type: the x̂0 recipe
+    assert record["settings"] == "bac:granularity=stack:weighting=snr:reuse=x0" and recipe.endswith("reuse=x0")
+    assert record["compute_fraction"] < 1.0 and record["psnr"] > 0
+
+
 @pytest.mark.slow
 def test_accelerate_two_processes_gather_same_records(tiny_model_dir, tmp_path):
     args = ["--model", str(tiny_model_dir), "--methods", "none,delta-dit", "--steps", "3", "--labels", "0-3",
