@@ -18,7 +18,8 @@ Training (the paper's first use): patch the bare denoiser with ``training=True``
 chunks (no dense warm-up: there are no denoising steps) and gradients flow through the sparse attention
 (``accel.attention.trainable``)::
 
-    patch = accel.patch(model.transformer, accel.VMoBAConfig(training=True, selection="threshold", tau=0.25))
+    config = accel.VMoBAConfig(training=True, selection="threshold", tau=0.25, chunk_tokens=512)
+    patch = accel.patch(model.transformer, config)
     loss = flow_loss(model(noisy, t, y), target); loss.backward(); opt.step()
     patch.remove()                                   # the model is exactly as before, trained weights kept
 """
