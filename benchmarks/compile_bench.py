@@ -56,7 +56,6 @@ def _graphs() -> int:
 def measure(pipe: Any, run: Callable[[], torch.Tensor], method: str | None, backend: str, repeats: int
             ) -> dict[str, Any]:
     """One method's eager and compiled figures against the unpatched model in both modes."""
-
     original = pipe.transformer
     eager_none = median_time(run, repeats, warmup=0)[0]  # this row's own unpatched eager time
     patch = _patch(pipe, method)
@@ -115,7 +114,6 @@ def _patch(pipe: Any, method: str | None) -> Any:
 
 def compile_seconds(pipe: Any, run: Callable[[], torch.Tensor], method: str | None, backend: str) -> float:
     """First compiled call minus a steady one, for a process that has compiled nothing yet."""
-
     patch = _patch(pipe, method)
     run()  # online calibration, kernel choice: not compile time
     pipe.transformer = torch.compile(pipe.transformer, backend=backend)
