@@ -22,7 +22,14 @@ from tqdm.auto import tqdm
 
 from accel.benchmarks import report
 from accel.benchmarks.runner import Record, measure, pair_speedup, score, select_fastest
-from accel.benchmarks.spec import BenchMethod, available_names, check_method_names, parse_methods
+from accel.benchmarks.spec import (
+    DEFAULT,
+    NONE,
+    BenchMethod,
+    available_names,
+    check_method_names,
+    parse_methods,
+)
 from accel.benchmarks.workloads import Workload, build_workload
 from accel.extras import MissingExtraError, require
 from accel.registry import get_method, method_names
@@ -165,7 +172,7 @@ def expand_sweep(methods: list[BenchMethod], steps: int, num_blocks: int | None 
     out: list[BenchMethod] = []
     for method in methods:
         composed = method.kind == "accel" and len(method.configs) > 1
-        if method.swept or method.kind in ("none", "default") or composed:
+        if method.swept or method.kind in (NONE, DEFAULT) or composed:
             out.append(method)
         elif method.kind == "baseline":
             from accel.benchmarks.baselines import BASELINES
@@ -194,7 +201,7 @@ def applicable_methods(workload: Workload) -> list[str]:
     if not workload.is_denoiser:
         baselines = [n for n in baselines if n.startswith("torchao")]
     # accel.patch(pipe) with no method named: what a user who reads no further gets
-    default = ["default"] if workload.is_denoiser and workload.kind != "shape" else []
+    default = [DEFAULT] if workload.is_denoiser and workload.kind != "shape" else []
     return default + names + [n for n in baselines if _fits(n, workload)]
 
 

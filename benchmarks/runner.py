@@ -79,7 +79,7 @@ class Applied:
     #: so timed calls can alternate with unaccelerated ones; None when that is not cheap (recompiling).
     reattach: Callable[[], Applied] | None = None
     #: The methods and settings that ran, where the entry did not name them (``default``).
-    recipe: str | None = None
+    recipe: Callable[[], str] | None = None
 
 
 def apply_method(method: BenchMethod, workload: Workload, calibration: Callable[[Any], None] | None) -> Applied:
@@ -101,7 +101,7 @@ def apply_method(method: BenchMethod, workload: Workload, calibration: Callable[
 
     def attach() -> Applied:
         patch = accel.patch(workload.target, *configs)  # no configs (``default``): the model's recipe
-        recipe = recipe_text(patch) if method.kind == DEFAULT else None
+        recipe = (lambda: recipe_text(patch)) if method.kind == DEFAULT else None
         return Applied(patch.remove, lambda: _compute_fraction(patch), reattach=attach, recipe=recipe)
 
     return attach()
@@ -313,7 +313,7 @@ def measure(
         return record, None
     prepared_s = time.perf_counter() - started
     if applied.recipe is not None:
-        record.settings = applied.recipe
+        record.settings = applied.recipe()
     if prepared_s >= PREPARATION_NOTE_S:  # offline steps (calibration, finetuning) a user waits for once
         record.notes.append(f"prepared offline in {prepared_s:.0f} s before timing (untimed)")
     try:
