@@ -103,6 +103,21 @@ def fix_allocator() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
+def allocator_effect(pipe: Any, run: Callable[[], torch.Tensor], backend: str, repeats: int
+                     ) -> tuple[float, float]:
+    """Eager seconds per unpatched call before and after one compiled call, in this process's allocator
+    state (``--allocator-effect`` leaves glibc's threshold as it is: what :func:`fix_allocator` is for)."""
+    run()
+    before = median_time(run, repeats, warmup=0)[0]
+    original = pipe.transformer
+    pipe.transformer = torch.compile(original, backend=backend)
+    try:
+        run()
+    finally:
+        pipe.transformer = original
+    return before, median_time(run, repeats, warmup=0)[0]
+
+
 def _patch(pipe: Any, method: str | None) -> Any:
     """``method`` patched onto ``pipe``: ``"default"`` is ``accel.patch(pipe)``'s own recipe."""
     import accel
@@ -150,14 +165,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench-out/compile"))
     p.add_argument("--no-compile-times", action="store_true", help="skip the fresh-process compile timings")
     p.add_argument("--compile-seconds-of", help=argparse.SUPPRESS)  # the fresh-process child
+    p.add_argument("--allocator-effect", action="store_true",
+                   help="only time eager unpatched calls before and after one compile (allocator untouched)")
     args = p.parse_args(argv)
-    allocator_fixed = fix_allocator()
+    allocator_fixed = False if args.allocator_effect else fix_allocator()
     pipe = load(args.model)
     labels = list(range(10))
 
     def run() -> torch.Tensor:
         return generate(pipe, labels, seeds=labels, steps=args.steps)
 
+    if args.allocator_effect:
+        before, after = allocator_effect(pipe, run, args.backend, max(args.repeats, 5))
+        print(f"eager before a compile {before:.3f} s, after {after:.3f} s, ratio {before / after:.2f}")
+        return 0
     if args.compile_seconds_of:
         method = None if args.compile_seconds_of == "none" else args.compile_seconds_of
         print(compile_seconds(pipe, run, method, args.backend))

@@ -157,3 +157,12 @@ def test_regional_compile_of_repeated_blocks(method):
     if "density" in facts:
         assert facts["density"] < 1.0
     patch.remove()
+
+
+@pytest.mark.slow
+def test_compile_bench_allocator_effect_times_both_sides(capsys):
+    from accel.benchmarks import compile_bench
+
+    assert compile_bench.main("--allocator-effect --backend eager --steps 2 --repeats 1".split()) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("eager before a compile ") and " after " in line and " ratio " in line
