@@ -87,34 +87,13 @@ def calibrate(
     step_counts = [num_inference_steps] if isinstance(num_inference_steps, int) else list(num_inference_steps)
     calls = list(calls) if calls is not None else default_calls(pipe)
     strategy = STRATEGIES[config.weighting]
-    weighted = strategy.probes
     known = dict(sensitivity or {})
     total = sum(len(calls) + (0 if steps in known else len(strategy.probe_plan(steps, config.probe_groups)))
                 for steps in step_counts)
     with accel.patch(pipe, config) as patch, tqdm(total=total, desc="BAC calibration") as bar:
         runtime: BAC = patch.handle(spec_for_config(config).name)
-        for steps in step_counts:
-            # Recording stays on from call to call: each call's reset does not build a schedule early.
-            states = _generator_states(calls[0])
-            reference = record_run(runtime, pipe, calls[0], steps)
-            bar.update()
-            for kwargs in calls[1:]:
-                record_run(runtime, pipe, kwargs, steps)
-                bar.update()
-            records = runtime.take_records()
-            # Schedules are keyed by the denoiser steps a call runs, which some samplers make differ
-            # from num_inference_steps (PNDM runs one more).
-            key = next(iter(records)) if steps not in records and len(records) == 1 else steps
-            if key not in records:
-                raise RuntimeError(f"BAC calibration recorded no complete {steps}-step run (recorded: "
-                                   f"{sorted(records) or 'none'}); does the pipeline call its denoiser "
-                                   "each step?")
-            runs = records[key]
-            weights = list(known[key]) if weighted and key in known else runtime.prior_weights.get(key)
-            if weighted and weights is None:
-                weights, _ = probe_sensitivity(runtime, pipe, calls[0], steps, key, states, reference,
-                                               runs[0], bar.update)
-            runtime.build(key, runs, weights)
+        with runtime.calibration_precision():
+            _calibrate_step_counts(runtime, pipe, step_counts, calls, known, bar)
         schedule = runtime.schedule
         from accel.calls import call_shape
 
@@ -122,6 +101,35 @@ def calibrate(
     if save_to is not None:
         schedule.save(save_to)
     return schedule
+
+
+def _calibrate_step_counts(runtime: BAC, pipe: Any, step_counts: Sequence[int],
+                           calls: Sequence[dict[str, Any]], known: Mapping[int, Sequence[float]],
+                           bar: Any) -> None:
+    """``calibrate``'s recorded calls and probes at each step count, built into ``runtime.schedule``."""
+    weighted = runtime.strategy.probes
+    for steps in step_counts:
+        # Recording stays on from call to call: each call's reset does not build a schedule early.
+        states = _generator_states(calls[0])
+        reference = record_run(runtime, pipe, calls[0], steps)
+        bar.update()
+        for kwargs in calls[1:]:
+            record_run(runtime, pipe, kwargs, steps)
+            bar.update()
+        records = runtime.take_records()
+        # Schedules are keyed by the denoiser steps a call runs, which some samplers make differ
+        # from num_inference_steps (PNDM runs one more).
+        key = next(iter(records)) if steps not in records and len(records) == 1 else steps
+        if key not in records:
+            raise RuntimeError(f"BAC calibration recorded no complete {steps}-step run (recorded: "
+                               f"{sorted(records) or 'none'}); does the pipeline call its denoiser "
+                               "each step?")
+        runs = records[key]
+        weights = list(known[key]) if weighted and key in known else runtime.prior_weights.get(key)
+        if weighted and weights is None:
+            weights, _ = probe_sensitivity(runtime, pipe, calls[0], steps, key, states, reference,
+                                           runs[0], bar.update)
+        runtime.build(key, runs, weights)
 
 
 def probe_sensitivity(runtime: BAC, pipe: Any, kwargs: dict[str, Any], steps: int, forwards: int,
