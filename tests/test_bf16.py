@@ -22,9 +22,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 VIDEO = {"wan"}
 
 
-def _bf16_pipeline(family: str):
+def _half_pipeline(family: str, dtype: torch.dtype = torch.bfloat16):
     pipe = build_pipeline(family)
-    pipe.to(torch.bfloat16)
+    pipe.to(dtype)
     return pipe
 
 
@@ -36,7 +36,8 @@ def _run(pipe, family: str, steps: int = 4, seed: int = 0) -> torch.Tensor:
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, tuple[int, torch.dtype, torch.Tensor]]:
-    return {name: (id(t), t.dtype, t.detach().clone()) for name, t in module.state_dict(keep_vars=True).items()}
+    tensors = module.state_dict(keep_vars=True)
+    return {name: (id(t), t.dtype, t.detach().clone()) for name, t in tensors.items()}
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -57,7 +58,7 @@ def test_computed_in_fp32_is_exact_and_invisible():
     """Inside the context a bf16 model computes in fp32 (closer to the fp32 model with the same weights than
     its own bf16 forward), returns bf16, and reports bf16 as its dtype (pipelines size their latents by
     it); afterwards it holds the same tensor objects with the same values, and no hooks."""
-    model = _bf16_pipeline("pixart").transformer
+    model = _half_pipeline("pixart").transformer
     exact = build_pipeline("pixart").transformer
     targets = {**dict(exact.named_parameters()), **dict(exact.named_buffers())}  # non-persistent ones too
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
@@ -65,7 +66,8 @@ def test_computed_in_fp32_is_exact_and_invisible():
     before = _snapshot(model)
     x, kwargs = _pixart_inputs(model, torch.bfloat16)
     with torch.no_grad():
-        reference = exact(x.float(), **{**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"].float()})[0]
+        text = kwargs["encoder_hidden_states"].float()
+        reference = exact(x.float(), **{**kwargs, "encoder_hidden_states": text})[0]
         plain = model(x, **kwargs)[0]
         with computed_in_fp32(model) as upcast:
             assert upcast and model.dtype == torch.bfloat16
@@ -88,7 +90,7 @@ def test_computed_in_fp32_leaves_fp32_models_alone():
 
 
 def test_computed_in_fp32_restores_after_an_error():
-    model = _bf16_pipeline("pixart").transformer
+    model = _half_pipeline("pixart").transformer
     before = _snapshot(model)
     with pytest.raises(RuntimeError, match="boom"), computed_in_fp32(model):
         raise RuntimeError("boom")
@@ -96,10 +98,10 @@ def test_computed_in_fp32_restores_after_an_error():
 
 
 @pytest.mark.parametrize("fp32_calibration", [True, False])
-def test_bac_calibrates_a_bf16_pipeline_in_fp32(fp32_calibration):
+def test_bac_calibrates_a_half_pipeline_in_fp32(fp32_calibration):
     """BAC's own calibration call computes in fp32 (``fp32_calibration``, the default), the user's calls
     in bf16; the user's output is the same either way up to the schedule, and bf16."""
-    pipe = _bf16_pipeline("pixart")
+    pipe = _half_pipeline("pixart")
     probe = pipe.transformer.transformer_blocks[0].attn1.to_q
     seen: list[torch.dtype] = []
     handle = probe.register_forward_pre_hook(lambda m, args: seen.append(m.weight.dtype))
@@ -109,6 +111,8 @@ def test_bac_calibrates_a_bf16_pipeline_in_fp32(fp32_calibration):
             _run(pipe, "pixart", steps=4)
             runtime = patch.handle("bac")
             assert runtime.calibration_generations == 1
+            expected = "float32" if fp32_calibration else "bfloat16"
+            assert patch.report().methods["bac"]["calibrated_in"] == f"{expected} (model stored in bfloat16)"
     finally:
         handle.remove()
     # the calibration call runs first, every unit at each of its 6 steps (CFG batched: one forward each);
@@ -130,12 +134,13 @@ def _methods(family: str) -> list[str]:
     return methods + [quest, f"{quest}+bac"]
 
 
-@pytest.mark.parametrize("family", ["pixart", "wan"])
-def test_every_method_runs_on_a_bf16_pipeline_and_removes_exactly(family):
-    """bf16 in, bf16 through: each method's call gives finite output of the baseline's shape, caching skips
-    compute, and after removal the pipeline's output is bit-identical to before. (HierarchicalPrune in
-    bf16: tests/test_prune.py.)"""
-    pipe = _bf16_pipeline(family)
+@pytest.mark.parametrize("family, dtype", [("pixart", torch.bfloat16), ("wan", torch.bfloat16),
+                                           ("pixart", torch.float16)])
+def test_every_method_runs_on_a_half_precision_pipeline_and_removes_exactly(family, dtype):
+    """bf16 (and fp16) in, the same dtype through: each method's call gives finite output of the baseline's
+    shape, caching skips compute, and after removal the pipeline's output is bit-identical to before.
+    (HierarchicalPrune in bf16: tests/test_prune.py.)"""
+    pipe = _half_pipeline(family, dtype)
     reference = _run(pipe, family)
     denoiser = pipe.transformer
     for method in _methods(family):
@@ -146,7 +151,7 @@ def test_every_method_runs_on_a_bf16_pipeline_and_removes_exactly(family):
             _run(pipe, family)
             out = _run(pipe, family)
             assert out.shape == reference.shape and torch.isfinite(out).all(), method
-            assert all(p.dtype in (torch.bfloat16, torch.int8, torch.float32) for p in denoiser.parameters())
+            assert all(p.dtype in (dtype, torch.int8, torch.float32) for p in denoiser.parameters())
             facts = patch.report().methods
             if "bac" in facts:
                 assert facts["bac"]["compute_fraction"] < 1.0, method

@@ -234,6 +234,7 @@ class BAC:
         self._recorded_levels: dict[int, list[float] | None] = {}  # noise levels of each recorded step count
         self.by_settings: dict[str, BACSchedule] = {}  # online calibration: a schedule per call settings
         self.calibration_generations = 0
+        self.calibrated_in: str | None = None  # the dtype accel's own calibration calls computed in
         self._no_calibration_call = False
 
     # -- sequence handling -------------------------------------------------------------------
@@ -352,8 +353,9 @@ class BAC:
         totals = self.log.totals()
         calls = 1
         try:
-            with self.calibration_precision():
+            with self.calibration_precision() as upcast:
                 calls += self._record_calibration(pipeline, kwargs, steps)
+            self.calibrated_in = _dtype_name(torch.float32 if upcast else _stored_dtype(self.model))
         finally:
             self.log.rewind(totals)  # a calibration call is no user's call
             calibrated, self.schedule = self.schedule, previous
@@ -522,7 +524,23 @@ class BAC:
         calibrated_on = {"calibrated_on": self.schedule.call} if self.schedule.call else {}
         # Pipeline calls this patch ran to calibrate (0 with a saved or explicitly calibrated schedule).
         cost = {"calibration_generations": self.calibration_generations}
+        if self.calibrated_in is not None:
+            stored = _dtype_name(_stored_dtype(self.model))
+            cost["calibrated_in"] = f"{self.calibrated_in} (model stored in {stored})"
         return {"schedules": schedules, **calibrated_on, **cost, **self.log.report()}
+
+
+def _stored_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype most of the model's floating parameters are stored in."""
+    counts: dict[torch.dtype, int] = defaultdict(int)
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] += p.numel()
+    return max(counts, key=counts.__getitem__) if counts else torch.float32
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class _Cached:
