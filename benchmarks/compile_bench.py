@@ -118,6 +118,60 @@ def allocator_effect(pipe: Any, run: Callable[[], torch.Tensor], backend: str, r
     return before, median_time(run, repeats, warmup=0)[0]
 
 
+def denoiser_inputs(pipe: Any, run: Callable[[], torch.Tensor]) -> tuple[tuple, dict]:
+    """The arguments of the denoiser's first forward in one call of ``run``, copied."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if not captured:
+            clone = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+            captured.append((tuple(clone(a) for a in args), {k: clone(v) for k, v in kwargs.items()}))
+
+    handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def _nudged(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The same inputs with the first floating tensor (the noisy latents) moved up by one ulp."""
+    done = [False]
+
+    def nudge(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not done[0]:
+            done[0] = True
+            return value.nextafter(torch.full_like(value, float("inf")))
+        return value
+    return tuple(nudge(a) for a in args), {k: nudge(v) for k, v in kwargs.items()}
+
+
+def rounding_check(pipe: Any, run: Callable[[], torch.Tensor], method: str | None, backend: str
+                   ) -> dict[str, Any]:
+    """One denoiser forward on recorded inputs: the largest change of its output when compiled, beside the
+    largest change when its input moves by one ulp in eager mode. A compiled-vs-eager difference of the order
+    of the second is the model's own rounding sensitivity (int8 activations sit on rounding steps: inductor's
+    float ops differ from eager's in the last bits, as a one-ulp input change does), not a compile error.
+    For methods whose forward does not depend on earlier ones (quantization, pruning)."""
+    args, kwargs = denoiser_inputs(pipe, run)
+    patch = _patch(pipe, method)
+    model = pipe.transformer
+    try:
+        run()  # calibration, kernel choice
+        with torch.no_grad():
+            eager = model(*args, **kwargs)[0]
+            nudged = model(*_nudged(args, kwargs)[0], **_nudged(args, kwargs)[1])[0]
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend=backend)(*args, **kwargs)[0]
+    finally:
+        if patch is not None:
+            patch.remove()
+    return {"method": method or "none", "output_max_abs": float(eager.abs().max()),
+            "compiled_vs_eager": float((compiled - eager).abs().max()),
+            "eager_one_ulp_input": float((nudged - eager).abs().max())}
+
+
 def _patch(pipe: Any, method: str | None) -> Any:
     """``method`` patched onto ``pipe``: ``"default"`` is ``accel.patch(pipe)``'s own recipe."""
     import accel
@@ -167,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-seconds-of", help=argparse.SUPPRESS)  # the fresh-process child
     p.add_argument("--allocator-effect", action="store_true",
                    help="only time eager unpatched calls before and after one compile (allocator untouched)")
+    p.add_argument("--rounding-check", action="store_true",
+                   help="only compare one compiled denoiser forward with eager and with a one-ulp input "
+                        "change, for none and each of --methods (quantization, pruning: stateless forwards)")
     args = p.parse_args(argv)
     allocator_fixed = False if args.allocator_effect else fix_allocator()
     pipe = load(args.model)
@@ -178,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.allocator_effect:
         before, after = allocator_effect(pipe, run, args.backend, max(args.repeats, 5))
         print(f"eager before a compile {before:.3f} s, after {after:.3f} s, ratio {before / after:.2f}")
+        return 0
+    if args.rounding_check:
+        for method in [None, *[m for m in args.methods.split(",") if m]]:
+            print(json.dumps(rounding_check(pipe, run, method, args.backend)), flush=True)
         return 0
     if args.compile_seconds_of:
         method = None if args.compile_seconds_of == "none" else args.compile_seconds_of
