@@ -124,8 +124,9 @@ class BACConfig(MethodConfig):
             precision denoiser in float32, each module's weights upcast only while it runs
             (``accel.precision``); the schedule then does not depend on the dtype the model is stored
             in. bf16 arithmetic adds an error of the size of the small feature distances the DP compares
-            near its ties, and a schedule calibrated from bf16 features lost 0.7 dB where the float32
-            one lost none (RESULTS, bf16). ``False`` calibrates in the model's dtype (no conversions).
+            near its ties, so a schedule calibrated from bf16 features flips some of them and loses
+            quality a float32 one keeps (RESULTS, bf16). ``False`` calibrates in the model's dtype (no
+            conversions).
         probe_groups: pooled probe calls of ``weighting="pooled"`` (spans of the steps it measures).
         reuse: with ``granularity="stack"``, what a reused step returns. ``"delta"`` adds the stack's cached
             Δ to the current input and runs the embeddings and output layer. ``"x0"`` runs nothing: the
