@@ -230,7 +230,7 @@ def test_train_video_dit_runs_with_sparse_attention(tmp_path, spec: str) -> None
 
     from accel.pipelines.train import train_video_dit as tv
 
-    log = tmp_path / "log.jsonl"
+    log = tmp_path / "logs" / "log.jsonl"  # a folder that does not exist yet
     tv.train(
         steps=2,
         image_batch=2,

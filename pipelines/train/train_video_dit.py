@@ -102,7 +102,10 @@ def train(steps: int, image_batch: int, clip_batch: int, clip_frames: int, lr: f
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     patch = sparse_attention_patch(model, attention)  # after the EMA copy: the copy stays unpatched
     progress = Progress(steps)
-    log_file = open(log, "w") if log is not None else None
+    log_file = None
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)  # e.g. bench-out/... on a fresh checkout
+        log_file = open(log, "w")
     for step in range(steps):
         start = time.perf_counter()
         set_lr(opt, cosine_lr(step, steps, lr, warmup=50))
