@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,28 @@ def grid_strip(outputs: torch.Tensor, max_samples: int = 10) -> torch.Tensor | N
     return None
 
 
+LABEL_CHARS, LABEL_LINE_PX = 24, 12  # what fits PIL's default font in the grid's 150 px label column
+
+
+def label_lines(name: str, width: int = LABEL_CHARS, max_lines: int = 4) -> list[str]:
+    """``name`` in lines of at most ``width`` characters, broken after the ``:``, ``=`` and ``+`` of a method
+    spec (so ``quest:keep_float_when_faster=False`` keeps its settings readable); a part longer than a
+    line is cut, and a name needing more than ``max_lines`` lines ends in ``...``."""
+    lines: list[str] = []
+    for part in re.split(r"(?<=[:+=])", name):
+        while len(part) > width:
+            lines.append(part[:width])
+            part = part[width:]
+        if lines and len(lines[-1]) + len(part) <= width:
+            lines[-1] += part
+        elif part:
+            lines.append(part)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][: width - 3] + "..."
+    return lines
+
+
 def write_grid(path: Path, rows: dict[str, torch.Tensor], max_samples: int = 10, scale: int = 4) -> None:
     """Side-by-side outputs: one labelled row per method, each sample enlarged ``scale`` times
     (nearest neighbour, so pixels stay pixels)."""
@@ -157,6 +180,7 @@ def write_grid(path: Path, rows: dict[str, torch.Tensor], max_samples: int = 10,
         img = Image.fromarray(array, mode="RGB").resize((strip.shape[2] * scale, strip.shape[1] * scale),
                                                         Image.NEAREST)
         canvas.paste(img, (label_w, y))
-        draw.text((4, y + 4), name[:24], fill="black")
+        lines = label_lines(name, max_lines=max(1, (strip.shape[1] * scale - 4) // LABEL_LINE_PX))
+        draw.text((4, y + 4), "\n".join(lines), fill="black", spacing=LABEL_LINE_PX - 11)
         y += strip.shape[1] * scale + row_gap
     canvas.save(path)

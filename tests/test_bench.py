@@ -219,6 +219,20 @@ def test_grid_cell_equals_the_image_it_shows(tmp_path, shape):
             assert (grid[y : y + 4 * h, x + 4 * w : x + 4 * w + 4] == 255).all()  # the gap is white
 
 
+def test_grid_labels_break_a_method_spec_at_its_separators():
+    """A row's label shows the whole spec on lines that fit the label column, not its first 24 characters."""
+    from accel.benchmarks.report import LABEL_CHARS, label_lines
+
+    assert label_lines("none") == ["none"]
+    assert label_lines("quest:keep_float_when_faster=False") == ["quest:", "keep_float_when_faster=", "False"]
+    spec = "bac:granularity=stack:weighting=snr:update_fraction=0.5:reuse=x0"
+    lines = label_lines(spec, max_lines=8)
+    assert "".join(lines) == spec and all(len(line) <= LABEL_CHARS for line in lines)
+    short = label_lines(spec, max_lines=2)
+    assert len(short) == 2 and short[-1].endswith("...") and len(short[-1]) <= LABEL_CHARS
+    assert "".join(label_lines("x" * 60, max_lines=8)) == "x" * 60
+
+
 def test_pareto_front_keeps_only_undominated_points():
     from accel.benchmarks.report import pareto_front
 
