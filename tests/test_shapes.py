@@ -76,6 +76,12 @@ def test_quest_width_benchmark_runs_and_reports(tmp_path):
     rows = {r["variant"]: r for r in result["rows"]}
     assert list(rows) == ["fp32", "bf16", "w8a8", "w4a16"]
     assert rows["w8a8"]["cosine_vs_fp32"] > 0.99 and rows["w4a16"]["cosine_vs_fp32"] > 0.95
-    assert rows["w4a16"]["bytes_vs_fp32"] < 0.3 and rows["w8a8"]["bytes_vs_fp32"] < 0.4
+    assert rows["w4a16"]["bytes_vs_fp32"] < 0.3
+    # W8A8 layers stay float where no integer kernel on this CPU is correct and faster (AVX2-only CPUs at
+    # this tiny token count); the row must then say so, and hold the float bytes
+    if rows["w8a8"]["kept_float"]:
+        assert "kept in" in rows["w8a8"]["kept_float"] and rows["w8a8"]["bytes_vs_fp32"] <= 1.0
+    else:
+        assert rows["w8a8"]["bytes_vs_fp32"] < 0.4
     assert all(r["speedup_vs_fp32"] > 0 and "speedup_vs_bf16" in r for r in rows.values())
     assert "| w4a16 |" in (tmp_path / "quest_width.md").read_text()
