@@ -138,6 +138,7 @@ def grid_strip(outputs: torch.Tensor, max_samples: int = 10) -> torch.Tensor | N
 
 
 LABEL_CHARS, LABEL_LINE_PX = 24, 12  # what fits PIL's default font in the grid's 150 px label column
+LABEL_FONT_PX = 11  # the default font's line height: spacing adds the rest of a label line
 
 
 def label_lines(name: str, width: int = LABEL_CHARS, max_lines: int = 4) -> list[str]:
@@ -181,6 +182,6 @@ def write_grid(path: Path, rows: dict[str, torch.Tensor], max_samples: int = 10,
                                                         Image.NEAREST)
         canvas.paste(img, (label_w, y))
         lines = label_lines(name, max_lines=max(1, (strip.shape[1] * scale - 4) // LABEL_LINE_PX))
-        draw.text((4, y + 4), "\n".join(lines), fill="black", spacing=LABEL_LINE_PX - 11)
+        draw.text((4, y + 4), "\n".join(lines), fill="black", spacing=LABEL_LINE_PX - LABEL_FONT_PX)
         y += strip.shape[1] * scale + row_gap
     canvas.save(path)
