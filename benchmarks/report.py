@@ -111,6 +111,10 @@ def write_pareto(path: Path, records: list[Record]) -> None:
         ax.scatter([x for x, _ in series], [y for _, y in series], s=14, color=line.get_color(), alpha=0.45)
     ax.set_xlabel("speedup vs none (same run)")
     ax.set_ylabel("PSNR vs none (dB)")
+    ax.axhline(top, color="grey", linewidth=0.6, linestyle=":")
+    ax.annotate("no finite PSNR (the baseline itself, identical output, or not measured)", (0.01, top),
+                xycoords=("axes fraction", "data"), xytext=(0, 4), textcoords="offset points", fontsize=7,
+                color="grey")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
